@@ -1,0 +1,3 @@
+from specmemo.cli import main
+
+main()

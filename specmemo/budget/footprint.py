@@ -1,0 +1,66 @@
+"""One small function per memory component, in bytes.
+
+Notation: B = batch, N = context tokens, k = draft length, W = draft window, C = prefill chunk,
+V = vocabulary, L = layers. Every function is exact integer arithmetic on architecture facts, so
+tests can check them against numbers worked out by hand.
+"""
+
+from specmemo.budget.arch import Arch
+from specmemo.errors import BadInput
+
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1}
+LOGITS_BYTES = 4  # verification and sampling work on fp32 logits, whatever the model dtype
+
+
+def dtype_bytes(dtype: str) -> int:
+    try:
+        return DTYPE_BYTES[dtype]
+    except KeyError:
+        raise BadInput(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_BYTES)}") from None
+
+
+def weight_bytes(arch: Arch, dtype: str) -> int:
+    """Parameters × bytes; tied embeddings are one matrix in memory and counted once."""
+    return arch.num_params() * dtype_bytes(dtype)
+
+
+def kv_bytes_per_token(arch: Arch, kv_dtype: str) -> int:
+    """2 (K and V) · layers · kv_heads · head_dim · bytes. Grouped-query attention shrinks it via kv_heads."""
+    return 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * dtype_bytes(kv_dtype)
+
+
+def kv_bytes(arch: Arch, kv_dtype: str, tokens: int, batch: int = 1) -> int:
+    return batch * tokens * kv_bytes_per_token(arch, kv_dtype)
+
+
+def verify_kv_slots_bytes(archs: list[Arch], kv_dtype: str, k: int, batch: int = 1) -> int:
+    """The k+1 extra KV slots each store reserves for candidates, so verifying never reallocates."""
+    return sum(kv_bytes(a, kv_dtype, k + 1, batch) for a in archs)
+
+
+def logits_bytes(arch: Arch, dtype: str, positions: int, batch: int = 1) -> int:
+    """Logits for `positions` rows: the model's own output plus the fp32 copy we verify on."""
+    return batch * positions * arch.vocab_size * (dtype_bytes(dtype) + LOGITS_BYTES)
+
+
+def activation_bytes_per_token(arch: Arch, dtype: str) -> int:
+    """Live tensors inside one decoder layer for one token: residual, norm, q/k/v/attn-out,
+    o-proj out, and the gated MLP's gate, up and product (the widest point of the layer)."""
+    h, i = arch.hidden_size, arch.intermediate_size
+    attn = (2 * arch.num_heads + 2 * arch.num_kv_heads) * arch.head_dim
+    return (3 * h + attn + 3 * i) * dtype_bytes(dtype)
+
+
+def attention_scores_bytes(arch: Arch, queries: int, keys: int, batch: int = 1) -> int:
+    """Attention weights if materialized (math SDPA path, fp32 softmax): heads × q × kv."""
+    return batch * arch.num_heads * queries * keys * 4
+
+
+def forward_workspace_bytes(arch: Arch, dtype: str, tokens: int, keys: int, batch: int = 1) -> int:
+    """Peak scratch of one forward over `tokens` new tokens attending to `keys` keys."""
+    return batch * tokens * activation_bytes_per_token(arch, dtype) + attention_scores_bytes(arch, tokens, keys, batch)
+
+
+def sampling_bytes(arch: Arch, k: int, batch: int = 1) -> int:
+    """p and q probabilities (fp32) plus one sort for top-p (fp32 values + int64 indices), per candidate row."""
+    return batch * (k + 1) * arch.vocab_size * (4 + 4 + 4 + 8)

@@ -1,0 +1,111 @@
+"""A Plan itemizes every byte a speculative-decoding run needs, component by component."""
+
+from dataclasses import dataclass, field
+
+from specmemo.budget import footprint as fp
+from specmemo.budget.arch import Arch
+from specmemo.errors import BadInput
+
+DEFAULT_DRAFT_LEN = 5          # gpt-fast and HF assisted generation both start around 5
+DEFAULT_DRAFT_WINDOW = 1024    # a draft rarely gains from older context; its KV need not grow with the chat
+DEFAULT_PREFILL_CHUNK = 256    # bounds prefill activations; large enough to keep matmuls efficient
+DRAFTERS_WITHOUT_WEIGHTS = ("ngram", "none")
+
+# Components that exist before generation starts; the rest is "generation memory".
+STATIC_COMPONENTS = ("target_weights", "draft_weights", "runtime_overhead")
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What is being planned. `draft` is None for the ngram and none drafters."""
+
+    target: Arch
+    draft: Arch | None
+    drafter: str                 # "model", "ngram" or "none"
+    context: int                 # N: tokens of conversation the target KV holds
+    draft_len: int               # k
+    draft_window: int            # W: tokens the draft KV holds (≤ N)
+    dtype: str = "fp16"
+    kv_dtype: str | None = None  # defaults to dtype
+    batch: int = 1
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    overhead_bytes: int = 0
+    overhead_reason: str = ""
+
+    def with_(self, **changes) -> "PlanRequest":
+        return PlanRequest(**{**self.__dict__, **changes})
+
+    @property
+    def kv(self) -> str:
+        return self.kv_dtype or self.dtype
+
+
+@dataclass(frozen=True)
+class Plan:
+    request: PlanRequest
+    components: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.components.values())
+
+    @property
+    def generation_bytes(self) -> int:
+        """What allocating and running generation adds on top of loaded weights and runtime."""
+        return sum(v for k, v in self.components.items() if k not in STATIC_COMPONENTS)
+
+    @property
+    def weights_bytes(self) -> int:
+        return self.components["target_weights"] + self.components["draft_weights"]
+
+    @property
+    def target_capacity(self) -> int:
+        """KV slots the allocator reserves for the target: context + k + 1."""
+        return self.request.context + self.request.draft_len + 1
+
+    @property
+    def draft_capacity(self) -> int:
+        return self.request.draft_window + self.request.draft_len + 1
+
+
+def validate(req: PlanRequest) -> None:
+    if req.context < 1:
+        raise BadInput(f"context must be at least 1 token, got {req.context}")
+    if req.context > req.target.max_position:
+        raise BadInput(
+            f"context {req.context} exceeds {req.target.name}'s maximum of {req.target.max_position} tokens"
+        )
+    if req.draft_len < 0 or (req.drafter != "none" and req.draft_len < 1):
+        raise BadInput(f"draft length must be ≥ 1 with a drafter, got {req.draft_len}")
+    if req.batch < 1 or req.prefill_chunk < 1:
+        raise BadInput("batch and prefill chunk must be ≥ 1")
+    if req.drafter == "model" and req.draft_window < 1:
+        raise BadInput(f"draft window must be ≥ 1, got {req.draft_window}")
+
+
+def make_plan(req: PlanRequest) -> Plan:
+    validate(req)
+    t, d, B, k = req.target, req.draft, req.batch, req.draft_len
+    N = req.context
+    W = min(req.draft_window, N) if d else 0
+    with_draft = [t, d] if d else [t]
+    # Only one forward runs at a time, so the workspace is the largest of: a prefill chunk,
+    # a verification of k+1 candidates, and (with a draft model) a draft step.
+    workspaces = [
+        fp.forward_workspace_bytes(t, req.dtype, min(req.prefill_chunk, N), N + k + 1, B),
+        fp.forward_workspace_bytes(t, req.dtype, k + 1, N + k + 1, B),
+    ]
+    if d:
+        workspaces.append(fp.forward_workspace_bytes(d, req.dtype, min(req.prefill_chunk, W), W + k + 1, B))
+    components = {
+        "target_weights": fp.weight_bytes(t, req.dtype),
+        "draft_weights": fp.weight_bytes(d, req.dtype) if d else 0,
+        "target_kv": fp.kv_bytes(t, req.kv, N, B),
+        "draft_kv": fp.kv_bytes(d, req.kv, W, B) if d else 0,
+        "verify_kv_slots": fp.verify_kv_slots_bytes(with_draft, req.kv, k, B),
+        "logits": fp.logits_bytes(t, req.dtype, k + 1, B) + (fp.logits_bytes(d, req.dtype, 1, B) if d else 0),
+        "workspace": max(workspaces),
+        "sampling": fp.sampling_bytes(t, k, B),
+        "runtime_overhead": req.overhead_bytes,
+    }
+    return Plan(req, components)

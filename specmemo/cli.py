@@ -1,0 +1,98 @@
+"""The `specmemo` command: plan, generate, chat, profile.
+
+Commands stay thin: they parse options, call one library function, and render its result.
+torch and transformers are imported inside the commands that need them, so `plan` is instant.
+"""
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from specmemo.errors import SpecmemoError
+
+app = typer.Typer(
+    help="Speculative decoding that fits in the memory you have.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+err = Console(stderr=True, highlight=False)
+
+TargetOpt = Annotated[str, typer.Option("--target", "-t", help="Alias (see profiles/models), HF directory, .gguf file or hub id.")]
+DraftOpt = Annotated[str, typer.Option("--draft", "-d", help="Draft model (alias, directory, .gguf, hub id), or 'ngram' (lookup in the conversation, no weights), or 'none'.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="Device profile: cpu, cuda (both measured now) or a name in profiles/devices.")]
+BudgetOpt = Annotated[Optional[str], typer.Option("--budget", help="Memory budget, e.g. 8GiB, 800MB, 8G or bytes. Defaults to the device's memory.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="Weight and compute dtype: bf16, fp16 or fp32.")]
+
+
+@app.callback()
+def root():
+    """Speculative decoding that fits in the memory you have. Set SPECMEMO_DEBUG=1 for tracebacks."""
+
+
+def domain_errors(fn):
+    """The one place where domain errors become a single line on stderr and an exit code."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except SpecmemoError as e:
+            if os.environ.get("SPECMEMO_DEBUG") == "1":
+                raise
+            err.print(f"error: {e}", soft_wrap=True, markup=False)
+            raise typer.Exit(e.exit_code) from None
+        except (OSError, ValueError, RuntimeError) as e:
+            if os.environ.get("SPECMEMO_DEBUG") == "1":
+                raise
+            err.print(f"error: {type(e).__name__}: {e}".splitlines()[0], soft_wrap=True, markup=False)
+            raise typer.Exit(1) from None
+    return wrapper
+
+
+@app.command()
+@domain_errors
+def plan(
+    target: TargetOpt,
+    draft: DraftOpt = "ngram",
+    device: DeviceOpt = "cpu",
+    budget: BudgetOpt = None,
+    context: Annotated[Optional[int], typer.Option("--context", "-n", help="Context tokens to hold. Default: the largest that fits.")] = None,
+    draft_len: Annotated[Optional[int], typer.Option("--draft-len", "-k", help="Draft tokens per step (k). Default 5.")] = None,
+    draft_window: Annotated[Optional[int], typer.Option("--draft-window", "-w", help="Tokens the draft model's KV cache keeps (W). Default min(context, 1024).")] = None,
+    dtype: DtypeOpt = "fp16",
+    kv_dtype: Annotated[Optional[str], typer.Option("--kv-dtype", help="KV-cache dtype. Default: --dtype.")] = None,
+    batch: Annotated[int, typer.Option("--batch", help="Sequences decoded together.")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+):
+    """Plan memory for a target and draft: every component, what fits, the lower bound and the speedup budget.
+
+    Exits 0 when the request fits, 2 when it does not.
+    """
+    from specmemo.budget.units import parse_size
+    from specmemo.planning import build_report, resolve_pair
+    from specmemo.render.plan_table import render_plan
+
+    t, d, drafter = resolve_pair(target, draft)
+    report = build_report(
+        t, d, drafter, device=device, budget=parse_size(budget) if budget else None, context=context,
+        draft_len=draft_len, draft_window=draft_window, dtype=dtype, kv_dtype=kv_dtype, batch=batch,
+    )
+    if as_json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        render_plan(report, Console())
+    if not report.fits:
+        err.print(f"error: {report.refusal()}", soft_wrap=True, markup=False)
+        raise typer.Exit(2)
+
+
+def main():
+    app()

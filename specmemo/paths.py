@@ -1,0 +1,15 @@
+"""Where the project's data files live. Profiles sit beside the package in the repository
+(see README: the supported install is editable, from a clone); SPECMEMO_PROFILES overrides."""
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def profiles_dir() -> Path:
+    return Path(os.environ.get("SPECMEMO_PROFILES", REPO_ROOT / "profiles"))
+
+
+def default_prompts_file() -> Path:
+    return REPO_ROOT / "prompts" / "default.jsonl"

@@ -1,0 +1,1 @@
+"""Renderers: turn library results and engine events into terminal output."""

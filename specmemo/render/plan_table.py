@@ -1,0 +1,51 @@
+"""The human view of a PlanReport: a component table and the three budgets."""
+
+from rich.console import Console
+from rich.table import Table
+
+from specmemo.budget.units import format_bytes
+
+_EXPLAIN = {
+    "target_weights": "parameters × dtype bytes (tied embeddings once)",
+    "draft_weights": "draft parameters × dtype bytes",
+    "target_kv": "context × 2·L·kv_heads·head_dim·bytes",
+    "draft_kv": "draft window × draft KV bytes per token",
+    "verify_kv_slots": "k+1 candidate slots in each KV store",
+    "logits": "(k+1) × vocab logits, model dtype + fp32 copy",
+    "workspace": "largest forward: prefill chunk, verify or draft step",
+    "sampling": "p, q and top-p sort buffers for k+1 rows",
+    "runtime_overhead": "device runtime reserve",
+}
+
+
+def render_plan(report, console: Console) -> None:
+    req = report.plan.request
+    draft = report.draft.name if report.draft else report.drafter
+    table = Table(title=f"{report.target.name} + {draft} on {report.device.name} ({req.dtype}, kv {req.kv})")
+    table.add_column("component")
+    table.add_column("bytes", justify="right")
+    table.add_column("size", justify="right")
+    table.add_column("how", style="dim")
+    for name, value in report.plan.components.items():
+        table.add_row(name, f"{value:,}", format_bytes(value), _EXPLAIN.get(name, ""))
+    table.add_section()
+    table.add_row("[bold]total", f"{report.plan.total_bytes:,}", format_bytes(report.plan.total_bytes), "")
+    table.add_row("budget", f"{report.budget_bytes:,}", format_bytes(report.budget_bytes), "")
+    console.print(table)
+    verdict = "[green]fits[/]" if report.fits else "[red]does not fit[/]"
+    console.print(
+        f"{verdict}: context {req.context:,} tokens, draft length k={req.draft_len}, draft window W={req.draft_window:,}"
+    )
+    console.print(f"lower bound (k=1, minimal buffers): {format_bytes(report.lower_bound.total_bytes)}")
+    console.print(
+        f"speedup budget (≥96% of best predicted speedup, k={report.speedup_budget.request.draft_len}): "
+        f"{format_bytes(report.speedup_budget.total_bytes)}"
+    )
+    console.print(
+        f"predicted speedup at k={req.draft_len}: {report.predicted_speedup:.2f}× "
+        f"(α={report.pair.alpha}, c={report.pair.c}, {report.pair.source})"
+    )
+    if report.max_context:
+        console.print(f"largest context that fits this budget: {report.max_context:,} tokens")
+    if report.fit and not report.fits:
+        console.print(f"at this context, fits with k={report.fit.draft_len}, W={report.fit.draft_window}")

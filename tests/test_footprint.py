@@ -1,0 +1,58 @@
+"""Every footprint formula against numbers worked out by hand, for three kinds of architecture:
+multi-head (llama-2-7b), grouped-query (llama-2-70b) and tied embeddings + GQA (smollm2-135m)."""
+
+from specmemo.budget import footprint as fp
+from specmemo.budget.arch import Arch
+from specmemo.models.resolve import resolve
+
+MHA = resolve("llama-2-7b-chat").arch
+GQA = resolve("llama-2-70b-chat").arch
+TIED = resolve("smollm2-135m-instruct").arch
+
+
+def test_parameter_count_multi_head():
+    # embed 32000·4096 = 131,072,000, twice (untied); per layer 4·4096² + 3·4096·11008 + 2·4096
+    # = 67,108,864 + 135,266,304 + 8,192 = 202,383,360; × 32 = 6,476,267,520; + final norm 4,096
+    assert MHA.num_params() == 2 * 131_072_000 + 6_476_267_520 + 4_096 == 6_738_415_616
+
+
+def test_parameter_count_grouped_query():
+    # q,o: 8192² each; k,v: 8192·(8·128) each; mlp 3·8192·28672; norms 2·8192
+    layer = 2 * 8192**2 + 2 * 8192 * 1024 + 3 * 8192 * 28672 + 2 * 8192
+    assert layer == 855_654_400
+    assert GQA.num_params() == 80 * layer + 2 * 32000 * 8192 + 8192 == 68_976_648_192
+
+
+def test_parameter_count_tied_embeddings_counted_once():
+    # per layer: q,o 576·576; k,v 576·192; mlp 3·576·1536; norms 2·576 = 3,540,096; embed 49152·576 once
+    assert TIED.num_params() == 30 * 3_540_096 + 28_311_552 + 576 == 134_515_008
+    untied = Arch(**{**TIED.to_dict(), "tie_embeddings": False})
+    assert untied.num_params() - TIED.num_params() == 28_311_552
+
+
+def test_weight_bytes_per_dtype():
+    assert fp.weight_bytes(MHA, "fp16") == 13_476_831_232
+    assert fp.weight_bytes(TIED, "fp32") == 538_060_032
+    assert fp.weight_bytes(TIED, "bf16") == 269_030_016
+
+
+def test_kv_bytes_per_token():
+    assert fp.kv_bytes_per_token(MHA, "fp16") == 2 * 32 * 32 * 128 * 2 == 524_288
+    assert fp.kv_bytes_per_token(GQA, "fp16") == 2 * 80 * 8 * 128 * 2 == 327_680
+    assert fp.kv_bytes_per_token(TIED, "fp32") == 2 * 30 * 3 * 64 * 4 == 46_080
+    assert fp.kv_bytes(MHA, "fp16", 2048, batch=2) == 2 * 2048 * 524_288
+
+
+def test_verification_buffers():
+    # k = 5: 6 slots in each store; logits 6 rows × 32000 × (2 + 4) bytes
+    assert fp.verify_kv_slots_bytes([MHA], "fp16", 5) == 6 * 524_288
+    assert fp.logits_bytes(MHA, "fp16", 6) == 6 * 32000 * 6 == 1_152_000
+    # sampling: p, q, sort values (fp32) and sort indices (int64) per row
+    assert fp.sampling_bytes(TIED, 5) == 6 * 49152 * 20
+
+
+def test_workspace():
+    # per token: 3·576 + (2·9 + 2·3)·64 + 3·1536 = 1728 + 1536 + 4608 = 7872 elements
+    assert fp.activation_bytes_per_token(TIED, "fp32") == 7872 * 4
+    # prefill chunk of 256 attending 1000 keys: activations + 9 heads × 256 × 1000 fp32 scores
+    assert fp.forward_workspace_bytes(TIED, "fp32", 256, 1000) == 256 * 7872 * 4 + 9 * 256 * 1000 * 4

@@ -1,0 +1,78 @@
+"""`specmemo plan` end to end through the CLI: the figures, exit codes and every bad input."""
+
+import json
+
+import pytest
+
+from specmemo.budget.units import parse_size
+from specmemo.errors import BadInput
+
+DONE_WHEN = ["plan", "--target", "llama-2-7b-chat", "--draft", "vicuna-68m", "--device", "titan-rtx",
+             "--context", "2048", "--draft-len", "5", "--dtype", "fp16"]
+
+
+def test_llama2_7b_with_vicuna_68m_on_titan_rtx(cli):
+    r = cli(*DONE_WHEN, "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    c = out["components"]
+    assert c["target_kv"] == 2048 * 524_288
+    assert abs(c["target_weights"] - 6_738_415_616 * 2) / (6_738_415_616 * 2) < 0.01
+    assert sum(c.values()) == out["total_bytes"]
+    assert {"target_weights", "draft_weights", "target_kv", "draft_kv"} <= set(c)
+    for key in ("fits", "budget_bytes", "lower_bound_bytes", "speedup_budget_bytes", "max_context",
+                "draft_len", "draft_window"):
+        assert key in out
+    assert out["fits"] and out["draft_len"] == 5
+    assert out["lower_bound_bytes"] <= out["speedup_budget_bytes"] <= out["total_bytes"]
+
+
+def test_same_pair_under_4gib_exits_2_naming_the_lower_bound(cli):
+    r = cli(*DONE_WHEN[:-6], "--context", "2048", "--budget", "4GiB", "--json")
+    assert r.exit_code == 2
+    assert "lower bound" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert json.loads(r.stdout)["fits"] is False
+
+
+def test_human_output_shows_components_and_budgets(cli):
+    r = cli(*DONE_WHEN)
+    assert r.exit_code == 0
+    for word in ("target_kv", "draft_weights", "lower bound", "speedup budget", "fits"):
+        assert word in r.stdout
+
+
+def test_without_context_plans_the_largest_context_that_fits(cli):
+    out = json.loads(cli("plan", "--target", "smollm2-135m-instruct", "--draft", "ngram",
+                         "--budget", "800MiB", "--dtype", "fp32", "--json").stdout)
+    assert out["context"] == out["max_context"] and out["fits"]
+    assert out["total_bytes"] <= 800 * 2**20
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("8GiB", 8 * 2**30), ("800MB", 800 * 10**6), ("8G", 8 * 2**30), ("123", 123), ("1.5GiB", 3 * 2**29),
+])
+def test_sizes(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["0", "-1GiB", "0MB", "lots", "8XB"])
+def test_bad_sizes_are_refused(text):
+    with pytest.raises(BadInput):
+        parse_size(text)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--target", "no-such-model"], "unknown model alias"),
+    (["--target", "/etc"], "not a model directory"),
+    (["--target", "/etc/hostname"], "not a model"),
+    (["--target", "llama-2-7b-chat", "--draft", "qwen3-0.6b"], "vocabulary"),
+    (["--target", "llama-2-7b-chat", "--budget", "0"], "positive"),
+    (["--target", "llama-2-7b-chat", "--budget", "-4GiB"], "positive"),
+    (["--target", "llama-2-7b-chat", "--context", "100000"], "maximum of 4096"),
+    (["--target", "llama-2-7b-chat", "--device", "toaster"], "unknown device"),
+])
+def test_bad_input_is_one_line_and_exit_1(cli, args, needle):
+    r = cli("plan", *args)
+    assert r.exit_code == 1, r.output
+    assert needle in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
