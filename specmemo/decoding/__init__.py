@@ -1,0 +1,1 @@
+"""Drafters, verification, and the generation loop that yields events."""

@@ -1,0 +1,128 @@
+"""Drafters propose the next k tokens cheaply; the target verifies them in one forward.
+
+All three share one small interface:
+    propose(tokens, k) -> Proposal   tokens: the committed sequence so far
+    rollback(length)                 forget draft state beyond `length` committed positions
+    reset()
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from specmemo.decoding.sampling import SamplingConfig
+from specmemo.memory import hf_adapter
+from specmemo.memory.kvstore import KVStore
+
+
+@dataclass(frozen=True)
+class Proposal:
+    tokens: torch.Tensor          # [k'] with k' ≤ k, possibly empty
+    q: torch.Tensor | None        # [k', V] draft probabilities; None: deterministic (point mass)
+
+
+class NoDrafter:
+    """Plain autoregressive decoding through the same engine: never proposes."""
+    name = "none"
+
+    def __init__(self, device):
+        self._empty = torch.empty(0, dtype=torch.long, device=device)
+
+    def propose(self, tokens: list[int], k: int) -> Proposal:
+        return Proposal(self._empty, None)
+
+    def rollback(self, length: int) -> None:
+        pass
+
+    def reset(self) -> None:
+        pass
+
+
+class NgramDrafter(NoDrafter):
+    """Prompt lookup: find the longest suffix (up to `max_ngram` tokens) of the conversation that
+    occurred earlier, and propose what followed its most recent occurrence. No weights, and an
+    index of n-gram -> continuation start, so each lookup costs a few dict probes."""
+    name = "ngram"
+
+    def __init__(self, device, max_ngram: int = 3):
+        super().__init__(device)
+        self.device, self.max_ngram = device, max_ngram
+        self.reset()
+
+    def reset(self) -> None:
+        self._index: dict[tuple[int, ...], int] = {}
+        self._indexed = 0           # n-grams ending before this position are in the index
+        self._seen: list[int] = []  # the sequence the index was built from
+
+    def _sync(self, tokens: list[int]) -> None:
+        # Index every n-gram whose continuation is known: those ending before the last token.
+        if self._seen[: self._indexed] != tokens[: self._indexed]:
+            self.reset()  # the conversation was rewritten (eviction, /reset)
+        self._seen = tokens
+        for end in range(self._indexed, len(tokens) - 1):
+            for n in range(1, self.max_ngram + 1):
+                if end - n + 1 < 0:
+                    break
+                self._index[tuple(tokens[end - n + 1 : end + 1])] = end + 1
+        self._indexed = max(self._indexed, len(tokens) - 1)
+
+    def propose(self, tokens: list[int], k: int) -> Proposal:
+        self._sync(tokens)
+        for n in range(min(self.max_ngram, len(tokens)), 0, -1):
+            start = self._index.get(tuple(tokens[-n:]))
+            if start is not None:
+                cont = tokens[start : start + k]
+                return Proposal(torch.tensor(cont, dtype=torch.long, device=self.device), None)
+        return Proposal(self._empty, None)
+
+
+class ModelDrafter:
+    """A small causal LM with the target's vocabulary, with its own KV store (optionally a window
+    of the W most recent tokens). Draws each draft token from q, the same processed distribution
+    that verification uses."""
+    name = "model"
+
+    def __init__(self, model, store: KVStore, sampling: SamplingConfig, window: int, generator=None):
+        self.model, self.store, self.sampling = model, store, sampling
+        self.window, self.generator = window, generator
+        self.cache = hf_adapter.StoreCache(store)
+
+    def reset(self) -> None:
+        self.store.reset()
+
+    def rollback(self, length: int) -> None:
+        self.store.trim(length)
+
+    def _feed(self, ids: list[int]) -> torch.Tensor:
+        """Feed committed tokens not yet in the draft cache; return logits for the last one."""
+        store, device = self.store, self.store.keys.device
+        if store.window and len(ids) > self.window:
+            # Older tokens would fall out of the window anyway: skip them, keep positions.
+            store.jump(store.length + len(ids) - self.window)
+            ids = ids[-self.window:]
+        logits, i = None, 0
+        while i < len(ids):
+            step = len(ids) - i if not store.window else store.safe_chunk(self.window)
+            chunk = torch.tensor([ids[i : i + step]], dtype=torch.long, device=device)
+            logits = hf_adapter.forward(self.model, store, self.cache, chunk, logits_to_keep=1)
+            i += step
+        return logits[0, -1]
+
+    def propose(self, tokens: list[int], k: int) -> Proposal:
+        if k <= 0:
+            return Proposal(torch.empty(0, dtype=torch.long, device=self.store.keys.device), None)
+        logits = self._feed(tokens[self.store.length :])
+        drafted, qs = [], []
+        for i in range(k):
+            if self.sampling.greedy:
+                tok = int(logits.argmax())
+            else:
+                q = self.sampling.probs(logits[None])[0]
+                tok = int(torch.multinomial(q, 1, generator=self.generator))
+                qs.append(q)
+            drafted.append(tok)
+            if i + 1 < k:
+                ids = torch.tensor([[tok]], dtype=torch.long, device=logits.device)
+                logits = hf_adapter.forward(self.model, self.store, self.cache, ids, logits_to_keep=1)[0, -1]
+        q = torch.stack(qs) if qs else None
+        return Proposal(torch.tensor(drafted, dtype=torch.long, device=logits.device), q)

@@ -1,0 +1,137 @@
+"""The speculative-decoding loop (Leviathan et al. 2023; Chen et al. 2023).
+
+Notation: p = target, q = draft, k = draft length. The committed sequence S is the whole
+conversation; the target's KV store always holds S[:-1] (the last token is fed with the next
+candidates). One step:
+
+    draft   the drafter proposes d_1..d_k'            (k' ≤ k; 0 when it has nothing)
+    verify  one target forward over [S[-1], d_1..d_k'] -> k'+1 rows of logits
+    accept  keep d_1..d_a, plus a recovered or bonus token
+    trim    move the target's (and draft's) KV length back to len(S) - 1: a pointer move
+    emit    yield a Step event
+
+The engine keeps S and both caches between calls, so a chat turn prefills only its new tokens.
+"""
+
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+
+from specmemo.decoding.events import Finished, GenerationStats, Prefilled, Step
+from specmemo.decoding.sampling import SamplingConfig
+from specmemo.decoding.verify import verify_greedy, verify_sampling
+from specmemo.errors import BadInput
+from specmemo.memory import hf_adapter
+from specmemo.memory.kvstore import KVStore
+
+
+class Engine:
+    def __init__(self, model, store: KVStore, drafter, sampling: SamplingConfig, *,
+                 draft_len: int, prefill_chunk: int, context: int, generator=None):
+        self.model, self.store, self.drafter, self.sampling = model, store, drafter, sampling
+        self.cache = hf_adapter.StoreCache(store)
+        self.max_draft_len = 0 if drafter.name == "none" else draft_len
+        self.draft_len = self.max_draft_len
+        self.prefill_chunk, self.context = prefill_chunk, context
+        self.generator = generator
+        self.device = store.keys.device
+        self.tokens: list[int] = []   # S: the committed conversation
+
+    # -- state ------------------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        self.tokens = []
+        self.store.reset()
+        self.drafter.reset()
+
+    def room(self) -> int:
+        """Tokens the conversation may still grow by within the planned context."""
+        return self.context - len(self.tokens)
+
+    # -- pipeline stages ----------------------------------------------------------------------------
+
+    def prefill(self, new_tokens: list[int]) -> tuple[torch.Tensor, Prefilled]:
+        """Append tokens and run everything not yet in the KV store, in chunks; logits of the last only."""
+        if not new_tokens and not self.tokens:
+            raise BadInput("nothing to generate from: the prompt is empty")
+        if len(self.tokens) + len(new_tokens) > self.context:
+            raise BadInput(
+                f"prompt of {len(self.tokens) + len(new_tokens)} tokens is longer than the planned context "
+                f"of {self.context} tokens"
+            )
+        start = time.perf_counter()
+        self.tokens.extend(new_tokens)
+        pending = self.tokens[self.store.length :]
+        logits = None
+        for i in range(0, len(pending), self.prefill_chunk):
+            ids = torch.tensor([pending[i : i + self.prefill_chunk]], dtype=torch.long, device=self.device)
+            logits = hf_adapter.forward(self.model, self.store, self.cache, ids, logits_to_keep=1)
+        # The last token is now in the cache too; it stays there: S grows by the sampled token.
+        return logits[0], Prefilled(len(pending), time.perf_counter() - start)
+
+    def _choose(self, logits: torch.Tensor) -> int:
+        if self.sampling.greedy:
+            return int(logits[-1].argmax())
+        return int(torch.multinomial(self.sampling.probs(logits[-1:])[0], 1, generator=self.generator))
+
+    def _step(self, k: int) -> Step:
+        proposal = self.drafter.propose(self.tokens, k)
+        draft = proposal.tokens
+        ids = torch.cat([torch.tensor([self.tokens[-1]], device=self.device), draft])[None]
+        logits = hf_adapter.forward(self.model, self.store, self.cache, ids, logits_to_keep=ids.shape[1])[0]
+        if self.sampling.greedy:
+            a, nxt = verify_greedy(logits, draft)
+        else:
+            a, nxt = verify_sampling(self.sampling.probs(logits), proposal.q, draft, self.generator)
+        return Step(draft[:a].tolist() + [nxt], drafted=int(draft.shape[0]), accepted=a)
+
+    def _commit(self, tokens: list[int]) -> None:
+        self.tokens.extend(tokens)
+        self.store.trim(len(self.tokens) - 1)
+        self.drafter.rollback(len(self.tokens) - 1)
+
+    def _adapt(self, step: Step) -> None:
+        """Longer drafts while everything is accepted, shorter after a rejection (HF's heuristic)."""
+        if step.drafted and step.accepted == step.drafted:
+            self.draft_len = min(self.max_draft_len, self.draft_len + 2)
+        elif step.drafted:
+            self.draft_len = max(1, self.draft_len - 1)
+
+    def generate(self, new_tokens: list[int], max_new_tokens: int, stop_ids: set[int] = frozenset(),
+                 should_stop: Callable[[], bool] = lambda: False) -> Iterator:
+        """Yield Prefilled, then Step events, then Finished(stats)."""
+        stats = GenerationStats()
+        t0 = time.perf_counter()
+        logits, prefilled = self.prefill(new_tokens)
+        stats.prefilled_tokens, stats.prefill_seconds = prefilled.tokens, prefilled.seconds
+        yield prefilled
+        first = Step([self._choose(logits)], drafted=0, accepted=0)
+        self.tokens.append(first.tokens[0])
+        stats.record(first)
+        yield first
+        reason = "stop_token" if first.tokens[0] in stop_ids else ""
+        while not reason:
+            if stats.new_tokens >= max_new_tokens:
+                reason = "max_new_tokens"
+            elif self.room() <= 0:
+                reason = "context_full"
+            elif should_stop():
+                reason = "interrupted"
+            if reason:
+                break
+            budget = min(max_new_tokens - stats.new_tokens, self.room())
+            step = self._step(min(self.draft_len, budget - 1))
+            self._adapt(step)
+            tokens = step.tokens[:budget]
+            for i, t in enumerate(tokens):
+                if t in stop_ids:
+                    tokens, reason = tokens[: i + 1], "stop_token"
+                    break
+            step = Step(tokens, step.drafted, min(step.accepted, len(tokens)))
+            self._commit(tokens)
+            stats.record(step)
+            yield step
+        stats.decode_seconds = time.perf_counter() - t0
+        stats.stop_reason = reason
+        yield Finished(stats)

@@ -1,0 +1,50 @@
+"""What the engine yields. The terminal, the JSON log and the profiler render these."""
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Prefilled:
+    tokens: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Step:
+    """One draft-and-verify step: `tokens` are committed, the first `accepted` of them came from the draft."""
+    tokens: list[int]
+    drafted: int
+    accepted: int
+
+
+@dataclass
+class GenerationStats:
+    prefilled_tokens: int = 0
+    prefill_seconds: float = 0.0
+    new_tokens: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    steps: int = 0
+    decode_seconds: float = 0.0
+    accepted_histogram: dict[int, int] = field(default_factory=dict)  # accepted per step -> steps
+    stop_reason: str = ""
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
+    def record(self, step: Step) -> None:
+        self.steps += 1
+        self.new_tokens += len(step.tokens)
+        self.drafted_tokens += step.drafted
+        self.accepted_tokens += step.accepted
+        self.accepted_histogram[step.accepted] = self.accepted_histogram.get(step.accepted, 0) + 1
+
+
+@dataclass(frozen=True)
+class Finished:
+    stats: GenerationStats

@@ -1,0 +1,42 @@
+"""Verification: which draft tokens the target accepts (Leviathan et al. 2023; Chen et al. 2023).
+
+Notation: p = target distribution, q = draft distribution, k = draft length.
+A step's output is the accepted draft tokens plus one more token: the *recovered* token, drawn
+from norm(max(0, p − q)) at the first rejection, or the *bonus* token, drawn from p after the
+last position when every draft token was accepted. This keeps the output distributed exactly
+as the target's; greedy verification keeps it token-identical to plain greedy decoding.
+"""
+
+import torch
+
+
+def verify_greedy(target_logits: torch.Tensor, draft: torch.Tensor) -> tuple[int, int]:
+    """target_logits: [k+1, V]; draft: [k]. Accept the longest prefix equal to the target's argmax,
+    then append the target's own next token. Returns (accepted count, next token)."""
+    choice = target_logits.argmax(-1)                       # [k+1]
+    k = draft.shape[0]
+    mismatch = (choice[:k] != draft).nonzero()
+    a = int(mismatch[0]) if mismatch.numel() else k
+    return a, int(choice[a])
+
+
+def verify_sampling(
+    p: torch.Tensor, q: torch.Tensor | None, draft: torch.Tensor, generator: torch.Generator | None
+) -> tuple[int, int]:
+    """p: [k+1, V] target probabilities; q: [k, V] draft probabilities, or None when the drafter
+    proposes deterministically (n-gram lookup), i.e. q is a point mass on each draft token.
+    Accept draft token i with probability min(1, p_i(x_i) / q_i(x_i))."""
+    k = draft.shape[0]
+    idx = torch.arange(k, device=p.device)
+    p_draft = p[idx, draft]
+    q_draft = q[idx, draft] if q is not None else torch.ones_like(p_draft)
+    u = torch.rand(k, generator=generator, device=p.device)
+    rejected = (u * q_draft >= p_draft).nonzero()         # accept iff u < p/q, without dividing by zero
+    a = int(rejected[0]) if rejected.numel() else k
+    if a == k:
+        dist = p[k]                                                        # bonus
+    else:
+        q_a = q[a] if q is not None else torch.nn.functional.one_hot(draft[a], p.shape[-1]).to(p.dtype)
+        residual = torch.clamp(p[a] - q_a, min=0)                          # recovered
+        dist = residual if residual.sum() > 0 else p[a]
+    return a, int(torch.multinomial(dist, 1, generator=generator))

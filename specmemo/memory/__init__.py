@@ -1,0 +1,1 @@
+"""The allocator (KV stores, buffers), memory measurement, and the one transformers adapter."""

@@ -1,0 +1,134 @@
+"""KV stores: each model's keys and values, allocated once from the plan.
+
+A store is one tensor per K and V, shaped [layers, batch, kv_heads, capacity, head_dim]
+(capacity = context + k + 1 for the target, W + k + 1 for a windowed draft). Appending writes in
+place; rejecting candidates moves `length` back (trim), so nothing is freed, nothing copied.
+
+Two layouts:
+  * full: slot s holds position s. Attention sees keys[..., :length] only, never empty capacity.
+  * window (ring): slot s holds the most recent position p with p % capacity == s. It keeps at
+    least the W most recent tokens; keys keep their original (RoPE) positions, and `slot_pos`
+    tells the attention mask which position each slot holds.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from specmemo.errors import BudgetExceeded
+
+
+@dataclass(frozen=True)
+class KVShape:
+    layers: int
+    batch: int
+    kv_heads: int
+    head_dim: int
+    capacity: int
+
+    def nbytes(self, dtype: torch.dtype) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * self.layers * self.batch * self.kv_heads * self.capacity * self.head_dim * elem
+
+
+class KVStore:
+    """Fixed-size KV storage for one model. Only this class allocates KV memory."""
+
+    def __init__(self, shape: KVShape, dtype: torch.dtype, device: torch.device | str, window: bool = False):
+        self.shape, self.window = shape, window
+        dims = (shape.layers, shape.batch, shape.kv_heads, shape.capacity, shape.head_dim)
+        # torch.empty: pages are only touched as tokens arrive, so resident memory tracks use.
+        self.keys = torch.empty(dims, dtype=dtype, device=device)
+        self.values = torch.empty(dims, dtype=dtype, device=device)
+        # Position held by each slot, -1 for none; only the ring layout needs it for its mask.
+        self.slot_pos = torch.full((shape.capacity,), -1, dtype=torch.long, device=device) if window else None
+        self.length = 0  # tokens committed: the next token goes to position `length`
+        self.first_valid = 0  # positions before this were skipped (ring layout jumps)
+        self._pending = 0  # tokens written by the forward in progress, committed by `advance`
+
+    @property
+    def capacity(self) -> int:
+        return self.shape.capacity
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+    def data_ptrs(self) -> tuple[int, int]:
+        return self.keys.data_ptr(), self.values.data_ptr()
+
+    # -- the write path, called once per layer by the adapter ------------------------------------
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new keys/values [B, H, n, D] at positions length..length+n; return what attention sees."""
+        n = k.shape[-2]
+        start = self.length
+        if not self.window:
+            if start + n > self.capacity:
+                raise BudgetExceeded(f"KV store full: {start} + {n} tokens > capacity {self.capacity}")
+            self.keys[layer, :, :, start:start + n].copy_(k)
+            self.values[layer, :, :, start:start + n].copy_(v)
+            self._pending = n
+            return self.keys[layer, :, :, :start + n], self.values[layer, :, :, :start + n]
+        if n > self.capacity:
+            raise BudgetExceeded(f"{n} tokens do not fit a draft window of {self.capacity} slots")
+        for src, dst in self._ring_spans(start, n):
+            self.keys[layer, :, :, dst].copy_(k[:, :, src])
+            self.values[layer, :, :, dst].copy_(v[:, :, src])
+        self._pending = n
+        visible = min(self.capacity, start + n)
+        return self.keys[layer, :, :, :visible], self.values[layer, :, :, :visible]
+
+    def _ring_spans(self, start: int, n: int):
+        """(source slice, destination slice) pairs for writing n tokens from `start`, wrapping once."""
+        s = start % self.capacity
+        first = min(n, self.capacity - s)
+        yield slice(0, first), slice(s, s + first)
+        if first < n:
+            yield slice(first, n), slice(0, n - first)
+
+    def window_mask(self, n: int) -> torch.Tensor:
+        """Boolean mask [1, 1, n, visible] for n queries at positions length..length+n, ring layout."""
+        start = self.length
+        pos = self.slot_pos.clone()
+        for src, dst in self._ring_spans(start, n):
+            pos[dst] = torch.arange(start + src.start, start + src.stop, device=pos.device)
+        visible = min(self.capacity, start + n)
+        q = torch.arange(start, start + n, device=pos.device)[:, None]
+        kv = pos[:visible][None, :]
+        return ((kv >= 0) & (kv <= q))[None, None]
+
+    # -- bookkeeping after a forward --------------------------------------------------------------
+
+    def advance(self) -> None:
+        """Commit what the last forward wrote."""
+        if self.window:
+            for src, dst in self._ring_spans(self.length, self._pending):
+                self.slot_pos[dst] = torch.arange(self.length + src.start, self.length + src.stop,
+                                                  device=self.slot_pos.device)
+        self.length += self._pending
+        self._pending = 0
+
+    def trim(self, length: int) -> None:
+        """Forget every position ≥ length (rejected candidates): a pointer move."""
+        if length >= self.length:
+            return
+        if self.window:
+            # Slots of forgotten positions now hold stale data; hide them from the mask.
+            self.slot_pos[self.slot_pos >= length] = -1
+        self.length = max(0, length)
+        self.first_valid = min(self.first_valid, self.length)
+
+    def reset(self) -> None:
+        self.trim(0)
+        self.first_valid = 0
+
+    def jump(self, position: int) -> None:
+        """Ring layout: continue at `position`, treating everything before it as out of the window."""
+        self.slot_pos.fill_(-1)
+        self.length = self.first_valid = position
+
+    def safe_chunk(self, window: int) -> int:
+        """Ring layout: most tokens one forward may write without overwriting keys its own first
+        query still needs (its min(window, history) predecessors)."""
+        return max(1, self.capacity - min(window, self.length - self.first_valid))

@@ -1,0 +1,73 @@
+"""Peak memory, measured the way the plan predicts it.
+
+CPU: resident memory. The kernel's high-water mark (VmHWM) is reset by writing 5 to
+/proc/self/clear_refs, so a peak can be measured from any starting point.
+CUDA: torch's allocator peak (max_memory_allocated), reset with reset_peak_memory_stats.
+"""
+
+from dataclasses import dataclass
+
+import psutil
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def rss_bytes() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS; False where the kernel does not allow it (non-Linux)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    hwm = _status_kib("VmHWM")
+    return hwm * 1024 if hwm is not None else rss_bytes()
+
+
+@dataclass
+class PeakMeter:
+    """Peak memory above a baseline taken at `start()`."""
+    device: str = "cpu"
+    baseline: int = 0
+
+    def _current(self) -> int:
+        if self.device.startswith("cuda"):
+            import torch
+
+            return torch.cuda.memory_allocated()
+        return rss_bytes()
+
+    def start(self) -> None:
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            reset_peak_rss()
+        self.baseline = self._current()
+
+    def peak(self) -> int:
+        """Peak since start(), minus the baseline."""
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - self.baseline
+        return max(0, peak_rss_bytes() - self.baseline)

@@ -1,0 +1,80 @@
+"""Load weights for a resolved model: GGUF (through transformers), safetensors, or a hub id.
+
+Safe by default: pickled weights (.bin, .pt) are refused unless allow_pickle, and remote code
+is never trusted unless trust_remote_code.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from specmemo.errors import BadInput, UnknownModel
+from specmemo.memory.hf_adapter import attention_implementation
+from specmemo.models.resolve import ModelRef
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    ref: ModelRef
+    model: torch.nn.Module
+    tokenizer: object | None
+    dtype: torch.dtype
+    device: torch.device
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return TORCH_DTYPES[name]
+    except KeyError:
+        raise BadInput(f"unknown dtype {name!r}; choose one of {', '.join(TORCH_DTYPES)}") from None
+
+
+def _weights_kwargs(ref: ModelRef, allow_pickle: bool) -> dict:
+    if ref.gguf_file:
+        return {"gguf_file": ref.gguf_file}
+    if ref.source == "dir":
+        path = Path(ref.location)
+        if not any(path.glob("*.safetensors")):
+            if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+                if not allow_pickle:
+                    raise BadInput(
+                        f"{path} holds only pickled weights (.bin/.pt), which can run code when loaded; "
+                        "convert them to safetensors or pass --allow-pickle if you trust them"
+                    )
+                return {"use_safetensors": False}
+            raise UnknownModel(f"{path} has a config.json but no weights (*.safetensors)")
+    return {} if allow_pickle else {"use_safetensors": True}
+
+
+def load_model(ref: ModelRef, dtype: str, device: str = "cpu", *, with_tokenizer: bool = True,
+               allow_pickle: bool = False, trust_remote_code: bool = False) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    if ref.location is None:
+        raise UnknownModel(f"{ref.name} has no weights source (alias without hub id or package)")
+    kwargs = _weights_kwargs(ref, allow_pickle)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            ref.location, dtype=torch_dtype(dtype), attn_implementation=attention_implementation(),
+            trust_remote_code=trust_remote_code, **kwargs,
+        )
+        tokenizer = None
+        if with_tokenizer:
+            tok_kwargs = {"gguf_file": ref.gguf_file} if ref.gguf_file else {}
+            tokenizer = AutoTokenizer.from_pretrained(ref.location, trust_remote_code=trust_remote_code, **tok_kwargs)
+    except (OSError, ValueError) as e:
+        raise UnknownModel(f"cannot load {ref.name}: {str(e).splitlines()[0]}") from None
+    dev = torch.device(device)
+    model.to(dev).eval()
+    return LoadedModel(ref, model, tokenizer, torch_dtype(dtype), dev)
+
+
+def wrap(ref: ModelRef, model: torch.nn.Module, tokenizer=None) -> LoadedModel:
+    """A model built in memory (tests, random weights) as a LoadedModel."""
+    p = next(model.parameters())
+    return LoadedModel(ref, model.eval(), tokenizer, p.dtype, p.device)

@@ -1,0 +1,104 @@
+"""Assemble a running engine: plan → load → allocate → drafter → engine.
+
+Shared by `generate`, `chat` and `profile`. Memory is measured here: load-time memory, then
+the generation peak from just before the KV stores are allocated.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from specmemo.budget.plan import DEFAULT_PREFILL_CHUNK
+from specmemo.decoding.drafters import ModelDrafter, NgramDrafter, NoDrafter
+from specmemo.decoding.engine import Engine
+from specmemo.decoding.sampling import SamplingConfig
+from specmemo.errors import BadInput, BudgetExceeded
+from specmemo.memory import allocator
+from specmemo.memory.measure import PeakMeter
+from specmemo.models.load import LoadedModel, load_model
+from specmemo.planning import PlanReport, build_report
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@dataclass
+class Runtime:
+    report: PlanReport
+    target: LoadedModel
+    draft: LoadedModel | None
+    engine: Engine
+    meter: PeakMeter
+    load_peak_bytes: int
+
+    @property
+    def tokenizer(self):
+        return self.target.tokenizer
+
+
+def check_budget(report: PlanReport) -> None:
+    if not report.fits:
+        from specmemo.budget.units import format_bytes
+
+        parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in report.plan.components.items() if v)
+        raise BudgetExceeded(f"{report.refusal()}. Plan: {parts}", plan=report.plan)
+
+
+def make_drafter(report: PlanReport, draft: LoadedModel | None, sampling: SamplingConfig, device, generator):
+    if report.drafter == "none":
+        return NoDrafter(device), None
+    if report.drafter == "ngram":
+        return NgramDrafter(device), None
+    store = allocator.allocate_draft(report.plan, draft.dtype, device)
+    return ModelDrafter(draft.model, store, sampling, report.plan.request.draft_window, generator), store
+
+
+def assemble(report: PlanReport, target: LoadedModel, draft: LoadedModel | None, sampling: SamplingConfig,
+             meter: PeakMeter | None = None, load_peak_bytes: int = 0) -> Runtime:
+    """Allocate once from the plan and build the engine. Measures generation memory from here."""
+    device = target.device
+    meter = meter or PeakMeter(device.type)
+    meter.start()
+    generator = sampling.generator(device)
+    if sampling.seed is not None:
+        torch.manual_seed(sampling.seed)
+    store = allocator.allocate_target(report.plan, target.dtype, device)
+    drafter, _ = make_drafter(report, draft, sampling, device, generator)
+    req = report.plan.request
+    engine = Engine(target.model, store, drafter, sampling, draft_len=req.draft_len,
+                    prefill_chunk=req.prefill_chunk, context=req.context, generator=generator)
+    return Runtime(report, target, draft, engine, meter, load_peak_bytes)
+
+
+def open_runtime(target: str, draft: str, *, device: str = "cpu", budget: int | None = None,
+                 context: int | None = None, draft_len: int | None = None, draft_window: int | None = None,
+                 dtype: str = "fp32", sampling: SamplingConfig = SamplingConfig(),
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, allow_pickle: bool = False,
+                 trust_remote_code: bool = False, min_context: int = 0) -> Runtime:
+    """Resolve, plan (refusing what does not fit), load, allocate. `context` defaults to the
+    largest that fits the budget, at least `min_context`."""
+    from specmemo.memory.measure import PeakMeter
+    from specmemo.planning import resolve_pair
+
+    if device not in ("cpu", "cuda"):
+        raise BadInput(f"--device must be cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        from specmemo.errors import UnknownDevice
+
+        raise UnknownDevice("--device cuda: no CUDA device is available to torch")
+    t_ref, d_ref, drafter = resolve_pair(target, draft)
+    report = build_report(t_ref, d_ref, drafter, device=device, budget=budget, context=context,
+                          draft_len=draft_len, draft_window=draft_window, dtype=dtype, prefill_chunk=prefill_chunk)
+    check_budget(report)
+    if report.plan.request.context < min_context:
+        raise BudgetExceeded(f"the budget holds only {report.plan.request.context} tokens of context; "
+                             f"this request needs {min_context}", plan=report.plan)
+    meter = PeakMeter(device)
+    meter.start()
+    t = load_model(t_ref, dtype, device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    d = None
+    if d_ref is not None:
+        # A draft directory need not carry tokenizer files: its vocabulary size was checked.
+        d = load_model(d_ref, dtype, device, with_tokenizer=False, allow_pickle=allow_pickle,
+                       trust_remote_code=trust_remote_code)
+    load_peak = meter.peak()
+    return assemble(report, t, d, sampling, load_peak_bytes=load_peak)

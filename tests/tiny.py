@@ -1,0 +1,60 @@
+"""Tiny random models built in-process, and engines around them. No downloads."""
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from specmemo.budget.arch import Arch
+from specmemo.budget.plan import PlanRequest, make_plan
+from specmemo.decoding.drafters import ModelDrafter, NgramDrafter, NoDrafter
+from specmemo.decoding.engine import Engine
+from specmemo.decoding.sampling import SamplingConfig
+from specmemo.memory import allocator
+
+VOCAB = 96
+
+
+def tiny_llama(seed: int, hidden=64, layers=2, heads=4, kv_heads=2, inter=128, vocab=VOCAB, max_pos=1024, scale=1.0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_pos,
+                      tie_word_embeddings=False, attn_implementation="sdpa")
+    model = LlamaForCausalLM(cfg).eval()
+    if scale != 1.0:  # sharper logits: random models are otherwise near-uniform
+        with torch.no_grad():
+            model.lm_head.weight.mul_(scale)
+    return model
+
+
+def arch_of(model) -> Arch:
+    return Arch.from_config(model.config.to_dict(), name="tiny")
+
+
+def make_engine(target, drafter="none", draft=None, *, context=300, k=4, window=None,
+                sampling=SamplingConfig(), chunk=16, seed=None):
+    req = PlanRequest(target=arch_of(target), draft=arch_of(draft) if draft is not None else None,
+                      drafter=drafter, context=context, draft_len=0 if drafter == "none" else k,
+                      draft_window=window or context, dtype="fp32", prefill_chunk=chunk)
+    plan = make_plan(req)
+    store = allocator.allocate_target(plan, torch.float32, "cpu")
+    gen = sampling.generator("cpu") if seed is None else torch.Generator().manual_seed(seed)
+    if drafter == "model":
+        d = ModelDrafter(draft, allocator.allocate_draft(plan, torch.float32, "cpu"), sampling,
+                         req.draft_window, gen)
+    elif drafter == "ngram":
+        d = NgramDrafter("cpu")
+    else:
+        d = NoDrafter("cpu")
+    return Engine(target, store, d, sampling, draft_len=req.draft_len, prefill_chunk=chunk,
+                  context=context, generator=gen)
+
+
+def run(engine, prompt, max_new=40, stop_ids=frozenset()):
+    from specmemo.decoding.events import Finished, Step
+
+    out, stats = [], None
+    for ev in engine.generate(list(prompt), max_new, stop_ids):
+        if isinstance(ev, Step):
+            out.extend(ev.tokens)
+        elif isinstance(ev, Finished):
+            stats = ev.stats
+    return out, stats
