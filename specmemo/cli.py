@@ -94,5 +94,59 @@ def plan(
         raise typer.Exit(2)
 
 
+@app.command()
+@domain_errors
+def generate(
+    target: TargetOpt = "smollm2-135m-instruct",
+    draft: DraftOpt = "ngram",
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt text; '-' reads standard input.")] = ...,
+    chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the target's chat template.")] = False,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-m", help="Most tokens to generate.")] = 128,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep going past end-of-sequence tokens.")] = False,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 is greedy; above 0 samples.")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling threshold (1 = off).")] = 1.0,
+    top_k: Annotated[int, typer.Option("--top-k", help="Sample among the k most likely tokens (0 = off).")] = 0,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for reproducible sampling.")] = None,
+    budget: BudgetOpt = None,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    dtype: Annotated[str, typer.Option("--dtype", help="bf16, fp16 or fp32.")] = "fp32",
+    context: Annotated[Optional[int], typer.Option("--context", help="Planned context. Default: prompt + max new tokens.")] = None,
+    draft_len: Annotated[Optional[int], typer.Option("--draft-len", "-k", help="Most draft tokens per step.")] = None,
+    draft_window: Annotated[Optional[int], typer.Option("--draft-window", help="Tokens kept in the draft model's KV cache.")] = None,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow pickled .bin weights (they can run code).")] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run model code from the model's repository.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the text and measurements.")] = False,
+):
+    """Generate once from a prompt with speculative decoding; stream the text, or print JSON."""
+    from specmemo.budget.units import parse_size
+    from specmemo.decoding.sampling import SamplingConfig
+    from specmemo.generation import generate as run_generate
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise typer.BadParameter("need temperature ≥ 0, 0 < top-p ≤ 1 and top-k ≥ 0")
+    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    def stream(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    result = run_generate(
+        target, draft, prompt, chat=chat, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos, sampling=sampling,
+        budget=parse_size(budget) if budget else None, device=device, dtype=dtype, context=context,
+        draft_len=draft_len, draft_window=draft_window, allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code, on_text=None if as_json else stream,
+    )
+    if as_json:
+        print(json.dumps(result.to_json()))
+    else:
+        print()
+        err.print(
+            f"[dim]{result.new_tokens} tokens, {result.tokens_per_s:.1f} tok/s, accepted "
+            f"{result.accepted_tokens}/{result.drafted_tokens} drafted, generation peak "
+            f"{result.generation_peak_bytes / 2**20:.1f} MiB (plan {result.predicted_generation_bytes / 2**20:.1f} MiB)[/]"
+        )
+
+
 def main():
     app()

@@ -101,6 +101,7 @@ def build_report(
     kv_dtype: str | None = None,
     batch: int = 1,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    sampling: bool = True,
 ) -> PlanReport:
     dev = load_device(device)
     budget_bytes = budget if budget is not None else dev.memory_bytes
@@ -112,6 +113,7 @@ def build_report(
         context=1, draft_len=k, draft_window=draft_window or DEFAULT_DRAFT_WINDOW,
         dtype=dtype, kv_dtype=kv_dtype, batch=batch, prefill_chunk=prefill_chunk,
         overhead_bytes=dev.overhead_bytes, overhead_reason=dev.overhead_reason,
+        workspace_pct=dev.workspace_pct, engine_bytes=dev.engine_bytes, sampling=sampling,
     )
     largest = max_context(req, budget_bytes)
     # Without --context, plan the largest context that fits (at least 1 token, to show a refusal).

@@ -43,6 +43,23 @@ def check_budget(report: PlanReport) -> None:
         raise BudgetExceeded(f"{report.refusal()}. Plan: {parts}", plan=report.plan)
 
 
+def fit_report(t_ref, d_ref, drafter, *, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, **kw) -> PlanReport:
+    """The requested plan if it fits; else the same context with k, W and the prefill chunk
+    shrunk until it fits; refused (BudgetExceeded, with the breakdown) below the lower bound."""
+    report = build_report(t_ref, d_ref, drafter, prefill_chunk=prefill_chunk, **kw)
+    if report.fits:
+        return report
+    chunk = prefill_chunk
+    while chunk >= 1:
+        trial = build_report(t_ref, d_ref, drafter, prefill_chunk=chunk, **kw)
+        if trial.fit is not None:
+            shrunk = {**kw, "draft_len": trial.fit.draft_len or None, "draft_window": trial.fit.draft_window or None}
+            return build_report(t_ref, d_ref, drafter, prefill_chunk=chunk, **shrunk)
+        chunk //= 2
+    check_budget(report)
+    return report
+
+
 def make_drafter(report: PlanReport, draft: LoadedModel | None, sampling: SamplingConfig, device, generator):
     if report.drafter == "none":
         return NoDrafter(device), None
@@ -73,10 +90,9 @@ def open_runtime(target: str, draft: str, *, device: str = "cpu", budget: int | 
                  context: int | None = None, draft_len: int | None = None, draft_window: int | None = None,
                  dtype: str = "fp32", sampling: SamplingConfig = SamplingConfig(),
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, allow_pickle: bool = False,
-                 trust_remote_code: bool = False, min_context: int = 0) -> Runtime:
+                 trust_remote_code: bool = False, min_context: int = 0, refs=None, tokenizer=None) -> Runtime:
     """Resolve, plan (refusing what does not fit), load, allocate. `context` defaults to the
     largest that fits the budget, at least `min_context`."""
-    from specmemo.memory.measure import PeakMeter
     from specmemo.planning import resolve_pair
 
     if device not in ("cpu", "cuda"):
@@ -85,16 +101,19 @@ def open_runtime(target: str, draft: str, *, device: str = "cpu", budget: int | 
         from specmemo.errors import UnknownDevice
 
         raise UnknownDevice("--device cuda: no CUDA device is available to torch")
-    t_ref, d_ref, drafter = resolve_pair(target, draft)
-    report = build_report(t_ref, d_ref, drafter, device=device, budget=budget, context=context,
-                          draft_len=draft_len, draft_window=draft_window, dtype=dtype, prefill_chunk=prefill_chunk)
-    check_budget(report)
+    t_ref, d_ref, drafter = refs or resolve_pair(target, draft)
+    report = fit_report(t_ref, d_ref, drafter, device=device, budget=budget, context=context,
+                        draft_len=draft_len, draft_window=draft_window, dtype=dtype, prefill_chunk=prefill_chunk,
+                        sampling=not sampling.greedy)
     if report.plan.request.context < min_context:
         raise BudgetExceeded(f"the budget holds only {report.plan.request.context} tokens of context; "
                              f"this request needs {min_context}", plan=report.plan)
     meter = PeakMeter(device)
     meter.start()
-    t = load_model(t_ref, dtype, device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    t = load_model(t_ref, dtype, device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                   with_tokenizer=tokenizer is None)
+    if tokenizer is not None:
+        t.tokenizer = tokenizer
     d = None
     if d_ref is not None:
         # A draft directory need not carry tokenizer files: its vocabulary size was checked.

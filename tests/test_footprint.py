@@ -49,10 +49,15 @@ def test_verification_buffers():
     assert fp.logits_bytes(MHA, "fp16", 6) == 6 * 32000 * 6 == 1_152_000
     # sampling: p, q, sort values (fp32) and sort indices (int64) per row
     assert fp.sampling_bytes(TIED, 5) == 6 * 49152 * 20
+    assert fp.sampling_bytes(TIED, 5, sampling=False) == 0
+    # an fp32 model's logits are verified as they are: no second copy
+    assert fp.logits_bytes(TIED, "fp32", 6) == 6 * 49152 * 4
 
 
 def test_workspace():
     # per token: 3·576 + (2·9 + 2·3)·64 + 3·1536 = 1728 + 1536 + 4608 = 7872 elements
     assert fp.activation_bytes_per_token(TIED, "fp32") == 7872 * 4
-    # prefill chunk of 256 attending 1000 keys: activations + 9 heads × 256 × 1000 fp32 scores
-    assert fp.forward_workspace_bytes(TIED, "fp32", 256, 1000) == 256 * 7872 * 4 + 9 * 256 * 1000 * 4
+    # prefill chunk of 256 attending 1000 keys: activations + a 256 × 1000 boolean mask
+    assert fp.forward_workspace_bytes(TIED, "fp32", 256, 1000) == 256 * 7872 * 4 + 256 * 1000
+    # one decoded token needs no mask
+    assert fp.forward_workspace_bytes(TIED, "fp32", 1, 1000) == 7872 * 4

@@ -19,6 +19,8 @@ class Device:
     overhead_bytes: int        # reserved by the runtime itself (see overhead_reason)
     overhead_reason: str
     unified: bool = False      # CPU and GPU share the memory (Jetson, Apple)
+    workspace_pct: int = 100   # measured: forward scratch as a percentage of the live-tensor count
+    engine_bytes: int = 0      # measured: fixed scratch the first forward allocates
 
 
 def _read(name: str) -> dict:
@@ -59,4 +61,6 @@ def load_device(name: str) -> Device:
         overhead_bytes=int(data["overhead_bytes"]),
         overhead_reason=data["overhead_reason"],
         unified=bool(data.get("unified", False)),
+        workspace_pct=int(data.get("workspace_pct", 100)),
+        engine_bytes=int(data.get("engine_bytes", 0)),
     )

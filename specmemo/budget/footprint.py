@@ -39,8 +39,10 @@ def verify_kv_slots_bytes(archs: list[Arch], kv_dtype: str, k: int, batch: int =
 
 
 def logits_bytes(arch: Arch, dtype: str, positions: int, batch: int = 1) -> int:
-    """Logits for `positions` rows: the model's own output plus the fp32 copy we verify on."""
-    return batch * positions * arch.vocab_size * (dtype_bytes(dtype) + LOGITS_BYTES)
+    """Logits for `positions` rows: the model's own output, plus the fp32 copy we verify on
+    unless the model already computes in fp32."""
+    copy = LOGITS_BYTES if dtype != "fp32" else 0
+    return batch * positions * arch.vocab_size * (dtype_bytes(dtype) + copy)
 
 
 def activation_bytes_per_token(arch: Arch, dtype: str) -> int:
@@ -51,16 +53,19 @@ def activation_bytes_per_token(arch: Arch, dtype: str) -> int:
     return (3 * h + attn + 3 * i) * dtype_bytes(dtype)
 
 
-def attention_scores_bytes(arch: Arch, queries: int, keys: int, batch: int = 1) -> int:
-    """Attention weights if materialized (math SDPA path, fp32 softmax): heads × q × kv."""
-    return batch * arch.num_heads * queries * keys * 4
+def attention_mask_bytes(queries: int, keys: int, batch: int = 1) -> int:
+    """The boolean mask of a multi-token forward (prefill chunk, verification): one byte per pair.
+    Scores are not counted: fused SDPA kernels (flash on CPU, efficient/flash on CUDA) never
+    materialize them, and our attention call never expands grouped K/V (see hf_adapter)."""
+    return batch * queries * keys if queries > 1 else 0
 
 
 def forward_workspace_bytes(arch: Arch, dtype: str, tokens: int, keys: int, batch: int = 1) -> int:
     """Peak scratch of one forward over `tokens` new tokens attending to `keys` keys."""
-    return batch * tokens * activation_bytes_per_token(arch, dtype) + attention_scores_bytes(arch, tokens, keys, batch)
+    return batch * tokens * activation_bytes_per_token(arch, dtype) + attention_mask_bytes(tokens, keys, batch)
 
 
-def sampling_bytes(arch: Arch, k: int, batch: int = 1) -> int:
-    """p and q probabilities (fp32) plus one sort for top-p (fp32 values + int64 indices), per candidate row."""
-    return batch * (k + 1) * arch.vocab_size * (4 + 4 + 4 + 8)
+def sampling_bytes(arch: Arch, k: int, batch: int = 1, sampling: bool = True) -> int:
+    """p and q probabilities (fp32) plus one sort for top-p (fp32 values + int64 indices), per
+    candidate row. Greedy decoding takes an argmax of the logits and needs none of it."""
+    return batch * (k + 1) * arch.vocab_size * (4 + 4 + 4 + 8) if sampling else 0

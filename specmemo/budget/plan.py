@@ -31,6 +31,9 @@ class PlanRequest:
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     overhead_bytes: int = 0
     overhead_reason: str = ""
+    sampling: bool = True          # False for greedy decoding: no probability buffers
+    workspace_pct: int = 100       # measured allocator factor on forward workspace (device profile)
+    engine_bytes: int = 0          # measured fixed scratch of the first forward (device profile)
 
     def with_(self, **changes) -> "PlanRequest":
         return PlanRequest(**{**self.__dict__, **changes})
@@ -104,8 +107,9 @@ def make_plan(req: PlanRequest) -> Plan:
         "draft_kv": fp.kv_bytes(d, req.kv, W, B) if d else 0,
         "verify_kv_slots": fp.verify_kv_slots_bytes(with_draft, req.kv, k, B),
         "logits": fp.logits_bytes(t, req.dtype, k + 1, B) + (fp.logits_bytes(d, req.dtype, 1, B) if d else 0),
-        "workspace": max(workspaces),
-        "sampling": fp.sampling_bytes(t, k, B),
+        "workspace": max(workspaces) * req.workspace_pct // 100,
+        "engine_runtime": req.engine_bytes,
+        "sampling": fp.sampling_bytes(t, k, B, req.sampling),
         "runtime_overhead": req.overhead_bytes,
     }
     return Plan(req, components)

@@ -86,6 +86,7 @@ class ModelDrafter:
         self.model, self.store, self.sampling = model, store, sampling
         self.window, self.generator = window, generator
         self.cache = hf_adapter.StoreCache(store)
+        hf_adapter.prepare(model)
 
     def reset(self) -> None:
         self.store.reset()

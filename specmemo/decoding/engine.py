@@ -31,6 +31,7 @@ class Engine:
                  draft_len: int, prefill_chunk: int, context: int, generator=None):
         self.model, self.store, self.drafter, self.sampling = model, store, drafter, sampling
         self.cache = hf_adapter.StoreCache(store)
+        hf_adapter.prepare(model)
         self.max_draft_len = 0 if drafter.name == "none" else draft_len
         self.draft_len = self.max_draft_len
         self.prefill_chunk, self.context = prefill_chunk, context

@@ -32,9 +32,16 @@ def torch_dtype(name: str) -> torch.dtype:
         raise BadInput(f"unknown dtype {name!r}; choose one of {', '.join(TORCH_DTYPES)}") from None
 
 
-def _weights_kwargs(ref: ModelRef, allow_pickle: bool) -> dict:
+def _dense_location(ref: ModelRef, trust_remote_code: bool) -> str:
+    """Where weights load from: a GGUF's dense copy (see gguf_cache), else the ref's own location."""
     if ref.gguf_file:
-        return {"gguf_file": ref.gguf_file}
+        from specmemo.models.gguf_cache import ensure_dense
+
+        return str(ensure_dense(Path(ref.location) / ref.gguf_file, trust_remote_code))
+    return ref.location
+
+
+def _weights_kwargs(ref: ModelRef, allow_pickle: bool) -> dict:
     if ref.source == "dir":
         path = Path(ref.location)
         if not any(path.glob("*.safetensors")):
@@ -49,9 +56,32 @@ def _weights_kwargs(ref: ModelRef, allow_pickle: bool) -> dict:
     return {} if allow_pickle else {"use_safetensors": True}
 
 
+def load_tokenizer(ref: ModelRef, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    if ref.location is None:
+        raise UnknownModel(f"{ref.name} has no weights source (alias without hub id or package)")
+    try:
+        return AutoTokenizer.from_pretrained(_dense_location(ref, trust_remote_code), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UnknownModel(f"cannot load the tokenizer of {ref.name}: {str(e).splitlines()[0]}") from None
+
+
+def weights_nbytes(model: torch.nn.Module) -> int:
+    """Bytes of parameters and buffers actually held; tied tensors counted once."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
 def load_model(ref: ModelRef, dtype: str, device: str = "cpu", *, with_tokenizer: bool = True,
                allow_pickle: bool = False, trust_remote_code: bool = False) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -60,18 +90,33 @@ def load_model(ref: ModelRef, dtype: str, device: str = "cpu", *, with_tokenizer
     kwargs = _weights_kwargs(ref, allow_pickle)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            ref.location, dtype=torch_dtype(dtype), attn_implementation=attention_implementation(),
+            _dense_location(ref, trust_remote_code), dtype=torch_dtype(dtype), attn_implementation=attention_implementation(),
             trust_remote_code=trust_remote_code, **kwargs,
         )
-        tokenizer = None
-        if with_tokenizer:
-            tok_kwargs = {"gguf_file": ref.gguf_file} if ref.gguf_file else {}
-            tokenizer = AutoTokenizer.from_pretrained(ref.location, trust_remote_code=trust_remote_code, **tok_kwargs)
+        tokenizer = load_tokenizer(ref, trust_remote_code) if with_tokenizer else None
     except (OSError, ValueError) as e:
         raise UnknownModel(f"cannot load {ref.name}: {str(e).splitlines()[0]}") from None
     dev = torch.device(device)
     model.to(dev).eval()
+    if dev.type == "cpu":
+        _make_resident(model)
     return LoadedModel(ref, model, tokenizer, torch_dtype(dtype), dev)
+
+
+@torch.no_grad()
+def _make_resident(model: torch.nn.Module) -> None:
+    """safetensors maps weights lazily from the file, so they would page in during the first
+    forward and count as generation memory. Copy them into process memory now, one tensor at a
+    time; tied tensors stay tied."""
+    copies: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            if t is None:
+                continue
+            key = t.data_ptr()
+            if key not in copies:
+                copies[key] = t.data.clone()
+            t.data = copies[key]
 
 
 def wrap(ref: ModelRef, model: torch.nn.Module, tokenizer=None) -> LoadedModel:

@@ -1,0 +1,55 @@
+"""Measured generation memory against the plan, at contexts the run fills (--ignore-eos).
+
+Each point runs `specmemo generate --json` in its own process, so every peak is its own.
+Usage: python bench/memory.py [--contexts 1000,4000] [--drafters none,ngram] [--max-new-tokens 200]
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MT_BENCH = ROOT.parent / "shared" / "data" / "mt_bench_questions.jsonl"
+
+
+def filler(tokens: int) -> str:
+    """Real text of about `tokens` SmolLM2 tokens: MT-Bench questions, else the shipped prompts."""
+    source = MT_BENCH if MT_BENCH.exists() else ROOT / "prompts" / "default.jsonl"
+    words = " ".join(" ".join(json.loads(l)["turns"]) for l in source.open()).split()
+    while len(words) < tokens:
+        words = words + words
+    return " ".join(words[: int(tokens / 1.35)])  # about 1.35 tokens per English word
+
+
+def run(context: int, drafter: str, max_new: int, target: str, dtype: str) -> dict:
+    cmd = [sys.executable, "-m", "specmemo", "generate", "--target", target, "--draft", drafter,
+           "--prompt", "-", "--max-new-tokens", str(max_new), "--ignore-eos", "--dtype", dtype, "--json"]
+    out = subprocess.run(cmd, input=filler(context - max_new), capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--contexts", default="1000,4000")
+    ap.add_argument("--drafters", default="none,ngram")
+    ap.add_argument("--max-new-tokens", type=int, default=200)
+    ap.add_argument("--target", default="smollm2-135m-instruct")
+    ap.add_argument("--dtype", default="fp32")
+    args = ap.parse_args()
+    print("| context | drafter | measured MiB | plan MiB | measured/plan |")
+    print("|---:|---|---:|---:|---:|")
+    worst_ok = True
+    for context in map(int, args.contexts.split(",")):
+        for drafter in args.drafters.split(","):
+            r = run(context, drafter, args.max_new_tokens, args.target, args.dtype)
+            ratio = r["generation_peak_bytes"] / r["predicted_generation_bytes"]
+            worst_ok &= 0.9 <= ratio <= 1.0
+            print(f"| {r['context']} | {drafter} | {r['generation_peak_bytes'] / 2**20:.1f} | "
+                  f"{r['predicted_generation_bytes'] / 2**20:.1f} | {ratio:.3f} |", flush=True)
+    sys.exit(0 if worst_ok else 1)
+
+
+if __name__ == "__main__":
+    main()
