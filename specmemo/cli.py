@@ -29,6 +29,7 @@ DraftOpt = Annotated[str, typer.Option("--draft", "-d", help="Draft model (alias
 DeviceOpt = Annotated[str, typer.Option("--device", help="Device profile: cpu, cuda (both measured now) or a name in profiles/devices.")]
 BudgetOpt = Annotated[Optional[str], typer.Option("--budget", help="Memory budget, e.g. 8GiB, 800MB, 8G or bytes. Defaults to the device's memory.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="Weight and compute dtype: bf16, fp16 or fp32.")]
+DraftDtypeOpt = Annotated[Optional[str], typer.Option("--draft-dtype", help="The draft model's dtype. Default: --dtype.")]
 
 
 @app.callback()
@@ -69,6 +70,7 @@ def plan(
     draft_window: Annotated[Optional[int], typer.Option("--draft-window", "-w", help="Tokens the draft model's KV cache keeps (W). Default min(context, 1024).")] = None,
     dtype: DtypeOpt = "fp16",
     kv_dtype: Annotated[Optional[str], typer.Option("--kv-dtype", help="KV-cache dtype. Default: --dtype.")] = None,
+    draft_dtype: DraftDtypeOpt = None,
     batch: Annotated[int, typer.Option("--batch", help="Sequences decoded together.")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
 ):
@@ -83,7 +85,8 @@ def plan(
     t, d, drafter = resolve_pair(target, draft)
     report = build_report(
         t, d, drafter, device=device, budget=parse_size(budget) if budget else None, context=context,
-        draft_len=draft_len, draft_window=draft_window, dtype=dtype, kv_dtype=kv_dtype, batch=batch,
+        draft_len=draft_len, draft_window=draft_window, dtype=dtype, kv_dtype=kv_dtype, draft_dtype=draft_dtype,
+        batch=batch,
     )
     if as_json:
         print(json.dumps(report.to_json(), indent=2))
@@ -110,6 +113,7 @@ def generate(
     budget: BudgetOpt = None,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
     dtype: Annotated[str, typer.Option("--dtype", help="bf16, fp16 or fp32.")] = "fp32",
+    draft_dtype: DraftDtypeOpt = None,
     context: Annotated[Optional[int], typer.Option("--context", help="Planned context. Default: prompt + max new tokens.")] = None,
     draft_len: Annotated[Optional[int], typer.Option("--draft-len", "-k", help="Most draft tokens per step.")] = None,
     draft_window: Annotated[Optional[int], typer.Option("--draft-window", help="Tokens kept in the draft model's KV cache.")] = None,
@@ -133,7 +137,7 @@ def generate(
 
     result = run_generate(
         target, draft, prompt, chat=chat, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos, sampling=sampling,
-        budget=parse_size(budget) if budget else None, device=device, dtype=dtype, context=context,
+        budget=parse_size(budget) if budget else None, device=device, dtype=dtype, draft_dtype=draft_dtype, context=context,
         draft_len=draft_len, draft_window=draft_window, allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code, on_text=None if as_json else stream,
     )

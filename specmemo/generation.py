@@ -64,7 +64,7 @@ def encode_prompt(tokenizer, prompt: str, chat: bool, system: str | None = None)
 
 def generate(target: str, draft: str, prompt: str, *, chat: bool = False, max_new_tokens: int = 128,
              ignore_eos: bool = False, sampling: SamplingConfig = SamplingConfig(), budget: int | None = None,
-             device: str = "cpu", dtype: str = "fp32", context: int | None = None,
+             device: str = "cpu", dtype: str = "fp32", draft_dtype: str | None = None, context: int | None = None,
              draft_len: int | None = None, draft_window: int | None = None, allow_pickle: bool = False,
              trust_remote_code: bool = False, on_text: Callable[[str], None] | None = None) -> GenerateResult:
     if max_new_tokens < 1:
@@ -79,7 +79,7 @@ def generate(target: str, draft: str, prompt: str, *, chat: bool = False, max_ne
     # The planned context is exactly what this run can fill: the prompt plus the new tokens.
     planned = context or min(limit, len(prompt_ids) + max_new_tokens)
     rt = open_runtime(target, draft, device=device, budget=budget, context=planned, draft_len=draft_len,
-                      draft_window=draft_window, dtype=dtype, sampling=sampling, allow_pickle=allow_pickle,
+                      draft_window=draft_window, dtype=dtype, draft_dtype=draft_dtype, sampling=sampling, allow_pickle=allow_pickle,
                       trust_remote_code=trust_remote_code, refs=refs, tokenizer=tokenizer)
     stops = set() if ignore_eos else stop_ids(rt)
     new: list[int] = []

@@ -49,6 +49,7 @@ class PlanReport:
             "device": self.device.name,
             "dtype": req.dtype,
             "kv_dtype": req.kv,
+            "draft_dtype": req.ddtype if self.draft else None,
             "batch": req.batch,
             "context": req.context,
             "budget_bytes": self.budget_bytes,
@@ -99,6 +100,7 @@ def build_report(
     draft_window: int | None = None,
     dtype: str = "fp16",
     kv_dtype: str | None = None,
+    draft_dtype: str | None = None,
     batch: int = 1,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     sampling: bool = True,
@@ -111,9 +113,10 @@ def build_report(
     req = PlanRequest(
         target=target.arch, draft=draft.arch if draft else None, drafter=drafter,
         context=1, draft_len=k, draft_window=draft_window or DEFAULT_DRAFT_WINDOW,
-        dtype=dtype, kv_dtype=kv_dtype, batch=batch, prefill_chunk=prefill_chunk,
+        dtype=dtype, kv_dtype=kv_dtype, draft_dtype=draft_dtype, batch=batch, prefill_chunk=prefill_chunk,
         overhead_bytes=dev.overhead_bytes, overhead_reason=dev.overhead_reason,
-        workspace_pct=dev.workspace_pct, engine_bytes=dev.engine_bytes, sampling=sampling,
+        workspace_pct=dev.workspace_pct, engine_bytes=dev.engine_bytes,
+        verify_bytes=dev.verify_bytes, sampling=sampling,
     )
     largest = max_context(req, budget_bytes)
     # Without --context, plan the largest context that fits (at least 1 token, to show a refusal).

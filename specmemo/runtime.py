@@ -14,6 +14,7 @@ from specmemo.decoding.engine import Engine
 from specmemo.decoding.sampling import SamplingConfig
 from specmemo.errors import BadInput, BudgetExceeded
 from specmemo.memory import allocator
+from specmemo.memory.malloc import tame_glibc_malloc
 from specmemo.memory.measure import PeakMeter
 from specmemo.models.load import LoadedModel, load_model
 from specmemo.planning import PlanReport, build_report
@@ -88,7 +89,7 @@ def assemble(report: PlanReport, target: LoadedModel, draft: LoadedModel | None,
 
 def open_runtime(target: str, draft: str, *, device: str = "cpu", budget: int | None = None,
                  context: int | None = None, draft_len: int | None = None, draft_window: int | None = None,
-                 dtype: str = "fp32", sampling: SamplingConfig = SamplingConfig(),
+                 dtype: str = "fp32", draft_dtype: str | None = None, sampling: SamplingConfig = SamplingConfig(),
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, allow_pickle: bool = False,
                  trust_remote_code: bool = False, min_context: int = 0, refs=None, tokenizer=None) -> Runtime:
     """Resolve, plan (refusing what does not fit), load, allocate. `context` defaults to the
@@ -101,10 +102,12 @@ def open_runtime(target: str, draft: str, *, device: str = "cpu", budget: int | 
         from specmemo.errors import UnknownDevice
 
         raise UnknownDevice("--device cuda: no CUDA device is available to torch")
+    if device == "cpu":
+        tame_glibc_malloc()
     t_ref, d_ref, drafter = refs or resolve_pair(target, draft)
     report = fit_report(t_ref, d_ref, drafter, device=device, budget=budget, context=context,
-                        draft_len=draft_len, draft_window=draft_window, dtype=dtype, prefill_chunk=prefill_chunk,
-                        sampling=not sampling.greedy)
+                        draft_len=draft_len, draft_window=draft_window, dtype=dtype, draft_dtype=draft_dtype,
+                        prefill_chunk=prefill_chunk, sampling=not sampling.greedy)
     if report.plan.request.context < min_context:
         raise BudgetExceeded(f"the budget holds only {report.plan.request.context} tokens of context; "
                              f"this request needs {min_context}", plan=report.plan)
@@ -117,7 +120,7 @@ def open_runtime(target: str, draft: str, *, device: str = "cpu", budget: int | 
     d = None
     if d_ref is not None:
         # A draft directory need not carry tokenizer files: its vocabulary size was checked.
-        d = load_model(d_ref, dtype, device, with_tokenizer=False, allow_pickle=allow_pickle,
+        d = load_model(d_ref, draft_dtype or dtype, device, with_tokenizer=False, allow_pickle=allow_pickle,
                        trust_remote_code=trust_remote_code)
     load_peak = meter.peak()
     return assemble(report, t, d, sampling, load_peak_bytes=load_peak)

@@ -45,7 +45,7 @@ def test_kv_bytes_per_token():
 
 def test_verification_buffers():
     # k = 5: 6 slots in each store; logits 6 rows × 32000 × (2 + 4) bytes
-    assert fp.verify_kv_slots_bytes([MHA], "fp16", 5) == 6 * 524_288
+    assert fp.verify_kv_slots_bytes(MHA, "fp16", 5) == 6 * 524_288
     assert fp.logits_bytes(MHA, "fp16", 6) == 6 * 32000 * 6 == 1_152_000
     # sampling: p, q, sort values (fp32) and sort indices (int64) per row
     assert fp.sampling_bytes(TIED, 5) == 6 * 49152 * 20
@@ -57,7 +57,7 @@ def test_verification_buffers():
 def test_workspace():
     # per token: 3·576 + (2·9 + 2·3)·64 + 3·1536 = 1728 + 1536 + 4608 = 7872 elements
     assert fp.activation_bytes_per_token(TIED, "fp32") == 7872 * 4
-    # prefill chunk of 256 attending 1000 keys: activations + a 256 × 1000 boolean mask
-    assert fp.forward_workspace_bytes(TIED, "fp32", 256, 1000) == 256 * 7872 * 4 + 256 * 1000
+    # prefill chunk of 256 attending 1000 keys: activations + a 256 × 1000 boolean mask and its fp32 form
+    assert fp.forward_workspace_bytes(TIED, "fp32", 256, 1000) == 256 * 7872 * 4 + 256 * 1000 * 5
     # one decoded token needs no mask
     assert fp.forward_workspace_bytes(TIED, "fp32", 1, 1000) == 7872 * 4

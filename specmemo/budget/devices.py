@@ -21,6 +21,7 @@ class Device:
     unified: bool = False      # CPU and GPU share the memory (Jetson, Apple)
     workspace_pct: int = 100   # measured: forward scratch as a percentage of the live-tensor count
     engine_bytes: int = 0      # measured: fixed scratch the first forward allocates
+    verify_bytes: int = 0      # measured: fixed scratch of the verification (k+1 token) kernels
 
 
 def _read(name: str) -> dict:
@@ -63,4 +64,5 @@ def load_device(name: str) -> Device:
         unified=bool(data.get("unified", False)),
         workspace_pct=int(data.get("workspace_pct", 100)),
         engine_bytes=int(data.get("engine_bytes", 0)),
+        verify_bytes=int(data.get("verify_bytes", 0)),
     )

@@ -33,9 +33,9 @@ def kv_bytes(arch: Arch, kv_dtype: str, tokens: int, batch: int = 1) -> int:
     return batch * tokens * kv_bytes_per_token(arch, kv_dtype)
 
 
-def verify_kv_slots_bytes(archs: list[Arch], kv_dtype: str, k: int, batch: int = 1) -> int:
-    """The k+1 extra KV slots each store reserves for candidates, so verifying never reallocates."""
-    return sum(kv_bytes(a, kv_dtype, k + 1, batch) for a in archs)
+def verify_kv_slots_bytes(arch: Arch, kv_dtype: str, k: int, batch: int = 1) -> int:
+    """The k+1 extra KV slots a store reserves for candidates, so verifying never reallocates."""
+    return kv_bytes(arch, kv_dtype, k + 1, batch)
 
 
 def logits_bytes(arch: Arch, dtype: str, positions: int, batch: int = 1) -> int:
@@ -54,10 +54,11 @@ def activation_bytes_per_token(arch: Arch, dtype: str) -> int:
 
 
 def attention_mask_bytes(queries: int, keys: int, batch: int = 1) -> int:
-    """The boolean mask of a multi-token forward (prefill chunk, verification): one byte per pair.
+    """The mask of a multi-token forward (prefill chunk, verification): one byte per (query, key)
+    for our boolean mask, plus four for the additive fp32 mask SDPA converts it into.
     Scores are not counted: fused SDPA kernels (flash on CPU, efficient/flash on CUDA) never
     materialize them, and our attention call never expands grouped K/V (see hf_adapter)."""
-    return batch * queries * keys if queries > 1 else 0
+    return batch * queries * keys * (1 + 4) if queries > 1 else 0
 
 
 def forward_workspace_bytes(arch: Arch, dtype: str, tokens: int, keys: int, batch: int = 1) -> int:

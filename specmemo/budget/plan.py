@@ -27,6 +27,7 @@ class PlanRequest:
     draft_window: int            # W: tokens the draft KV holds (≤ N)
     dtype: str = "fp16"
     kv_dtype: str | None = None  # defaults to dtype
+    draft_dtype: str | None = None  # defaults to dtype; e.g. a bf16 draft beside an fp32 target
     batch: int = 1
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     overhead_bytes: int = 0
@@ -34,6 +35,7 @@ class PlanRequest:
     sampling: bool = True          # False for greedy decoding: no probability buffers
     workspace_pct: int = 100       # measured allocator factor on forward workspace (device profile)
     engine_bytes: int = 0          # measured fixed scratch of the first forward (device profile)
+    verify_bytes: int = 0          # measured fixed scratch of multi-token verification kernels
 
     def with_(self, **changes) -> "PlanRequest":
         return PlanRequest(**{**self.__dict__, **changes})
@@ -41,6 +43,14 @@ class PlanRequest:
     @property
     def kv(self) -> str:
         return self.kv_dtype or self.dtype
+
+    @property
+    def ddtype(self) -> str:
+        return self.draft_dtype or self.dtype
+
+    @property
+    def draft_kv(self) -> str:
+        return self.kv_dtype or self.ddtype
 
 
 @dataclass(frozen=True)
@@ -91,7 +101,6 @@ def make_plan(req: PlanRequest) -> Plan:
     t, d, B, k = req.target, req.draft, req.batch, req.draft_len
     N = req.context
     W = min(req.draft_window, N) if d else 0
-    with_draft = [t, d] if d else [t]
     # Only one forward runs at a time, so the workspace is the largest of: a prefill chunk,
     # a verification of k+1 candidates, and (with a draft model) a draft step.
     workspaces = [
@@ -99,16 +108,17 @@ def make_plan(req: PlanRequest) -> Plan:
         fp.forward_workspace_bytes(t, req.dtype, k + 1, N + k + 1, B),
     ]
     if d:
-        workspaces.append(fp.forward_workspace_bytes(d, req.dtype, min(req.prefill_chunk, W), W + k + 1, B))
+        workspaces.append(fp.forward_workspace_bytes(d, req.ddtype, min(req.prefill_chunk, W), W + k + 1, B))
     components = {
         "target_weights": fp.weight_bytes(t, req.dtype),
-        "draft_weights": fp.weight_bytes(d, req.dtype) if d else 0,
+        "draft_weights": fp.weight_bytes(d, req.ddtype) if d else 0,
         "target_kv": fp.kv_bytes(t, req.kv, N, B),
-        "draft_kv": fp.kv_bytes(d, req.kv, W, B) if d else 0,
-        "verify_kv_slots": fp.verify_kv_slots_bytes(with_draft, req.kv, k, B),
-        "logits": fp.logits_bytes(t, req.dtype, k + 1, B) + (fp.logits_bytes(d, req.dtype, 1, B) if d else 0),
+        "draft_kv": fp.kv_bytes(d, req.draft_kv, W, B) if d else 0,
+        "verify_kv_slots": fp.verify_kv_slots_bytes(t, req.kv, k, B)
+        + (fp.verify_kv_slots_bytes(d, req.draft_kv, k, B) if d else 0),
+        "logits": fp.logits_bytes(t, req.dtype, k + 1, B) + (fp.logits_bytes(d, req.ddtype, 1, B) if d else 0),
         "workspace": max(workspaces) * req.workspace_pct // 100,
-        "engine_runtime": req.engine_bytes,
+        "engine_runtime": req.engine_bytes + (req.verify_bytes if k >= 1 else 0),
         "sampling": fp.sampling_bytes(t, k, B, req.sampling),
         "runtime_overhead": req.overhead_bytes,
     }

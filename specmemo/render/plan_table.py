@@ -13,7 +13,7 @@ _EXPLAIN = {
     "verify_kv_slots": "k+1 candidate slots in each KV store",
     "logits": "(k+1) × vocab logits, model dtype + fp32 copy",
     "workspace": "largest forward: prefill chunk, verify or draft step × allocator factor",
-    "engine_runtime": "fixed scratch of the first forward (thread pools, kernels)",
+    "engine_runtime": "fixed kernel scratch: first forward, verification",
     "sampling": "p, q and top-p sort buffers for k+1 rows",
     "runtime_overhead": "device runtime reserve",
 }

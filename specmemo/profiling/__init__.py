@@ -1,0 +1,1 @@
+"""Measurement: prompt sets, baselines, reports and plots."""

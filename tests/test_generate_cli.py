@@ -1,0 +1,84 @@
+"""`specmemo generate` end to end on the real default model (SmolLM2-135M-Instruct GGUF)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from specmemo.models.synthetic import llama_config, save_random_model
+
+pytestmark = pytest.mark.slow
+
+
+def generate(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "specmemo", "generate", *map(str, args)],
+                          capture_output=True, text=True, input=stdin, timeout=300)
+
+
+def test_json_output_has_every_field_and_ngram_equals_plain():
+    runs = {}
+    for drafter in ("none", "ngram"):
+        r = generate("--draft", drafter, "--prompt", "Write a haiku about rain.", "--chat",
+                     "--max-new-tokens", 48, "--json")
+        assert r.returncode == 0, r.stderr
+        runs[drafter] = json.loads(r.stdout)
+    out = runs["ngram"]
+    for key in ("text", "token_ids", "new_tokens", "drafted_tokens", "accepted_tokens", "steps", "tokens_per_s",
+                "generation_peak_bytes", "predicted_generation_bytes", "weights_bytes", "load_peak_bytes",
+                "budget_bytes"):
+        assert key in out
+    assert out["token_ids"] == runs["none"]["token_ids"]
+    assert out["new_tokens"] == len(out["token_ids"]) and out["text"]
+    assert out["drafted_tokens"] >= out["accepted_tokens"] > 0
+    assert out["steps"] < out["new_tokens"]          # speculation committed several tokens in some step
+    assert out["weights_bytes"] == 134_515_008 * 4 + 256  # fp32 parameters + the rotary buffer
+    assert 0 < out["generation_peak_bytes"]
+
+
+def test_streams_text_to_stdout():
+    r = generate("--prompt", "Name three colors.", "--chat", "--max-new-tokens", 16)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() and "tok/s" in r.stderr
+
+
+def test_tokenizerless_draft_with_matching_vocabulary_is_accepted(tmp_path):
+    draft = save_random_model(llama_config(49152), tmp_path / "draft")
+    r = generate("--draft", draft, "--prompt", "Hello", "--max-new-tokens", 8, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["drafted_tokens"] > 0
+
+
+def test_draft_with_another_vocabulary_is_refused(tmp_path):
+    draft = save_random_model(llama_config(1000), tmp_path / "draft")
+    r = generate("--draft", draft, "--prompt", "Hello")
+    assert r.returncode == 1 and "vocabulary" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_pickled_weights_are_refused_without_allow_pickle(tmp_path):
+    import torch
+
+    draft = save_random_model(llama_config(49152), tmp_path / "draft")
+    for f in draft.glob("*.safetensors"):
+        f.unlink()
+    torch.save({}, draft / "pytorch_model.bin")
+    r = generate("--draft", draft, "--prompt", "Hello")
+    assert r.returncode == 1 and "--allow-pickle" in r.stderr
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (["--target", "/no/such/model.gguf"], 1, "no such file"),
+    (["--budget", "100MB"], 2, "lower bound"),
+    (["--context", 8], 1, "longer than the context"),
+    (["--max-new-tokens", 0], 1, "max-new-tokens"),
+])
+def test_bad_input_is_one_clear_line(args, code, needle):
+    r = generate("--prompt", "Tell me a story about a dragon.", *args)
+    assert r.returncode == code, r.stderr
+    assert needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_budget_refusal_shows_the_plan_breakdown():
+    r = generate("--prompt", "Hi", "--budget", "100MB")
+    assert r.returncode == 2
+    assert "target_weights" in r.stderr and "target_kv" in r.stderr
