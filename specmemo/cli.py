@@ -152,5 +152,84 @@ def generate(
         )
 
 
+@app.command()
+@domain_errors
+def chat(
+    target: TargetOpt = "smollm2-135m-instruct",
+    draft: DraftOpt = "ngram",
+    budget: BudgetOpt = None,
+    device: DeviceOpt = "cpu",
+    system: Annotated[Optional[str], typer.Option("--system", help="System prompt. Default: the model's own.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-m", help="Most tokens per reply.")] = 512,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 is greedy; above 0 samples.")] = 0.7,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling threshold (1 = off).")] = 0.9,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for reproducible sampling.")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="bf16, fp16 or fp32. Default: fp32 on cpu, bf16 on cuda.")] = None,
+    draft_dtype: DraftDtypeOpt = None,
+    context: Annotated[Optional[int], typer.Option("--context", help="Context tokens. Default: the largest the budget holds.")] = None,
+    stats: Annotated[bool, typer.Option("--stats", help="Show speed, acceptance and memory after each reply.")] = False,
+    json_log: Annotated[Optional[Path], typer.Option("--json-log", help="Append one JSON line per turn to this file.")] = None,
+):
+    """Chat in the terminal with speculative decoding, within a memory budget.
+
+    With no options: SmolLM2-135M-Instruct, n-gram drafting, and a budget of the memory available
+    now. Type /stats, /save FILE, /reset or /exit. Ctrl-C stops a reply; Ctrl-D quits. When stdin
+    is not a terminal, each line is one turn.
+    """
+    from specmemo.budget.units import parse_size
+    from specmemo.chat.session import ChatSession
+    from specmemo.chat.terminal import ChatTerminal
+    from specmemo.decoding.sampling import SamplingConfig
+    from specmemo.memory.measure import rss_bytes
+    from specmemo.runtime import open_runtime
+
+    if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
+        raise typer.BadParameter("need temperature ≥ 0, 0 < top-p ≤ 1 and max-new-tokens ≥ 1")
+    if device not in ("cpu", "cuda"):
+        raise typer.BadParameter("--device must be cpu or cuda")
+    preload = rss_bytes()
+    console = Console(highlight=False)
+    with console.status("loading models…"):
+        rt = open_runtime(target, draft, device=device, budget=parse_size(budget) if budget else None,
+                          context=context, dtype=dtype or ("bf16" if device == "cuda" else "fp32"),
+                          draft_dtype=draft_dtype, sampling=SamplingConfig(temperature=temperature, top_p=top_p, seed=seed))
+    ChatTerminal(ChatSession(rt, system, max_new_tokens, preload), console, stats, json_log).run()
+
+
+@app.command()
+@domain_errors
+def profile(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for report.json, report.md and the plots.")],
+    target: TargetOpt = "smollm2-135m-instruct",
+    draft: DraftOpt = "ngram",
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="MT-Bench-format JSONL. Default: the shipped prompts/default.jsonl.")] = None,
+    turns: Annotated[int, typer.Option("--turns", help="1, or 2: turn 2 sees each engine's own turn-1 answer.")] = 2,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Use the first N conversations.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-m", help="New tokens per turn, for every engine.")] = 128,
+    budget: BudgetOpt = None,
+    engines: Annotated[Optional[str], typer.Option("--engines", help="Comma-separated: specmemo, specmemo-ar, hf-ar, hf-lookup, hf-assisted.")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="bf16, fp16 or fp32.")] = "fp32",
+    draft_dtype: DraftDtypeOpt = None,
+    save_profile: Annotated[bool, typer.Option("--save-profile", help="Record measured α and c in profiles/pairs/ for `plan`.")] = False,
+):
+    """Profile speed, memory and acceptance against Hugging Face generate, each engine in its own process.
+
+    Writes report.json, report.md and PNG plots to --out. All engines decode greedily with the same
+    token limits; outputs are compared token for token with hf-ar.
+    """
+    from specmemo.budget.units import parse_size
+    from specmemo.profiling.run import profile as run_profile
+
+    if max_new_tokens < 1:
+        raise typer.BadParameter("--max-new-tokens must be ≥ 1")
+    report = run_profile(target, draft, out, prompts=str(prompts) if prompts else None, turns=turns, limit=limit,
+                         max_new_tokens=max_new_tokens, budget=parse_size(budget) if budget else None,
+                         engines=[e.strip() for e in engines.split(",")] if engines else None, dtype=dtype,
+                         draft_dtype=draft_dtype, save_profile=save_profile)
+    Console().print((out / "report.md").read_text(), markup=False, highlight=False)
+    if report.get("saved_profile"):
+        err.print(f"saved the measured pair profile to {report['saved_profile']}")
+
+
 def main():
     app()

@@ -10,7 +10,7 @@ from specmemo.decoding.sampling import SamplingConfig
 from specmemo.errors import BadInput
 from specmemo.models.load import load_tokenizer, weights_nbytes
 from specmemo.planning import resolve_pair
-from specmemo.runtime import Runtime, open_runtime
+from specmemo.runtime import open_runtime
 
 
 @dataclass
@@ -40,10 +40,10 @@ class GenerateResult:
         return asdict(self)
 
 
-def stop_ids(runtime: Runtime) -> set[int]:
+def stop_ids(tokenizer, model) -> set[int]:
     """EOS from the tokenizer and the generation config (chat models often list several)."""
     ids = set()
-    tok, cfg = runtime.tokenizer, getattr(runtime.target.model, "generation_config", None)
+    tok, cfg = tokenizer, getattr(model, "generation_config", None)
     for value in (getattr(tok, "eos_token_id", None), getattr(cfg, "eos_token_id", None)):
         if isinstance(value, int):
             ids.add(value)
@@ -81,7 +81,7 @@ def generate(target: str, draft: str, prompt: str, *, chat: bool = False, max_ne
     rt = open_runtime(target, draft, device=device, budget=budget, context=planned, draft_len=draft_len,
                       draft_window=draft_window, dtype=dtype, draft_dtype=draft_dtype, sampling=sampling, allow_pickle=allow_pickle,
                       trust_remote_code=trust_remote_code, refs=refs, tokenizer=tokenizer)
-    stops = set() if ignore_eos else stop_ids(rt)
+    stops = set() if ignore_eos else stop_ids(rt.tokenizer, rt.target.model)
     new: list[int] = []
     detok = Detokenizer(tokenizer)
     stats = GenerationStats()

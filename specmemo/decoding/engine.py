@@ -76,8 +76,10 @@ class Engine:
             return int(logits[-1].argmax())
         return int(torch.multinomial(self.sampling.probs(logits[-1:])[0], 1, generator=self.generator))
 
-    def _step(self, k: int) -> Step:
+    def _step(self, k: int) -> tuple[Step, float]:
+        t0 = time.perf_counter()
         proposal = self.drafter.propose(self.tokens, k)
+        drafting = time.perf_counter() - t0
         draft = proposal.tokens
         ids = torch.cat([torch.tensor([self.tokens[-1]], device=self.device), draft])[None]
         logits = hf_adapter.forward(self.model, self.store, self.cache, ids, logits_to_keep=ids.shape[1])[0]
@@ -85,7 +87,7 @@ class Engine:
             a, nxt = verify_greedy(logits, draft)
         else:
             a, nxt = verify_sampling(self.sampling.probs(logits), proposal.q, draft, self.generator)
-        return Step(draft[:a].tolist() + [nxt], drafted=int(draft.shape[0]), accepted=a)
+        return Step(draft[:a].tolist() + [nxt], drafted=int(draft.shape[0]), accepted=a), drafting
 
     def _commit(self, tokens: list[int]) -> None:
         self.tokens.extend(tokens)
@@ -122,7 +124,8 @@ class Engine:
             if reason:
                 break
             budget = min(max_new_tokens - stats.new_tokens, self.room())
-            step = self._step(min(self.draft_len, budget - 1))
+            step, drafting = self._step(min(self.draft_len, budget - 1))
+            stats.draft_seconds += drafting
             self._adapt(step)
             tokens = step.tokens[:budget]
             for i, t in enumerate(tokens):

@@ -26,6 +26,7 @@ class GenerationStats:
     accepted_tokens: int = 0
     steps: int = 0
     decode_seconds: float = 0.0
+    draft_seconds: float = 0.0          # time spent proposing (the drafter's cost, for c)
     accepted_histogram: dict[int, int] = field(default_factory=dict)  # accepted per step -> steps
     stop_reason: str = ""
 

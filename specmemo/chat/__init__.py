@@ -1,0 +1,1 @@
+"""Multi-turn chat: conversation state, template deltas, eviction, and the terminal."""

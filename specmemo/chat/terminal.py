@@ -1,0 +1,155 @@
+"""The interactive terminal: streams replies with rich, handles /commands, Ctrl-C and Ctrl-D.
+
+With a terminal on stdin it is a REPL. Otherwise each input line is one user turn, each reply is
+printed in turn, and it exits 0 at end of input.
+"""
+
+import json
+import signal
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from specmemo.atomic import atomic_write_text
+from specmemo.budget.units import format_bytes
+from specmemo.chat.session import ChatSession, Evicted, TextDelta, TurnRecord
+from specmemo.errors import BadInput
+
+HELP = "/stats  /save FILE  /reset  /exit   (Ctrl-C stops a reply, Ctrl-D quits)"
+
+
+class Interrupt:
+    """Ctrl-C during a reply sets a flag; the engine stops at the next step, caches consistent."""
+
+    def __init__(self):
+        self.requested = False
+
+    @contextmanager
+    def armed(self):
+        self.requested = False
+        previous = signal.signal(signal.SIGINT, lambda *_: setattr(self, "requested", True))
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+class ChatTerminal:
+    def __init__(self, session: ChatSession, console: Console, show_stats: bool, json_log: Path | None):
+        self.session, self.console = session, console
+        self.show_stats = show_stats
+        self.log = json_log.open("a", buffering=1) if json_log else None  # line-buffered: a crash loses nothing
+        self.interrupt = Interrupt()
+
+    # -- rendering -----------------------------------------------------------------------------
+
+    def stats_table(self) -> Table:
+        s = self.session
+        table = Table(title="session", show_header=True)
+        for col in ("turn", "context", "prefilled", "new", "accepted/drafted", "tok/s", "peak", "evicted"):
+            table.add_column(col, justify="right")
+        for t in s.turns:
+            table.add_row(str(t.turn), f"{t.context_tokens}/{s.context}", str(t.prefilled_tokens), str(t.new_tokens),
+                          f"{t.accepted_tokens}/{t.drafted_tokens}", f"{t.tokens_per_s:.1f}",
+                          format_bytes(t.peak_bytes), f"{t.evicted_tokens} ({t.evicted_turns} turns)")
+        table.caption = (f"budget {format_bytes(s.rt.report.budget_bytes)} · plan {format_bytes(s.rt.report.plan.total_bytes)}"
+                         f" · drafter {s.rt.report.drafter} · k ≤ {s.rt.report.plan.request.draft_len}")
+        return table
+
+    def turn_line(self, t: TurnRecord) -> str:
+        return (f"[dim]{t.new_tokens} tokens · {t.tokens_per_s:.1f} tok/s · accepted {t.accepted_tokens}/"
+                f"{t.drafted_tokens} · context {t.context_tokens}/{self.session.context} · peak "
+                f"{format_bytes(t.peak_bytes)} of {format_bytes(t.budget_bytes)}[/]")
+
+    # -- one turn --------------------------------------------------------------------------------
+
+    def answer(self, text: str) -> None:
+        record = None
+        with self.interrupt.armed():
+            try:
+                for ev in self.session.ask(text, should_stop=lambda: self.interrupt.requested):
+                    if isinstance(ev, TextDelta):
+                        self.console.print(ev.text, end="", style="cyan", markup=False, highlight=False, soft_wrap=True)
+                    elif isinstance(ev, Evicted):
+                        self.console.print(f"[yellow]dropped the oldest {ev.turns} exchange(s), {ev.tokens} tokens, "
+                                           "to stay within the memory budget[/]")
+                    elif isinstance(ev, TurnRecord):
+                        record = ev
+            except BadInput as e:
+                self.console.print(f"[red]{e}[/]")
+                return
+        self.console.print()
+        if record.stop_reason == "interrupted":
+            self.console.print("[yellow](reply stopped)[/]")
+        if self.show_stats or record.evicted_tokens:
+            self.console.print(self.turn_line(record))
+        if self.log:
+            self.log.write(json.dumps(record.to_json()) + "\n")
+
+    # -- commands ---------------------------------------------------------------------------------
+
+    def command(self, line: str) -> bool:
+        """Run a /command; False means exit."""
+        name, _, arg = line.partition(" ")
+        if name == "/exit":
+            return False
+        if name == "/reset":
+            self.session.reset()
+            self.console.print("[green]conversation cleared[/]")
+        elif name == "/stats":
+            self.console.print(self.stats_table())
+        elif name == "/save":
+            if not arg.strip():
+                self.console.print("[red]usage: /save FILE[/]")
+            else:
+                path = atomic_write_text(arg.strip(), json.dumps(self.session.transcript(), indent=2) + "\n")
+                self.console.print(f"[green]saved {len(self.session.conversation.messages)} messages to {path}[/]")
+        else:
+            self.console.print(f"[red]unknown command {name}[/]; {HELP}")
+        return True
+
+    def handle(self, line: str) -> bool:
+        line = line.strip()
+        if not line:
+            return True
+        if line.startswith("/"):
+            return self.command(line)
+        self.answer(line)
+        return True
+
+    # -- loops ------------------------------------------------------------------------------------
+
+    def repl(self) -> None:
+        self.console.print(f"[bold]specmemo chat[/] · {self.session.rt.target.ref.name} + {self.session.rt.report.drafter}"
+                           f" · context {self.session.context} tokens · budget "
+                           f"{format_bytes(self.session.rt.report.budget_bytes)}\n[dim]{HELP}[/]")
+        while True:
+            try:
+                line = input("you> ")
+            except EOFError:
+                self.console.print()
+                return
+            except KeyboardInterrupt:
+                self.console.print("\n[dim](Ctrl-D or /exit to quit)[/]")
+                continue
+            if not self.handle(line):
+                return
+
+    def lines(self, stream) -> None:
+        for line in stream:
+            if not self.handle(line):
+                return
+
+    def run(self) -> None:
+        try:
+            if sys.stdin.isatty():
+                import readline  # noqa: F401  (line editing and history for input())
+                self.repl()
+            else:
+                self.lines(sys.stdin)
+        finally:
+            if self.log:
+                self.log.close()

@@ -1,0 +1,78 @@
+"""The engines a profile compares, behind one interface: generate(input_ids, max_new) -> tokens.
+
+specmemo: our engine with the given drafter; specmemo-ar: our engine with no draft; hf-ar:
+`model.generate`; hf-lookup: `prompt_lookup_num_tokens`; hf-assisted: `assistant_model`.
+Every engine is greedy, stops at the same end-of-turn tokens, and sees the same token sequence.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from specmemo.decoding.events import Finished, Step
+
+ENGINES = ("specmemo", "specmemo-ar", "hf-ar", "hf-lookup", "hf-assisted")
+PROMPT_LOOKUP_TOKENS = 10  # transformers' documented example value
+
+
+@dataclass
+class TurnResult:
+    tokens: list[int]
+    seconds: float
+    drafted: int = 0
+    accepted: int = 0
+    steps: int = 0
+    draft_seconds: float = 0.0
+    histogram: dict = field(default_factory=dict)
+
+
+class SpecmemoEngine:
+    """Our engine; the caches carry over between the turns of one conversation."""
+
+    def __init__(self, runtime):
+        self.engine = runtime.engine
+
+    def new_conversation(self):
+        self.engine.reset()
+
+    def generate(self, input_ids: list[int], max_new: int, stops: set[int]) -> TurnResult:
+        held = self.engine.tokens
+        if input_ids[: len(held)] != held:  # not a continuation: start over
+            self.engine.reset()
+            held = []
+        tokens, stats = [], None
+        for ev in self.engine.generate(input_ids[len(held):], max_new, stops):
+            if isinstance(ev, Step):
+                tokens.extend(ev.tokens)
+            elif isinstance(ev, Finished):
+                stats = ev.stats
+        return TurnResult(tokens, stats.decode_seconds, stats.drafted_tokens, stats.accepted_tokens, stats.steps,
+                          stats.draft_seconds, dict(stats.accepted_histogram))
+
+
+class HFEngine:
+    """`model.generate` as people use it today: a fresh call per turn, on the whole conversation."""
+
+    def __init__(self, model, mode: str, assistant=None):
+        self.model, self.mode, self.assistant = model, mode, assistant
+        if model.config._attn_implementation != "sdpa":
+            model.set_attn_implementation("sdpa")  # HF's own attention for the HF baselines
+
+    def new_conversation(self):
+        pass
+
+    @torch.inference_mode()
+    def generate(self, input_ids: list[int], max_new: int, stops: set[int]) -> TurnResult:
+        import time
+
+        ids = torch.tensor([input_ids], device=self.model.device)
+        kwargs = {"max_new_tokens": max_new, "do_sample": False, "eos_token_id": sorted(stops) or None,
+                  "pad_token_id": sorted(stops)[0] if stops else 0, "attention_mask": torch.ones_like(ids)}
+        if self.mode == "hf-lookup":
+            kwargs["prompt_lookup_num_tokens"] = PROMPT_LOOKUP_TOKENS
+        elif self.mode == "hf-assisted":
+            kwargs["assistant_model"] = self.assistant
+        start = time.perf_counter()
+        out = self.model.generate(ids, **kwargs)
+        seconds = time.perf_counter() - start
+        return TurnResult(out[0, len(input_ids):].tolist(), seconds)

@@ -1,0 +1,162 @@
+"""Turn the engines' results into report.json, report.md and plots, and compare outputs.
+
+Where an engine's greedy output differs from hf-ar, the report names the conversation, turn and
+position, and the target's top-2 logit margin there. Only a margin below 1e-4 is numerics
+(two near-tied logits flipped by summation order); anything else is a bug.
+"""
+
+import json
+from pathlib import Path
+
+from specmemo.atomic import atomic_write_text
+from specmemo.budget.speedup import pair_file
+
+NUMERICS_MARGIN = 1e-4
+STAND_IN_NOTE = ("The draft model is a stand-in: the target's own weights loaded in {dtype}. "
+                 "Its acceptance is higher than a real small draft's would be.")
+
+
+def first_divergences(runs: dict) -> dict[str, list[dict]]:
+    """For each engine, the first differing position of each (conversation, turn) against hf-ar."""
+    ref = {o["question_id"]: o["turns"] for o in runs["hf-ar"]["outputs"]}
+    out = {}
+    for name, run in runs.items():
+        diffs = []
+        for o in run["outputs"]:
+            for turn, (mine, theirs) in enumerate(zip(o["turns"], ref[o["question_id"]])):
+                if mine != theirs:
+                    pos = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
+                    diffs.append({"conversation": o["question_id"], "turn": turn + 1, "position": pos})
+                    break  # later turns see different histories; the first divergence is what matters
+        out[name] = diffs
+    return out
+
+
+def add_margins(base: dict, runs: dict, divergences: dict[str, list[dict]], tokenizer) -> None:
+    """The target's top-2 logit margin at each divergence, on hf-ar's own token history."""
+    if not any(divergences.values()):
+        return
+    import torch
+
+    from specmemo.models.load import load_model
+    from specmemo.models.resolve import resolve
+    from specmemo.profiling.worker import conversation_ids
+
+    model = load_model(resolve(base["target"]), base["dtype"], with_tokenizer=False).model
+    convs = {c["question_id"]: c for c in base["conversations"]}
+    ref = {o["question_id"]: o["turns"] for o in runs["hf-ar"]["outputs"]}
+    for diffs in divergences.values():
+        for d in diffs:
+            outs = ref[d["conversation"]]
+            ids = conversation_ids(tokenizer, convs[d["conversation"]]["turns"], outs, d["turn"] - 1)
+            ids = ids + outs[d["turn"] - 1][: d["position"]]
+            with torch.inference_mode():
+                logits = model(torch.tensor([ids]), logits_to_keep=1).logits[0, -1].float()
+            top = torch.topk(logits, 2).values
+            d["top2_margin"] = float(top[0] - top[1])
+            d["numerics"] = d["top2_margin"] < NUMERICS_MARGIN
+
+
+def build_report(facts: dict, base: dict, runs: dict, tokenizer) -> dict:
+    divergences = first_divergences(runs)
+    add_margins(base, runs, divergences, tokenizer)
+    hf = runs["hf-ar"]
+    bandwidth = facts["read_bandwidth_bytes_per_s"]
+    rows = []
+    for name, r in runs.items():
+        rows.append({
+            "engine": name,
+            "tokens_per_s": r["tokens_per_s"],
+            "speedup_vs_hf_ar": r["tokens_per_s"] / hf["tokens_per_s"] if hf["tokens_per_s"] else None,
+            "new_tokens": r["new_tokens"],
+            "generation_peak_bytes": r["generation_peak_bytes"],
+            "predicted_generation_bytes": r["predicted_generation_bytes"],
+            "weights_bytes": r["weights_bytes"],
+            "load_peak_bytes": r["load_peak_bytes"],
+            "acceptance_rate": r["acceptance_rate"],
+            "mean_accepted_per_step": r["mean_accepted_per_step"],
+            # Fraction of the memory-bandwidth bound: every generated token reads every weight once
+            # in plain decoding, so tokens/s × weight bytes / bandwidth is 1.0 at the bound.
+            "bandwidth_fraction": r["tokens_per_s"] * r["weights_bytes"] / bandwidth,
+            "outputs_sha256": r["outputs_sha256"],
+            "identical_to_hf_ar": not divergences[name],
+            "divergences": divergences[name],
+            "accepted_histogram": r["accepted_histogram"],
+        })
+    notes = []
+    if base.get("draft_dtype") and base["draft"] == base["target"]:
+        notes.append(STAND_IN_NOTE.format(dtype=base["draft_dtype"]))
+    return {
+        "machine": facts,
+        "target": base["target"],
+        "draft": base["draft"],
+        "dtype": base["dtype"],
+        "draft_dtype": base.get("draft_dtype"),
+        "prompts": {"count": len(base["conversations"]), "turns": base["turns"],
+                    "max_new_tokens": base["max_new_tokens"], "context": base["context"]},
+        "runs": rows,
+        "notes": notes,
+    }
+
+
+def _mib(n):
+    return "" if n is None else f"{n / 2**20:.1f}"
+
+
+def markdown(report: dict, plots: list[str]) -> str:
+    m = report["machine"]
+    p = report["prompts"]
+    lines = [
+        f"# specmemo profile: {report['target']} + {report['draft']}",
+        "",
+        f"{p['count']} conversations × {p['turns']} turns, {p['max_new_tokens']} new tokens per turn, greedy, "
+        f"{report['dtype']}. Machine: {m['cpu']}, {m['cores']} cores, {m['memory_bytes'] / 2**30:.1f} GiB"
+        f"{', GPU ' + m['gpu'] if m['gpu'] else ''}; torch {m['torch']}, transformers {m['transformers']}; "
+        f"measured read bandwidth {m['read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s.",
+        "",
+        "| engine | tok/s | × hf-ar | of bandwidth bound | generation peak MiB | plan MiB | acceptance | accepted/step | identical to hf-ar |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in report["runs"]:
+        acc = "" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.2f}"
+        mean = "" if r["mean_accepted_per_step"] is None else f"{r['mean_accepted_per_step']:.2f}"
+        ident = "yes" if r["identical_to_hf_ar"] else f"no ({len(r['divergences'])})"
+        lines.append(f"| {r['engine']} | {r['tokens_per_s']:.2f} | {r['speedup_vs_hf_ar']:.2f} | "
+                     f"{r['bandwidth_fraction']:.0%} | {_mib(r['generation_peak_bytes'])} | "
+                     f"{_mib(r['predicted_generation_bytes'])} | {acc} | {mean} | {ident} |")
+    diverged = [(r["engine"], d) for r in report["runs"] for d in r["divergences"]]
+    if diverged:
+        lines += ["", "## Divergences from hf-ar", "",
+                  "| engine | conversation | turn | position | top-2 margin | verdict |", "|---|---|---:|---:|---:|---|"]
+        for name, d in diverged:
+            margin = d.get("top2_margin")
+            verdict = "numerics (< 1e-4)" if d.get("numerics") else "BUG: margin too large for numerics"
+            lines.append(f"| {name} | {d['conversation']} | {d['turn']} | {d['position']} | "
+                         f"{margin:.2e} | {verdict} |")
+    for note in report["notes"]:
+        lines += ["", f"Note: {note}"]
+    lines += [""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(report: dict, runs: dict, out: Path) -> None:
+    from specmemo.profiling.plots import make_plots
+
+    plots = make_plots(report, runs, out)
+    report["plots"] = [Path(p).name for p in plots]
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "report.md", markdown(report, plots))
+
+
+def save_pair_profile(target: str, draft: str, runs: dict) -> Path:
+    """Measured α (per drafted token) and c (draft cost per token / target cost per step)."""
+    spec, ar = runs.get("specmemo"), runs.get("specmemo-ar")
+    if not spec or not ar or not spec["drafted_tokens"]:
+        raise ValueError("--save-profile needs the specmemo and specmemo-ar engines, with drafting")
+    alpha = spec["accepted_tokens"] / spec["drafted_tokens"]
+    target_step = ar["seconds"] / ar["new_tokens"]
+    c = (spec["draft_seconds"] / spec["drafted_tokens"]) / target_step
+    path = pair_file(target, draft)
+    atomic_write_text(path, f"# Measured by specmemo profile on {len(spec['outputs'])} conversations.\n"
+                            f"alpha = {alpha:.4f}\nc = {c:.4f}\n")
+    return path

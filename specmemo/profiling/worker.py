@@ -1,0 +1,133 @@
+"""One engine of a profile, in its own process so that its peak memory is its own.
+
+    python -m specmemo.profiling.worker CONFIG.json RESULT.json
+
+Prints "progress" lines on stdout as turns finish; writes RESULT.json at the end.
+"""
+
+import hashlib
+import json
+import sys
+import time
+
+from specmemo.atomic import atomic_write_text
+from specmemo.chat.conversation import turn_delta
+from specmemo.memory.malloc import tame_glibc_malloc
+from specmemo.memory.measure import PeakMeter, peak_rss_bytes, reset_peak_rss, rss_bytes
+from specmemo.profiling.timeline import RssTimeline
+
+
+def conversation_ids(tokenizer, turns_text, outputs, turn):
+    """The token sequence an engine sees at `turn`: its own earlier outputs kept as generated."""
+    from specmemo.generation import encode_prompt
+
+    ids = encode_prompt(tokenizer, turns_text[0], chat=True)
+    messages = [{"role": "user", "content": turns_text[0]}]
+    for t in range(1, turn + 1):
+        held = ids + outputs[t - 1]
+        reply = tokenizer.decode(outputs[t - 1], skip_special_tokens=True)
+        messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": turns_text[t]}]
+        delta = turn_delta(tokenizer, held, messages)
+        if delta is None:  # the template does not extend what was held: render it whole
+            from specmemo.chat.conversation import encode_text, render
+
+            ids = encode_text(tokenizer, render(tokenizer, messages))
+        else:
+            ids = held + delta
+    return ids
+
+
+def build_engine(cfg):
+    """(engine, tokenizer, stop ids, predicted generation bytes or None, weights bytes, load peak)."""
+    from specmemo.decoding.sampling import SamplingConfig
+    from specmemo.generation import stop_ids
+    from specmemo.models.load import load_model, weights_nbytes
+    from specmemo.models.resolve import resolve
+    from specmemo.profiling.engines import HFEngine, SpecmemoEngine
+    from specmemo.runtime import open_runtime
+
+    name = cfg["engine"]
+    meter = PeakMeter("cpu")
+    meter.start()
+    if name in ("specmemo", "specmemo-ar"):
+        draft = cfg["draft"] if name == "specmemo" else "none"
+        rt = open_runtime(cfg["target"], draft, budget=cfg.get("budget"), context=cfg["context"], dtype=cfg["dtype"],
+                          draft_dtype=cfg.get("draft_dtype"), sampling=SamplingConfig())
+        weights = weights_nbytes(rt.target.model) + (weights_nbytes(rt.draft.model) if rt.draft else 0)
+        return (SpecmemoEngine(rt), rt.tokenizer, stop_ids(rt.tokenizer, rt.target.model),
+                rt.report.plan.generation_bytes, weights,
+                meter.peak(), rt.report.plan.total_bytes)
+    target = load_model(resolve(cfg["target"]), cfg["dtype"])
+    assistant = None
+    if name == "hf-assisted":
+        assistant = load_model(resolve(cfg["draft"]), cfg.get("draft_dtype") or cfg["dtype"], with_tokenizer=False).model
+    weights = weights_nbytes(target.model) + (weights_nbytes(assistant) if assistant is not None else 0)
+    return (HFEngine(target.model, name, assistant), target.tokenizer, stop_ids(target.tokenizer, target.model),
+            None, weights, meter.peak(), None)
+
+
+def main(config_path: str, result_path: str) -> None:
+    tame_glibc_malloc()
+    cfg = json.loads(open(config_path).read())
+    rss_before_load = rss_bytes()
+    engine, tok, stops, predicted, weights, load_peak, plan_total = build_engine(cfg)
+    reset_peak_rss()
+    baseline = rss_bytes()  # generation memory is measured from here: just before the first prefill
+    outputs, turn_rows = [], []
+    timeline = None
+    for ci, conv in enumerate(cfg["conversations"]):
+        engine.new_conversation()
+        outs = []
+        for turn in range(min(cfg["turns"], len(conv["turns"]))):
+            ids = conversation_ids(tok, conv["turns"], outs, turn)
+            if ci == 0 and turn == 0:
+                timeline = RssTimeline().__enter__()
+            r = engine.generate(ids, cfg["max_new_tokens"], stops)
+            outs.append(r.tokens)
+            turn_rows.append({"conversation": conv["question_id"], "turn": turn + 1, "prompt_tokens": len(ids),
+                              "new_tokens": len(r.tokens), "seconds": r.seconds, "drafted": r.drafted,
+                              "accepted": r.accepted, "steps": r.steps, "draft_seconds": r.draft_seconds,
+                              "histogram": r.histogram})
+            print("progress", flush=True)
+        if ci == 0 and timeline:
+            timeline.__exit__(None, None, None)
+        outputs.append({"question_id": conv["question_id"], "turns": outs})
+    peak = peak_rss_bytes() - baseline
+    new_tokens = sum(t["new_tokens"] for t in turn_rows)
+    seconds = sum(t["seconds"] for t in turn_rows)
+    drafted = sum(t["drafted"] for t in turn_rows)
+    accepted = sum(t["accepted"] for t in turn_rows)
+    steps = sum(t["steps"] for t in turn_rows)
+    histogram = {}
+    for t in turn_rows:
+        for k, v in t["histogram"].items():
+            histogram[str(k)] = histogram.get(str(k), 0) + v
+    result = {
+        "engine": cfg["engine"],
+        "tokens_per_s": new_tokens / seconds if seconds else 0.0,
+        "new_tokens": new_tokens,
+        "seconds": seconds,
+        "generation_peak_bytes": peak,
+        "predicted_generation_bytes": predicted,
+        "plan_total_bytes": plan_total,
+        "weights_bytes": weights,
+        "load_peak_bytes": load_peak,
+        "process_peak_bytes": peak_rss_bytes() - rss_before_load,
+        "acceptance_rate": accepted / drafted if drafted else None,
+        "mean_accepted_per_step": accepted / steps if steps else None,
+        "drafted_tokens": drafted,
+        "accepted_tokens": accepted,
+        "steps": steps,
+        "draft_seconds": sum(t["draft_seconds"] for t in turn_rows),
+        "accepted_histogram": histogram,
+        "outputs_sha256": hashlib.sha256(json.dumps(outputs).encode()).hexdigest(),
+        "outputs": outputs,
+        "turns": turn_rows,
+        "timeline": [(round(t, 3), b - baseline) for t, b in (timeline.samples if timeline else [])],
+        "finished_at": time.time(),
+    }
+    atomic_write_text(result_path, json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
