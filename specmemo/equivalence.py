@@ -29,7 +29,7 @@ def _greedy(engine, prompt_ids, max_new):
 def check_greedy_equivalence(prompts_file, limit, max_new: int, workdir: Path, progress: bool = False) -> dict:
     """Returns {drafter: {prompts, identical, new_tokens, drafted, accepted, mismatches}}."""
     target_ref = resolve(TARGET)
-    target = load_model(target_ref, "fp32")
+    target = load_model(target_ref, "fp32", fast_layout=True)
     random_dir = save_random_model(llama_config(target_ref.arch.vocab_size), workdir / "random-draft", seed=1)
     drafts = {
         "none": ("none", None, None),
@@ -42,7 +42,7 @@ def check_greedy_equivalence(prompts_file, limit, max_new: int, workdir: Path, p
     context = max(len(p) for p in prompts) + max_new
     engines = {}
     for name, (kind, ref, dtype) in drafts.items():
-        draft = load_model(ref, dtype, with_tokenizer=False) if ref else None
+        draft = load_model(ref, dtype, with_tokenizer=False, fast_layout=True) if ref else None
         report = build_report(target_ref, ref, kind, budget=1 << 40, context=context, dtype="fp32",
                               draft_dtype=dtype, sampling=False)
         engines[name] = assemble(report, target, draft, SamplingConfig()).engine

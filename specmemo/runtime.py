@@ -114,13 +114,13 @@ def open_runtime(target: str, draft: str, *, device: str = "cpu", budget: int | 
     meter = PeakMeter(device)
     meter.start()
     t = load_model(t_ref, dtype, device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                   with_tokenizer=tokenizer is None)
+                   with_tokenizer=tokenizer is None, fast_layout=True)
     if tokenizer is not None:
         t.tokenizer = tokenizer
     d = None
     if d_ref is not None:
         # A draft directory need not carry tokenizer files: its vocabulary size was checked.
         d = load_model(d_ref, draft_dtype or dtype, device, with_tokenizer=False, allow_pickle=allow_pickle,
-                       trust_remote_code=trust_remote_code)
+                       trust_remote_code=trust_remote_code, fast_layout=True)
     load_peak = meter.peak()
     return assemble(report, t, d, sampling, load_peak_bytes=load_peak)

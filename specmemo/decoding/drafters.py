@@ -41,12 +41,16 @@ class NoDrafter:
 class NgramDrafter(NoDrafter):
     """Prompt lookup: find the longest suffix (up to `max_ngram` tokens) of the conversation that
     occurred earlier, and propose what followed its most recent occurrence. No weights, and an
-    index of n-gram -> continuation start, so each lookup costs a few dict probes."""
+    index of n-gram -> continuation start, so each lookup costs a few dict probes.
+
+    Single-token matches are not used (min_ngram = 2): on a CPU, verifying even one extra token
+    costs about 40% of a step, and one-token matches were accepted too rarely to pay for it
+    (MT-Bench, 4 two-turn conversations: 36.4 tok/s with min 2 vs 32.0 with min 1)."""
     name = "ngram"
 
-    def __init__(self, device, max_ngram: int = 3):
+    def __init__(self, device, max_ngram: int = 3, min_ngram: int = 2):
         super().__init__(device)
-        self.device, self.max_ngram = device, max_ngram
+        self.device, self.max_ngram, self.min_ngram = device, max_ngram, min_ngram
         self.reset()
 
     def reset(self) -> None:
@@ -68,7 +72,7 @@ class NgramDrafter(NoDrafter):
 
     def propose(self, tokens: list[int], k: int) -> Proposal:
         self._sync(tokens)
-        for n in range(min(self.max_ngram, len(tokens)), 0, -1):
+        for n in range(min(self.max_ngram, len(tokens)), self.min_ngram - 1, -1):
             start = self._index.get(tuple(tokens[-n:]))
             if start is not None:
                 cont = tokens[start : start + k]

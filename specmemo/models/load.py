@@ -80,7 +80,9 @@ def weights_nbytes(model: torch.nn.Module) -> int:
 
 
 def load_model(ref: ModelRef, dtype: str, device: str = "cpu", *, with_tokenizer: bool = True,
-               allow_pickle: bool = False, trust_remote_code: bool = False) -> LoadedModel:
+               allow_pickle: bool = False, trust_remote_code: bool = False, fast_layout: bool = False) -> LoadedModel:
+    """fast_layout: on a CPU, store linear weights transposed for faster decoding (see layout.py).
+    Off for baselines, which should run the model as transformers ships it."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -98,7 +100,11 @@ def load_model(ref: ModelRef, dtype: str, device: str = "cpu", *, with_tokenizer
         raise UnknownModel(f"cannot load {ref.name}: {str(e).splitlines()[0]}") from None
     dev = torch.device(device)
     model.to(dev).eval()
-    if dev.type == "cpu":
+    if dev.type == "cpu" and fast_layout:
+        from specmemo.models.layout import transpose_linears
+
+        transpose_linears(model)  # fresh contiguous copies: resident, and mmap pages released
+    elif dev.type == "cpu":
         _make_resident(model)
     return LoadedModel(ref, model, tokenizer, torch_dtype(dtype), dev)
 
