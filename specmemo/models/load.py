@@ -100,12 +100,12 @@ def load_model(ref: ModelRef, dtype: str, device: str = "cpu", *, with_tokenizer
         raise UnknownModel(f"cannot load {ref.name}: {str(e).splitlines()[0]}") from None
     dev = torch.device(device)
     model.to(dev).eval()
-    if dev.type == "cpu" and fast_layout:
-        from specmemo.models.layout import transpose_linears
+    if dev.type == "cpu":
+        _make_resident(model)  # every tensor, so the safetensors file mapping is released
+        if fast_layout:
+            from specmemo.models.layout import transpose_linears
 
-        transpose_linears(model)  # fresh contiguous copies: resident, and mmap pages released
-    elif dev.type == "cpu":
-        _make_resident(model)
+            transpose_linears(model)
     return LoadedModel(ref, model, tokenizer, torch_dtype(dtype), dev)
 
 
