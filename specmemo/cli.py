@@ -187,7 +187,7 @@ def chat(
         raise typer.BadParameter("need temperature ≥ 0, 0 < top-p ≤ 1 and max-new-tokens ≥ 1")
     if device not in ("cpu", "cuda"):
         raise typer.BadParameter("--device must be cpu or cuda")
-    preload = rss_bytes()
+    preload = rss_bytes() if device == "cpu" else 0  # on CUDA the allocator starts empty
     console = Console(highlight=False)
     with console.status("loading models…"):
         rt = open_runtime(target, draft, device=device, budget=parse_size(budget) if budget else None,

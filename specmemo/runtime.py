@@ -44,6 +44,13 @@ def check_budget(report: PlanReport) -> None:
         raise BudgetExceeded(f"{report.refusal()}. Plan: {parts}", plan=report.plan)
 
 
+def cap_cuda_memory(budget_bytes: int) -> None:
+    """A hard cap: allocations beyond the budget fail in the allocator instead of growing into
+    memory the plan did not give us."""
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget_bytes / total), 0)
+
+
 def fit_report(t_ref, d_ref, drafter, *, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, **kw) -> PlanReport:
     """The requested plan if it fits; else the same context with k, W and the prefill chunk
     shrunk until it fits; refused (BudgetExceeded, with the breakdown) below the lower bound."""
@@ -111,6 +118,8 @@ def open_runtime(target: str, draft: str, *, device: str = "cpu", budget: int | 
     if report.plan.request.context < min_context:
         raise BudgetExceeded(f"the budget holds only {report.plan.request.context} tokens of context; "
                              f"this request needs {min_context}", plan=report.plan)
+    if device == "cuda":
+        cap_cuda_memory(report.budget_bytes)
     meter = PeakMeter(device)
     meter.start()
     t = load_model(t_ref, dtype, device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,

@@ -30,20 +30,21 @@ def arch_of(model) -> Arch:
 
 
 def make_engine(target, drafter="none", draft=None, *, context=300, k=4, window=None,
-                sampling=SamplingConfig(), chunk=16, seed=None):
+                sampling=SamplingConfig(), chunk=16, seed=None, device="cpu"):
     req = PlanRequest(target=arch_of(target), draft=arch_of(draft) if draft is not None else None,
                       drafter=drafter, context=context, draft_len=0 if drafter == "none" else k,
                       draft_window=window or context, dtype="fp32", prefill_chunk=chunk)
     plan = make_plan(req)
-    store = allocator.allocate_target(plan, torch.float32, "cpu")
-    gen = sampling.generator("cpu") if seed is None else torch.Generator().manual_seed(seed)
+    dtype = next(target.parameters()).dtype
+    store = allocator.allocate_target(plan, dtype, device)
+    gen = sampling.generator(device) if seed is None else torch.Generator(device).manual_seed(seed)
     if drafter == "model":
-        d = ModelDrafter(draft, allocator.allocate_draft(plan, torch.float32, "cpu"), sampling,
+        d = ModelDrafter(draft, allocator.allocate_draft(plan, next(draft.parameters()).dtype, device), sampling,
                          req.draft_window, gen)
     elif drafter == "ngram":
-        d = NgramDrafter("cpu")
+        d = NgramDrafter(device)
     else:
-        d = NoDrafter("cpu")
+        d = NoDrafter(device)
     return Engine(target, store, d, sampling, draft_len=req.draft_len, prefill_chunk=chunk,
                   context=context, generator=gen)
 

@@ -14,7 +14,7 @@ from specmemo.decoding.detokenize import Detokenizer
 from specmemo.decoding.events import Finished, Step
 from specmemo.errors import BadInput
 from specmemo.generation import stop_ids
-from specmemo.memory.measure import peak_rss_bytes, reset_peak_rss
+from specmemo.memory.measure import peak_bytes, reset_peak
 from specmemo.runtime import Runtime
 
 
@@ -97,7 +97,8 @@ class ChatSession:
         ids, dropped, evicted = self._plan_tokens(text)
         if dropped or evicted:
             yield Evicted(dropped, evicted)
-        reset_peak_rss()
+        device = self.engine.device.type
+        reset_peak(device)
         start = time.perf_counter()
         detok = Detokenizer(self.tok)
         stats, new = None, []
@@ -121,7 +122,7 @@ class ChatSession:
             prefilled_tokens=stats.prefilled_tokens,
             new_tokens=stats.new_tokens, drafted_tokens=stats.drafted_tokens, accepted_tokens=stats.accepted_tokens,
             tokens_per_s=stats.new_tokens / seconds if seconds else 0.0,
-            peak_bytes=peak_rss_bytes() - self.preload_rss, budget_bytes=self.rt.report.budget_bytes,
+            peak_bytes=peak_bytes(device) - self.preload_rss, budget_bytes=self.rt.report.budget_bytes,
             evicted_tokens=evicted, evicted_turns=dropped, stop_reason=stats.stop_reason, seconds=seconds,
             accepted_histogram=dict(sorted(stats.accepted_histogram.items())),
         )

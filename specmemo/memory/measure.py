@@ -40,6 +40,27 @@ def peak_rss_bytes() -> int:
     return hwm * 1024 if hwm is not None else rss_bytes()
 
 
+def reset_peak(device: str) -> None:
+    """Start a new peak window: VmHWM on the CPU, the allocator's peak on CUDA."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        reset_peak_rss()
+
+
+def peak_bytes(device: str) -> int:
+    """Peak since reset_peak: process RSS on the CPU, memory reserved by torch's allocator on CUDA
+    (what the process actually holds on the GPU, beside its fixed CUDA context)."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_reserved()
+    return peak_rss_bytes()
+
+
 @dataclass
 class PeakMeter:
     """Peak memory above a baseline taken at `start()`."""

@@ -71,8 +71,8 @@ def main(config_path: str, result_path: str) -> None:
     cfg = json.loads(open(config_path).read())
     rss_before_load = rss_bytes()
     engine, tok, stops, predicted, weights, load_peak, plan_total = build_engine(cfg)
-    reset_peak_rss()
     baseline = rss_bytes()  # generation memory is measured from here: just before the first prefill
+    peak = 0
     outputs, turn_rows = [], []
     timeline = None
     for ci, conv in enumerate(cfg["conversations"]):
@@ -82,7 +82,10 @@ def main(config_path: str, result_path: str) -> None:
             ids = conversation_ids(tok, conv["turns"], outs, turn)
             if ci == 0 and turn == 0:
                 timeline = RssTimeline().__enter__()
+            # The peak window covers the generate call only, not tokenizing the next turn.
+            reset_peak_rss()
             r = engine.generate(ids, cfg["max_new_tokens"], stops)
+            peak = max(peak, peak_rss_bytes() - baseline)
             outs.append(r.tokens)
             turn_rows.append({"conversation": conv["question_id"], "turn": turn + 1, "prompt_tokens": len(ids),
                               "new_tokens": len(r.tokens), "seconds": r.seconds, "drafted": r.drafted,
@@ -92,7 +95,6 @@ def main(config_path: str, result_path: str) -> None:
         if ci == 0 and timeline:
             timeline.__exit__(None, None, None)
         outputs.append({"question_id": conv["question_id"], "turns": outs})
-    peak = peak_rss_bytes() - baseline
     new_tokens = sum(t["new_tokens"] for t in turn_rows)
     seconds = sum(t["seconds"] for t in turn_rows)
     drafted = sum(t["drafted"] for t in turn_rows)

@@ -1,0 +1,48 @@
+"""The CUDA path: greedy equivalence, the sampling distribution and fixed KV storage on a GPU.
+Run by bench/gpu_check.py on a lent GPU; skipped cleanly without one."""
+
+import pytest
+import torch
+
+from specmemo.decoding.sampling import SamplingConfig
+from specmemo.decoding.verify import verify_sampling
+from tests.tiny import VOCAB, make_engine, run, tiny_llama
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+PROMPT = [5, 17, 3, 44, 9, 17, 3, 44, 9, 17, 3]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("drafter", ["ngram", "model"])
+def test_greedy_equivalence_on_cuda(dtype, drafter):
+    target = tiny_llama(0, scale=8.0).to("cuda", dtype)
+    draft = tiny_llama(5, scale=8.0).to("cuda", dtype) if drafter == "model" else None
+    plain, _ = run(make_engine(target, "none", device="cuda"), PROMPT, 60)
+    spec, _ = run(make_engine(target, drafter, draft, window=16, device="cuda"), PROMPT, 60)
+    assert spec == plain
+
+
+def test_sampling_matches_the_target_on_cuda():
+    n = 20_000
+    gen = torch.Generator("cuda").manual_seed(0)
+    torch.manual_seed(0)
+    cfg = SamplingConfig(temperature=1.0, top_k=20)
+    p = cfg.probs(torch.randn(2, VOCAB, device="cuda") * 2)
+    q = cfg.probs(torch.randn(1, VOCAB, device="cuda") * 2)
+    drafts = torch.multinomial(q[0], n, replacement=True, generator=gen)
+    first = torch.empty(n, dtype=torch.long)
+    for i in range(n):
+        a, nxt = verify_sampling(p, q, drafts[i : i + 1], gen)
+        first[i] = drafts[i] if a == 1 else nxt
+    hist = torch.bincount(first, minlength=VOCAB).double() / n
+    p0 = p[0].double().cpu()
+    tv = 0.5 * float((hist - p0).abs().sum())
+    assert tv < 3 * 0.5 * float(torch.sqrt(p0 * (1 - p0) / n).sum())
+
+
+def test_kv_storage_is_not_reallocated_on_cuda():
+    target = tiny_llama(0).to("cuda", torch.float16)
+    engine = make_engine(target, "ngram", device="cuda")
+    ptrs = engine.store.data_ptrs()
+    for _ in engine.generate(PROMPT, 50):
+        assert engine.store.data_ptrs() == ptrs
