@@ -27,7 +27,7 @@ class GenerationStats:
     steps: int = 0
     decode_seconds: float = 0.0
     draft_seconds: float = 0.0          # time spent proposing (the drafter's cost, for c)
-    accepted_histogram: dict[int, int] = field(default_factory=dict)  # accepted per step -> steps
+    accepted_histogram: dict[int, int] = field(default_factory=dict)  # accepted -> steps that drafted
     stop_reason: str = ""
 
     @property
@@ -43,7 +43,8 @@ class GenerationStats:
         self.new_tokens += len(step.tokens)
         self.drafted_tokens += step.drafted
         self.accepted_tokens += step.accepted
-        self.accepted_histogram[step.accepted] = self.accepted_histogram.get(step.accepted, 0) + 1
+        if step.drafted:  # steps where the drafter had nothing to propose are not rejections
+            self.accepted_histogram[step.accepted] = self.accepted_histogram.get(step.accepted, 0) + 1
 
 
 @dataclass(frozen=True)

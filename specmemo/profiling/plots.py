@@ -58,7 +58,7 @@ def make_plots(report: dict, runs: dict, out: Path) -> list[str]:
         ks = sorted(hist)
         ax.bar(ks, [hist[k] for k in ks], color="tab:green")
         ax.set_xlabel("draft tokens accepted in a step")
-        ax.set_ylabel("steps")
+        ax.set_ylabel("steps that drafted")
         ax.set_title(f"Accepted tokens per step ({report['draft']})")
         paths.append(_save(fig, out / "accepted_per_step.png"))
 
