@@ -111,7 +111,7 @@ def generate(
     top_k: Annotated[int, typer.Option("--top-k", help="Sample among the k most likely tokens (0 = off).")] = 0,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for reproducible sampling.")] = None,
     budget: BudgetOpt = None,
-    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    device: DeviceOpt = "cpu",
     dtype: Annotated[str, typer.Option("--dtype", help="bf16, fp16 or fp32.")] = "fp32",
     draft_dtype: DraftDtypeOpt = None,
     context: Annotated[Optional[int], typer.Option("--context", help="Planned context. Default: prompt + max new tokens.")] = None,
@@ -185,13 +185,14 @@ def chat(
 
     if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
         raise typer.BadParameter("need temperature ≥ 0, 0 < top-p ≤ 1 and max-new-tokens ≥ 1")
-    if device not in ("cpu", "cuda"):
-        raise typer.BadParameter("--device must be cpu or cuda")
-    preload = rss_bytes() if device == "cpu" else 0  # on CUDA the allocator starts empty
+    from specmemo.budget.devices import load_device
+
+    kind = load_device(device).kind
+    preload = rss_bytes() if kind == "cpu" else 0  # on CUDA the allocator starts empty
     console = Console(highlight=False)
     with console.status("loading models…"):
         rt = open_runtime(target, draft, device=device, budget=parse_size(budget) if budget else None,
-                          context=context, dtype=dtype or ("bf16" if device == "cuda" else "fp32"),
+                          context=context, dtype=dtype or ("bf16" if kind == "cuda" else "fp32"),
                           draft_dtype=draft_dtype, sampling=SamplingConfig(temperature=temperature, top_p=top_p, seed=seed))
     ChatTerminal(ChatSession(rt, system, max_new_tokens, preload), console, stats, json_log).run()
 

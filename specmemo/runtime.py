@@ -12,7 +12,7 @@ from specmemo.budget.plan import DEFAULT_PREFILL_CHUNK
 from specmemo.decoding.drafters import ModelDrafter, NgramDrafter, NoDrafter
 from specmemo.decoding.engine import Engine
 from specmemo.decoding.sampling import SamplingConfig
-from specmemo.errors import BadInput, BudgetExceeded
+from specmemo.errors import BudgetExceeded
 from specmemo.memory import allocator
 from specmemo.memory.malloc import tame_glibc_malloc
 from specmemo.memory.measure import PeakMeter
@@ -70,11 +70,11 @@ def fit_report(t_ref, d_ref, drafter, *, prefill_chunk: int = DEFAULT_PREFILL_CH
 
 def make_drafter(report: PlanReport, draft: LoadedModel | None, sampling: SamplingConfig, device, generator):
     if report.drafter == "none":
-        return NoDrafter(device), None
+        return NoDrafter(device)
     if report.drafter == "ngram":
-        return NgramDrafter(device), None
+        return NgramDrafter(device)
     store = allocator.allocate_draft(report.plan, draft.dtype, device)
-    return ModelDrafter(draft.model, store, sampling, report.plan.request.draft_window, generator), store
+    return ModelDrafter(draft.model, store, sampling, report.plan.request.draft_window, generator)
 
 
 def assemble(report: PlanReport, target: LoadedModel, draft: LoadedModel | None, sampling: SamplingConfig,
@@ -87,7 +87,7 @@ def assemble(report: PlanReport, target: LoadedModel, draft: LoadedModel | None,
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
     store = allocator.allocate_target(report.plan, target.dtype, device)
-    drafter, _ = make_drafter(report, draft, sampling, device, generator)
+    drafter = make_drafter(report, draft, sampling, device, generator)
     req = report.plan.request
     engine = Engine(target.model, store, drafter, sampling, draft_len=req.draft_len,
                     prefill_chunk=req.prefill_chunk, context=req.context, generator=generator)
@@ -103,16 +103,19 @@ def open_runtime(target: str, draft: str, *, device: str = "cpu", budget: int | 
     largest that fits the budget, at least `min_context`."""
     from specmemo.planning import resolve_pair
 
-    if device not in ("cpu", "cuda"):
-        raise BadInput(f"--device must be cpu or cuda, got {device!r}")
+    # A named profile (e.g. rtx-3060-12gb) gives the budget; its kind says where to run.
+    from specmemo.budget.devices import load_device
+
+    profile = device
+    device = load_device(profile).kind
     if device == "cuda" and not torch.cuda.is_available():
         from specmemo.errors import UnknownDevice
 
-        raise UnknownDevice("--device cuda: no CUDA device is available to torch")
+        raise UnknownDevice(f"--device {profile}: no CUDA device is available to torch")
     if device == "cpu":
         tame_glibc_malloc()
     t_ref, d_ref, drafter = refs or resolve_pair(target, draft)
-    report = fit_report(t_ref, d_ref, drafter, device=device, budget=budget, context=context,
+    report = fit_report(t_ref, d_ref, drafter, device=profile, budget=budget, context=context,
                         draft_len=draft_len, draft_window=draft_window, dtype=dtype, draft_dtype=draft_dtype,
                         prefill_chunk=prefill_chunk, sampling=not sampling.greedy)
     if report.plan.request.context < min_context:

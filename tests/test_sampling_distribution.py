@@ -7,8 +7,6 @@ match p's first-token marginal and p's second-token marginal within a total-vari
 derived from N: E[TV] ≤ ½ Σ_i sqrt(p_i(1 − p_i)/N); we allow 3× that.
 """
 
-import math
-
 import pytest
 import torch
 

@@ -46,7 +46,7 @@ def fit_at_context(req: PlanRequest, budget: int) -> Fit | None:
                 return Fit(k, 0)
             continue
         w = _largest(1, min(req.draft_window, req.context),
-                     lambda w: make_plan(req.with_(draft_len=k, draft_window=w)).total_bytes <= budget)
+                     lambda w, k=k: make_plan(req.with_(draft_len=k, draft_window=w)).total_bytes <= budget)
         if w is not None:
             return Fit(k, w)
     return None

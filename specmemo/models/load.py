@@ -116,7 +116,7 @@ def _make_resident(model: torch.nn.Module) -> None:
     time; tied tensors stay tied."""
     copies: dict[int, torch.Tensor] = {}
     for module in model.modules():
-        for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+        for _, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
             if t is None:
                 continue
             key = t.data_ptr()
