@@ -103,18 +103,26 @@ def test_a_message_longer_than_the_context_gets_a_clear_message(tmp_path):
 
 @pytest.fixture
 def terminal(tmp_path):
-    log = tmp_path / "log.jsonl"
-    child = pexpect.spawn(sys.executable, ["-m", "specmemo", "chat", "--temperature", "0", "--stats",
-                                           "--json-log", str(log), "--max-new-tokens", "400"],
-                          env={**os.environ, "COLUMNS": "200", "TERM": "xterm"}, encoding="utf-8", timeout=180,
-                          dimensions=(50, 200))
-    child.expect("you> ")
-    yield child, log
-    child.close(force=True)
+    """Start `specmemo chat` on a pseudo-terminal; returns (child, json log path)."""
+    children = []
+
+    def start(max_new_tokens: int):
+        log = tmp_path / "log.jsonl"
+        child = pexpect.spawn(sys.executable, ["-m", "specmemo", "chat", "--temperature", "0", "--stats",
+                                               "--json-log", str(log), "--max-new-tokens", str(max_new_tokens)],
+                              env={**os.environ, "COLUMNS": "200", "TERM": "xterm"}, encoding="utf-8", timeout=300,
+                              dimensions=(50, 200))
+        children.append(child)
+        child.expect("you> ")
+        return child, log
+
+    yield start
+    for child in children:
+        child.close(force=True)
 
 
 def test_terminal_streams_replies_shows_stats_and_saves(terminal, tmp_path):
-    child, log = terminal
+    child, log = terminal(96)
     child.sendline("Write a haiku about rain.")
     child.expect(r"\w+")              # the first words of the reply …
     first_text = time.monotonic()
@@ -138,13 +146,13 @@ def test_terminal_streams_replies_shows_stats_and_saves(terminal, tmp_path):
 
 
 def test_ctrl_c_stops_a_reply_and_the_next_turn_continues_from_consistent_caches(terminal, tmp_path):
-    child, log = terminal
+    child, log = terminal(400)
     child.sendline("Write a long story about a dragon who learns to cook. Make it very detailed.")
     child.expect(r"\w+ \w+ \w+")      # the reply is streaming
     child.sendintr()                  # Ctrl-C
     child.expect(r"\(reply stopped\)")
     child.expect("you> ")
-    child.sendline("Give the dragon a name.")
+    child.sendline("Give the dragon a name in one word.")
     child.expect("tok/s")
     child.expect("you> ")
     child.sendline("/exit")
