@@ -10,6 +10,8 @@ from specmemo.profiling.report import save_pair_profile
 def test_saved_alpha_and_c_are_used_by_plan(tmp_path, monkeypatch, cli):
     profiles = tmp_path / "profiles"
     shutil.copytree(REPO_ROOT / "profiles", profiles)
+    for measured in (profiles / "pairs").glob("*.toml"):
+        measured.unlink()
     monkeypatch.setenv("SPECMEMO_PROFILES", str(profiles))
     args = ("plan", "--target", "smollm2-135m-instruct", "--draft", "ngram", "--context", "1000", "--json")
     before = json.loads(cli(*args).stdout)
