@@ -19,9 +19,6 @@ from specmemo.memory.measure import PeakMeter
 from specmemo.models.load import LoadedModel, load_model
 from specmemo.planning import PlanReport, build_report
 
-DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
 @dataclass
 class Runtime:
     report: PlanReport
@@ -57,9 +54,10 @@ def fit_report(t_ref, d_ref, drafter, *, prefill_chunk: int = DEFAULT_PREFILL_CH
     report = build_report(t_ref, d_ref, drafter, prefill_chunk=prefill_chunk, **kw)
     if report.fits:
         return report
-    chunk = prefill_chunk
+    chunk, trial = prefill_chunk, report
     while chunk >= 1:
-        trial = build_report(t_ref, d_ref, drafter, prefill_chunk=chunk, **kw)
+        if chunk != prefill_chunk:
+            trial = build_report(t_ref, d_ref, drafter, prefill_chunk=chunk, **kw)
         if trial.fit is not None:
             shrunk = {**kw, "draft_len": trial.fit.draft_len or None, "draft_window": trial.fit.draft_window or None}
             return build_report(t_ref, d_ref, drafter, prefill_chunk=chunk, **shrunk)
@@ -78,10 +76,10 @@ def make_drafter(report: PlanReport, draft: LoadedModel | None, sampling: Sampli
 
 
 def assemble(report: PlanReport, target: LoadedModel, draft: LoadedModel | None, sampling: SamplingConfig,
-             meter: PeakMeter | None = None, load_peak_bytes: int = 0) -> Runtime:
+             load_peak_bytes: int = 0) -> Runtime:
     """Allocate once from the plan and build the engine. Measures generation memory from here."""
     device = target.device
-    meter = meter or PeakMeter(device.type)
+    meter = PeakMeter(device.type)
     meter.start()
     generator = sampling.generator(device)
     if sampling.seed is not None:

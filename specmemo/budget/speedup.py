@@ -41,10 +41,6 @@ def predicted_speedup(alpha: float, c: float, k: int) -> float:
     return expected_tokens_per_step(alpha, k) / (k * c + 1)
 
 
-def best_draft_len(alpha: float, c: float, k_max: int = MAX_DRAFT_LEN) -> int:
-    return max(range(1, k_max + 1), key=lambda k: predicted_speedup(alpha, c, k))
-
-
 def pair_file(target: str, draft: str) -> Path:
     return profiles_dir() / "pairs" / f"{target}__{draft}.toml".replace("/", "_")
 

@@ -45,6 +45,7 @@ def reset_peak(device: str) -> None:
     if device.startswith("cuda"):
         import torch
 
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     else:
         reset_peak_rss()
@@ -61,34 +62,25 @@ def peak_bytes(device: str) -> int:
     return peak_rss_bytes()
 
 
+def current_bytes(device: str) -> int:
+    """What the process holds now, measured the same way as peak_bytes."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.memory_reserved()
+    return rss_bytes()
+
+
 @dataclass
 class PeakMeter:
     """Peak memory above a baseline taken at `start()`."""
     device: str = "cpu"
     baseline: int = 0
 
-    def _current(self) -> int:
-        if self.device.startswith("cuda"):
-            import torch
-
-            return torch.cuda.memory_allocated()
-        return rss_bytes()
-
     def start(self) -> None:
-        if self.device.startswith("cuda"):
-            import torch
-
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            reset_peak_rss()
-        self.baseline = self._current()
+        reset_peak(self.device)
+        self.baseline = current_bytes(self.device)
 
     def peak(self) -> int:
         """Peak since start(), minus the baseline."""
-        if self.device.startswith("cuda"):
-            import torch
-
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated() - self.baseline
-        return max(0, peak_rss_bytes() - self.baseline)
+        return max(0, peak_bytes(self.device) - self.baseline)

@@ -9,6 +9,7 @@ import hashlib
 import json
 import sys
 import time
+from dataclasses import dataclass
 
 from specmemo.atomic import atomic_write_text
 from specmemo.chat.conversation import turn_delta
@@ -37,8 +38,18 @@ def conversation_ids(tokenizer, turns_text, outputs, turn):
     return ids
 
 
-def build_engine(cfg):
-    """(engine, tokenizer, stop ids, predicted generation bytes or None, weights bytes, load peak)."""
+@dataclass
+class Built:
+    engine: object
+    tokenizer: object
+    stops: set[int]
+    predicted_bytes: int | None    # the plan's generation memory (specmemo engines only)
+    weights_bytes: int
+    load_peak_bytes: int
+    plan_total_bytes: int | None
+
+
+def build_engine(cfg) -> Built:
     from specmemo.decoding.sampling import SamplingConfig
     from specmemo.generation import stop_ids
     from specmemo.models.load import load_model, weights_nbytes
@@ -54,23 +65,23 @@ def build_engine(cfg):
         rt = open_runtime(cfg["target"], draft, budget=cfg.get("budget"), context=cfg["context"], dtype=cfg["dtype"],
                           draft_dtype=cfg.get("draft_dtype"), sampling=SamplingConfig())
         weights = weights_nbytes(rt.target.model) + (weights_nbytes(rt.draft.model) if rt.draft else 0)
-        return (SpecmemoEngine(rt), rt.tokenizer, stop_ids(rt.tokenizer, rt.target.model),
-                rt.report.plan.generation_bytes, weights,
-                meter.peak(), rt.report.plan.total_bytes)
+        return Built(SpecmemoEngine(rt), rt.tokenizer, stop_ids(rt.tokenizer, rt.target.model),
+                     rt.report.plan.generation_bytes, weights, meter.peak(), rt.report.plan.total_bytes)
     target = load_model(resolve(cfg["target"]), cfg["dtype"])
     assistant = None
     if name == "hf-assisted":
         assistant = load_model(resolve(cfg["draft"]), cfg.get("draft_dtype") or cfg["dtype"], with_tokenizer=False).model
     weights = weights_nbytes(target.model) + (weights_nbytes(assistant) if assistant is not None else 0)
-    return (HFEngine(target.model, name, assistant), target.tokenizer, stop_ids(target.tokenizer, target.model),
-            None, weights, meter.peak(), None)
+    return Built(HFEngine(target.model, name, assistant), target.tokenizer, stop_ids(target.tokenizer, target.model),
+                 None, weights, meter.peak(), None)
 
 
 def main(config_path: str, result_path: str) -> None:
     tame_glibc_malloc()
     cfg = json.loads(open(config_path).read())
     rss_before_load = rss_bytes()
-    engine, tok, stops, predicted, weights, load_peak, plan_total = build_engine(cfg)
+    built = build_engine(cfg)
+    engine, tok, stops = built.engine, built.tokenizer, built.stops
     baseline = rss_bytes()  # generation memory is measured from here: just before the first prefill
     peak = 0
     outputs, turn_rows = [], []
@@ -110,10 +121,10 @@ def main(config_path: str, result_path: str) -> None:
         "new_tokens": new_tokens,
         "seconds": seconds,
         "generation_peak_bytes": peak,
-        "predicted_generation_bytes": predicted,
-        "plan_total_bytes": plan_total,
-        "weights_bytes": weights,
-        "load_peak_bytes": load_peak,
+        "predicted_generation_bytes": built.predicted_bytes,
+        "plan_total_bytes": built.plan_total_bytes,
+        "weights_bytes": built.weights_bytes,
+        "load_peak_bytes": built.load_peak_bytes,
         "process_peak_bytes": peak_rss_bytes() - rss_before_load,
         "acceptance_rate": accepted / drafted if drafted else None,
         "mean_accepted_per_step": accepted / steps if steps else None,
