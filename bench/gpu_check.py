@@ -53,8 +53,8 @@ def run_case(case: dict, device: str) -> dict:
     from specmemo.models.load import wrap
     from specmemo.models.resolve import resolve
     from specmemo.models.synthetic import random_model
-    from specmemo.planning import build_report
-    from specmemo.runtime import assemble, cap_cuda_memory, check_budget
+    from specmemo.budget.fit import fit
+    from specmemo.pipeline import assemble, cap_cuda_memory
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[case["dtype"]]
     t_ref, d_ref = resolve(case["target"]), resolve(case["draft"])
@@ -62,23 +62,23 @@ def run_case(case: dict, device: str) -> dict:
     prompt = torch.randint(0, t_ref.arch.vocab_size, (case["context"] - case["new"],)).tolist()
     engines = {}
     for name, drafter in [("specmemo", "model"), ("specmemo-ar", "none")]:
-        report = build_report(t_ref, d_ref if drafter == "model" else None, drafter, device="cpu" if device == "cpu" else "cuda",
-                              budget=case["budget"], context=case["context"], dtype=case["dtype"], sampling=False)
-        out.setdefault("plans", {})[name] = {"total_bytes": report.plan.total_bytes,
-                                             "generation_bytes": report.plan.generation_bytes,
-                                             "lower_bound_bytes": report.lower_bound.total_bytes}
         try:
-            check_budget(report)
+            report = fit(t_ref.arch, d_ref.arch if drafter == "model" else None, drafter,
+                         device="cpu" if device == "cpu" else "cuda", budget=case["budget"], context=case["context"],
+                         dtype=case["dtype"], sampling=False, shrink=True)
         except BudgetExceeded as e:
             engines[name] = {"refused": str(e).split(". Plan:")[0]}
             continue
+        out.setdefault("plans", {})[name] = {"total_bytes": report.plan.total_bytes,
+                                             "generation_bytes": report.plan.generation_bytes,
+                                             "lower_bound_bytes": report.lower_bound.total_bytes}
         if device == "cuda":
-            cap_cuda_memory(case["budget"])
+            cap_cuda_memory(report)
         target = wrap(t_ref, random_model(hf_config(case["target"]), 0, dtype, device))
         draft = wrap(d_ref, random_model(hf_config(case["draft"]), 1, dtype, device)) if drafter == "model" else None
         rt = assemble(report, target, draft, SamplingConfig())
         stats = [ev.stats for ev in rt.engine.generate(prompt, case["new"]) if isinstance(ev, Finished)][0]
-        engines[name] = {"generation_peak_bytes": rt.meter.peak(), "predicted_generation_bytes": report.plan.generation_bytes,
+        engines[name] = {"generation_peak_bytes": rt.meter.above_baseline(), "predicted_generation_bytes": report.plan.generation_bytes,
                          "ms_per_step": 1e3 * stats.decode_seconds / stats.steps, "steps": stats.steps,
                          "tokens_per_s": stats.new_tokens / stats.decode_seconds}
         # HF baselines on the same weights, same process.
@@ -96,7 +96,7 @@ def run_case(case: dict, device: str) -> dict:
                                             min_new_tokens=case["new"], do_sample=False, **kwargs)
                 secs = time.perf_counter() - t0
                 n = gen.shape[1] - ids.shape[1]
-                engines[hf_name] = {"generation_peak_bytes": meter.peak(), "tokens_per_s": n / secs,
+                engines[hf_name] = {"generation_peak_bytes": meter.above_baseline(), "tokens_per_s": n / secs,
                                     "ms_per_token": 1e3 * secs / n}
         del rt, target, draft
         if device == "cuda":

@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from specmemo.errors import SpecmemoError
+from specmemo.errors import BudgetExceeded, SpecmemoError
 
 app = typer.Typer(
     help="Speculative decoding that fits in the memory you have.",
@@ -28,7 +28,8 @@ TargetOpt = Annotated[str, typer.Option("--target", "-t", help="Alias (see profi
 DraftOpt = Annotated[str, typer.Option("--draft", "-d", help="Draft model (alias, directory, .gguf, hub id), or 'ngram' (lookup in the conversation, no weights), or 'none'.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="Device profile: cpu, cuda (both measured now) or a name in profiles/devices.")]
 BudgetOpt = Annotated[Optional[str], typer.Option("--budget", help="Memory budget, e.g. 8GiB, 800MB, 8G or bytes. Defaults to the device's memory.")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="Weight and compute dtype: bf16, fp16 or fp32.")]
+DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="Weight and compute dtype: fp32, bf16 or fp16. Default: the device's (fp32 on a CPU, bf16 on CUDA).")]
+KvDtypeOpt = Annotated[Optional[str], typer.Option("--kv-dtype", help="KV-cache dtype: fp32, bf16 or fp16 (narrower than --dtype halves KV memory). Default: --dtype.")]
 DraftDtypeOpt = Annotated[Optional[str], typer.Option("--draft-dtype", help="The draft model's dtype. Default: --dtype.")]
 
 
@@ -68,25 +69,29 @@ def plan(
     context: Annotated[Optional[int], typer.Option("--context", "-n", help="Context tokens to hold. Default: the largest that fits.")] = None,
     draft_len: Annotated[Optional[int], typer.Option("--draft-len", "-k", help="Draft tokens per step (k). Default 5.")] = None,
     draft_window: Annotated[Optional[int], typer.Option("--draft-window", "-w", help="Tokens the draft model's KV cache keeps (W). Default min(context, 1024).")] = None,
-    dtype: DtypeOpt = "fp16",
-    kv_dtype: Annotated[Optional[str], typer.Option("--kv-dtype", help="KV-cache dtype. Default: --dtype.")] = None,
+    dtype: DtypeOpt = None,
+    kv_dtype: KvDtypeOpt = None,
     draft_dtype: DraftDtypeOpt = None,
-    batch: Annotated[int, typer.Option("--batch", help="Sequences decoded together.")] = 1,
+    batch: Annotated[int, typer.Option("--batch", help="Sequences decoded together (planned; the engine runs 1).")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
 ):
     """Plan memory for a target and draft: every component, what fits, the lower bound and the speedup budget.
 
-    Exits 0 when the request fits, 2 when it does not.
+    On a CPU the budget is the whole process's resident memory (the plan counts the interpreter
+    and libraries as process_baseline); on CUDA, device memory including the CUDA context.
+    Exits 0 when the request fits, 3 when it does not (2: a usage error). A plan the engine cannot
+    run yet (batch > 1, int8/fp8) is still planned, and marked "not runnable yet".
     """
+    from specmemo.budget.fit import fit
     from specmemo.budget.units import parse_size
-    from specmemo.planning import build_report, resolve_pair
+    from specmemo.models.resolve import resolve_pair
     from specmemo.render.plan_table import render_plan
 
     t, d, drafter = resolve_pair(target, draft)
-    report = build_report(
-        t, d, drafter, device=device, budget=parse_size(budget) if budget else None, context=context,
-        draft_len=draft_len, draft_window=draft_window, dtype=dtype, kv_dtype=kv_dtype, draft_dtype=draft_dtype,
-        batch=batch,
+    report = fit(
+        t.arch, d.arch if d else None, drafter, device=device, budget=parse_size(budget) if budget else None,
+        context=context, draft_len=draft_len, draft_window=draft_window, dtype=dtype, kv_dtype=kv_dtype,
+        draft_dtype=draft_dtype, batch=batch,
     )
     if as_json:
         print(json.dumps(report.to_json(), indent=2))
@@ -94,7 +99,7 @@ def plan(
         render_plan(report, Console())
     if not report.fits:
         err.print(f"error: {report.refusal()}", soft_wrap=True, markup=False)
-        raise typer.Exit(2)
+        raise typer.Exit(BudgetExceeded.exit_code)
 
 
 @app.command()
@@ -112,7 +117,8 @@ def generate(
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for reproducible sampling.")] = None,
     budget: BudgetOpt = None,
     device: DeviceOpt = "cpu",
-    dtype: Annotated[str, typer.Option("--dtype", help="bf16, fp16 or fp32.")] = "fp32",
+    dtype: DtypeOpt = None,
+    kv_dtype: KvDtypeOpt = None,
     draft_dtype: DraftDtypeOpt = None,
     context: Annotated[Optional[int], typer.Option("--context", help="Planned context. Default: prompt + max new tokens.")] = None,
     draft_len: Annotated[Optional[int], typer.Option("--draft-len", "-k", help="Most draft tokens per step.")] = None,
@@ -121,12 +127,16 @@ def generate(
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run model code from the model's repository.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the text and measurements.")] = False,
 ):
-    """Generate once from a prompt with speculative decoding; stream the text, or print JSON."""
+    """Generate once from a prompt with speculative decoding; stream the text, or print JSON.
+
+    tok/s counts decoding only; the prefill has its own rate (prefill_tokens_per_s in --json).
+    """
     from specmemo.budget.units import parse_size
     from specmemo.decoding.sampling import SamplingConfig
-    from specmemo.generation import generate as run_generate
+    from specmemo.generate import generate as run_generate
 
     if prompt == "-":
+        sys.stdin.reconfigure(errors="surrogateescape")  # generate() replaces bytes that are not UTF-8
         prompt = sys.stdin.read()
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise typer.BadParameter("need temperature ≥ 0, 0 < top-p ≤ 1 and top-k ≥ 0")
@@ -137,7 +147,8 @@ def generate(
 
     result = run_generate(
         target, draft, prompt, chat=chat, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos, sampling=sampling,
-        budget=parse_size(budget) if budget else None, device=device, dtype=dtype, draft_dtype=draft_dtype, context=context,
+        budget=parse_size(budget) if budget else None, device=device, dtype=dtype, kv_dtype=kv_dtype,
+        draft_dtype=draft_dtype, context=context,
         draft_len=draft_len, draft_window=draft_window, allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code, on_text=None if as_json else stream,
     )
@@ -146,9 +157,11 @@ def generate(
     else:
         print()
         err.print(
-            f"[dim]{result.new_tokens} tokens, {result.tokens_per_s:.1f} tok/s, accepted "
-            f"{result.accepted_tokens}/{result.drafted_tokens} drafted, generation peak "
-            f"{result.generation_peak_bytes / 2**20:.1f} MiB (plan {result.predicted_generation_bytes / 2**20:.1f} MiB)[/]"
+            f"[dim]{result.new_tokens} tokens, {result.tokens_per_s:.1f} tok/s (prefill {result.prompt_tokens} tokens at "
+            f"{result.prefill_tokens_per_s:.0f} tok/s), accepted {result.accepted_tokens}/{result.drafted_tokens} "
+            f"drafted, generation peak {result.generation_peak_bytes / 2**20:.1f} MiB (plan "
+            f"{result.predicted_generation_bytes / 2**20:.1f} MiB), process peak "
+            f"{result.process_peak_bytes / 2**20:.0f} MiB of {result.budget_bytes / 2**20:.0f} MiB budget[/]"
         )
 
 
@@ -164,7 +177,8 @@ def chat(
     temperature: Annotated[float, typer.Option("--temperature", help="0 is greedy; above 0 samples.")] = 0.7,
     top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling threshold (1 = off).")] = 0.9,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for reproducible sampling.")] = None,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="bf16, fp16 or fp32. Default: fp32 on cpu, bf16 on cuda.")] = None,
+    dtype: DtypeOpt = None,
+    kv_dtype: KvDtypeOpt = None,
     draft_dtype: DraftDtypeOpt = None,
     context: Annotated[Optional[int], typer.Option("--context", help="Context tokens. Default: the largest the budget holds.")] = None,
     stats: Annotated[bool, typer.Option("--stats", help="Show speed, acceptance and memory after each reply.")] = False,
@@ -173,28 +187,30 @@ def chat(
     """Chat in the terminal with speculative decoding, within a memory budget.
 
     With no options: SmolLM2-135M-Instruct, n-gram drafting, and a budget of the memory available
-    now. Type /stats, /save FILE, /reset or /exit. Ctrl-C stops a reply; Ctrl-D quits. When stdin
-    is not a terminal, each line is one turn.
+    now. The budget bounds the whole process: every turn's peak is checked against it. Type /help,
+    /stats, /save FILE, /reset or /exit. Ctrl-C stops a reply (or a long prefill); Ctrl-D quits.
+    When stdin is not a terminal, each line is one turn.
     """
     from specmemo.budget.units import parse_size
     from specmemo.chat.session import ChatSession
     from specmemo.chat.terminal import ChatTerminal
     from specmemo.decoding.sampling import SamplingConfig
-    from specmemo.memory.measure import rss_bytes
-    from specmemo.runtime import open_runtime
+    from specmemo.pipeline import open_pipeline
 
     if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
         raise typer.BadParameter("need temperature ≥ 0, 0 < top-p ≤ 1 and max-new-tokens ≥ 1")
-    from specmemo.budget.devices import load_device
-
-    kind = load_device(device).kind
-    preload = rss_bytes() if kind == "cpu" else 0  # on CUDA the allocator starts empty
-    console = Console(highlight=False)
-    with console.status("loading models…"):
-        rt = open_runtime(target, draft, device=device, budget=parse_size(budget) if budget else None,
-                          context=context, dtype=dtype or ("bf16" if kind == "cuda" else "fp32"),
-                          draft_dtype=draft_dtype, sampling=SamplingConfig(temperature=temperature, top_p=top_p, seed=seed))
-    ChatTerminal(ChatSession(rt, system, max_new_tokens, preload), console, stats, json_log).run()
+    size = parse_size(budget) if budget else None
+    # Opened before the model loads, so a bad path costs no waiting; line-buffered: a crash loses nothing.
+    log = json_log.open("a", buffering=1) if json_log else None
+    try:
+        with err.status("loading models…"):
+            pipeline = open_pipeline(target, draft, device=device, budget=size, context=context, dtype=dtype,
+                                     kv_dtype=kv_dtype, draft_dtype=draft_dtype,
+                                     sampling=SamplingConfig(temperature=temperature, top_p=top_p, seed=seed))
+        ChatTerminal(ChatSession(pipeline, system, max_new_tokens), Console(highlight=False), stats, log, err).run()
+    finally:
+        if log:
+            log.close()
 
 
 @app.command()
@@ -208,8 +224,8 @@ def profile(
     limit: Annotated[Optional[int], typer.Option("--limit", help="Use the first N conversations.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-m", help="New tokens per turn, for every engine.")] = 128,
     budget: BudgetOpt = None,
-    engines: Annotated[Optional[str], typer.Option("--engines", help="Comma-separated: specmemo, specmemo-ar, hf-ar, hf-lookup, hf-assisted.")] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="bf16, fp16 or fp32.")] = "fp32",
+    engines: Annotated[Optional[str], typer.Option("--engines", help="Comma-separated: specmemo, specmemo-ar, hf-ar, hf-ar-cached, hf-lookup, hf-assisted.")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="fp32, bf16 or fp16.")] = "fp32",
     draft_dtype: DraftDtypeOpt = None,
     save_profile: Annotated[bool, typer.Option("--save-profile", help="Record measured α and c in profiles/pairs/ for `plan`.")] = False,
 ):
@@ -233,4 +249,19 @@ def profile(
 
 
 def main():
-    app()
+    try:
+        # standalone_mode=False returns a command's exit code (typer.Exit) instead of exiting.
+        code = app(standalone_mode=False)
+    except typer.Abort:
+        err.print("aborted")
+        code = 130
+    except typer.Exit as e:
+        code = e.exit_code
+    except Exception as e:
+        # Usage errors (typer's bundled click): its own message, and exit 2, never shared with
+        # "does not fit" (3).
+        if not (hasattr(e, "show") and hasattr(e, "exit_code")):
+            raise
+        e.show()
+        code = e.exit_code
+    sys.exit(code if isinstance(code, int) else 0)

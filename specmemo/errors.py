@@ -15,6 +15,10 @@ class UnknownModel(SpecmemoError):
     """A model argument that is neither an alias, a model directory, a GGUF file nor a reachable hub id."""
 
 
+class UnsupportedModel(SpecmemoError):
+    """A model whose architecture specmemo cannot run exactly (e.g. sliding-window attention)."""
+
+
 class UnknownDevice(SpecmemoError):
     """A device profile name that does not exist, or a device that is not present."""
 
@@ -24,9 +28,10 @@ class IncompatibleDraft(SpecmemoError):
 
 
 class BudgetExceeded(SpecmemoError):
-    """The request does not fit the memory budget. Exit code 2, as `plan` documents."""
+    """The request does not fit the memory budget. Exit code 3, as the README documents (2 is
+    the exit code of usage errors)."""
 
-    exit_code = 2
+    exit_code = 3
 
     def __init__(self, message: str, plan=None):
         super().__init__(message)

@@ -68,7 +68,7 @@ def test_pickled_weights_are_refused_without_allow_pickle(tmp_path):
 
 @pytest.mark.parametrize("args,code,needle", [
     (["--target", "/no/such/model.gguf"], 1, "no such file"),
-    (["--budget", "100MB"], 2, "lower bound"),
+    (["--budget", "100MB"], 3, "lower bound"),
     (["--context", 8], 1, "longer than the context"),
     (["--max-new-tokens", 0], 1, "max-new-tokens"),
 ])
@@ -80,5 +80,5 @@ def test_bad_input_is_one_clear_line(args, code, needle):
 
 def test_budget_refusal_shows_the_plan_breakdown():
     r = generate("--prompt", "Hi", "--budget", "100MB")
-    assert r.returncode == 2
+    assert r.returncode == 3
     assert "target_weights" in r.stderr and "target_kv" in r.stderr

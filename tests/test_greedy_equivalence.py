@@ -82,7 +82,7 @@ def test_kv_storage_pointers_never_change_during_generation():
 def test_prompt_longer_than_context_is_refused():
     from specmemo.errors import BadInput
 
-    with pytest.raises(BadInput, match="longer than the planned context"):
+    with pytest.raises(BadInput, match="leaves no room to generate"):
         run(make_engine(TARGET, "none", context=20), list(range(30)), 5)
 
 

@@ -27,9 +27,9 @@ def test_llama2_7b_with_vicuna_68m_on_titan_rtx(cli):
     assert out["lower_bound_bytes"] <= out["speedup_budget_bytes"] <= out["total_bytes"]
 
 
-def test_same_pair_under_4gib_exits_2_naming_the_lower_bound(cli):
+def test_same_pair_under_4gib_exits_3_naming_the_lower_bound(cli):
     r = cli(*DONE_WHEN[:-6], "--context", "2048", "--budget", "4GiB", "--json")
-    assert r.exit_code == 2
+    assert r.exit_code == 3
     assert "lower bound" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert json.loads(r.stdout)["fits"] is False
 

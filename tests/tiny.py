@@ -50,12 +50,6 @@ def make_engine(target, drafter="none", draft=None, *, context=300, k=4, window=
 
 
 def run(engine, prompt, max_new=40, stop_ids=frozenset()):
-    from specmemo.decoding.events import Finished, Step
+    from specmemo.decoding.events import collect
 
-    out, stats = [], None
-    for ev in engine.generate(list(prompt), max_new, stop_ids):
-        if isinstance(ev, Step):
-            out.extend(ev.tokens)
-        elif isinstance(ev, Finished):
-            stats = ev.stats
-    return out, stats
+    return collect(engine.generate(list(prompt), max_new, stop_ids))

@@ -2,8 +2,13 @@
 
 Named devices come from profiles/devices/*.toml. `cpu` and `cuda` are measured at run time:
 available RAM from psutil, free GPU memory from NVML (nvidia-ml-py).
+
+What a budget means: on a CPU, the whole process's resident memory from start to exit, so the
+plan counts the process as it stands before any model loads (`baseline_bytes`: interpreter,
+torch, transformers). On CUDA, the device memory the process holds, its CUDA context included.
 """
 
+import os
 import tomllib
 from dataclasses import dataclass
 
@@ -22,6 +27,35 @@ class Device:
     workspace_pct: int = 100   # measured: forward scratch as a percentage of the live-tensor count
     engine_bytes: int = 0      # measured: fixed scratch the first forward allocates
     verify_bytes: int = 0      # measured: fixed scratch of the verification (k+1 token) kernels
+    baseline_bytes: int = 0    # measured: the process before any model loads (CPU; 0 on CUDA)
+    half_scratch_bytes: int = 0  # measured: extra scratch of bf16/fp16 kernels on this device
+
+
+def default_dtype(kind: str) -> str:
+    """The one place a device's default weight/compute dtype is chosen: fp32 on a CPU (its
+    one-token kernels are fastest there; see profiles/devices/cpu.toml), bf16 on CUDA."""
+    return "bf16" if kind == "cuda" else "fp32"
+
+
+def nvml_index(visible: str | None = None) -> int | str | None:
+    """The NVML handle of torch's cuda:0: the first entry of CUDA_VISIBLE_DEVICES (an index or a
+    GPU-/MIG- UUID), 0 when unset, None when it hides every device."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
+    if visible is None:
+        return 0
+    first = visible.split(",")[0].strip()
+    if not first or first == "-1" or first.lower() == "nodevfiles":
+        return None
+    return int(first) if first.isdigit() else first
+
+
+def nvml_handle(pynvml):
+    index = nvml_index()
+    if index is None:
+        raise RuntimeError("CUDA_VISIBLE_DEVICES hides every GPU")
+    if isinstance(index, int):
+        return pynvml.nvmlDeviceGetHandleByIndex(index)
+    return pynvml.nvmlDeviceGetHandleByUUID(index)
 
 
 def _read(name: str) -> dict:
@@ -38,7 +72,7 @@ def _cuda_free_bytes() -> int:
 
         pynvml.nvmlInit()
         try:
-            return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).free)
+            return int(pynvml.nvmlDeviceGetMemoryInfo(nvml_handle(pynvml)).free)
         finally:
             pynvml.nvmlShutdown()
     except Exception as e:  # NVML missing, no driver, no GPU: all mean "no CUDA device here"
@@ -50,7 +84,8 @@ def load_device(name: str) -> Device:
     if data.get("measured") == "psutil":
         import psutil
 
-        memory = int(psutil.virtual_memory().available)
+        # What is free now plus what this process already holds: the budget covers the whole process.
+        memory = int(psutil.virtual_memory().available) + int(psutil.Process().memory_info().rss)
     elif data.get("measured") == "nvml":
         memory = _cuda_free_bytes()
     else:
@@ -65,4 +100,6 @@ def load_device(name: str) -> Device:
         workspace_pct=int(data.get("workspace_pct", 100)),
         engine_bytes=int(data.get("engine_bytes", 0)),
         verify_bytes=int(data.get("verify_bytes", 0)),
+        baseline_bytes=int(data.get("baseline_bytes", 0)),
+        half_scratch_bytes=int(data.get("half_scratch_bytes", 0)),
     )

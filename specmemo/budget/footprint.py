@@ -12,6 +12,10 @@ DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1}
 LOGITS_BYTES = 4  # verification and sampling work on fp32 logits, whatever the model dtype
 
 
+def is_half(dtype: str) -> bool:
+    return dtype in ("fp16", "bf16")
+
+
 def dtype_bytes(dtype: str) -> int:
     try:
         return DTYPE_BYTES[dtype]
@@ -61,9 +65,19 @@ def attention_mask_bytes(queries: int, keys: int, batch: int = 1) -> int:
     return batch * queries * keys * (1 + 4) if queries > 1 else 0
 
 
-def forward_workspace_bytes(arch: Arch, dtype: str, tokens: int, keys: int, batch: int = 1) -> int:
+def kv_upcast_bytes(arch: Arch, dtype: str, kv_dtype: str | None, keys: int, batch: int = 1) -> int:
+    """A KV cache stored narrower than the compute dtype is widened one layer at a time for
+    attention: one layer's K and V over `keys` keys, in the compute dtype."""
+    if kv_dtype is None or dtype_bytes(kv_dtype) >= dtype_bytes(dtype):
+        return 0
+    return batch * 2 * arch.num_kv_heads * arch.head_dim * keys * dtype_bytes(dtype)
+
+
+def forward_workspace_bytes(arch: Arch, dtype: str, tokens: int, keys: int, batch: int = 1,
+                            kv_dtype: str | None = None) -> int:
     """Peak scratch of one forward over `tokens` new tokens attending to `keys` keys."""
-    return batch * tokens * activation_bytes_per_token(arch, dtype) + attention_mask_bytes(tokens, keys, batch)
+    return (batch * tokens * activation_bytes_per_token(arch, dtype) + attention_mask_bytes(tokens, keys, batch)
+            + kv_upcast_bytes(arch, dtype, kv_dtype, keys, batch))
 
 
 def sampling_bytes(arch: Arch, k: int, batch: int = 1, sampling: bool = True) -> int:

@@ -12,7 +12,10 @@ DEFAULT_PREFILL_CHUNK = 256    # bounds prefill activations; large enough to kee
 DRAFTERS_WITHOUT_WEIGHTS = ("ngram", "none")
 
 # Components that exist before generation starts; the rest is "generation memory".
-STATIC_COMPONENTS = ("target_weights", "draft_weights", "runtime_overhead")
+STATIC_COMPONENTS = ("process_baseline", "target_weights", "draft_weights", "runtime_overhead")
+
+# What the engine can run today; `plan` still plans the rest, marked not runnable.
+RUNNABLE_DTYPES = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -30,12 +33,14 @@ class PlanRequest:
     draft_dtype: str | None = None  # defaults to dtype; e.g. a bf16 draft beside an fp32 target
     batch: int = 1
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    baseline_bytes: int = 0        # the process before any model loads (interpreter, torch, transformers)
     overhead_bytes: int = 0
     overhead_reason: str = ""
     sampling: bool = True          # False for greedy decoding: no probability buffers
     workspace_pct: int = 100       # measured allocator factor on forward workspace (device profile)
     engine_bytes: int = 0          # measured fixed scratch of the first forward (device profile)
     verify_bytes: int = 0          # measured fixed scratch of multi-token verification kernels
+    half_scratch_bytes: int = 0    # measured scratch of bf16/fp16 kernels (CPU: conversion buffers)
 
     def with_(self, **changes) -> "PlanRequest":
         return PlanRequest(**{**self.__dict__, **changes})
@@ -73,12 +78,24 @@ class Plan:
 
     @property
     def target_capacity(self) -> int:
-        """KV slots the allocator reserves for the target: context + k + 1."""
-        return self.request.context + self.request.draft_len + 1
+        """KV slots the allocator reserves for the target: the context. The engine drafts at most
+        room − 1 tokens, so a step's candidates always land inside the context."""
+        return self.request.context
 
     @property
     def draft_capacity(self) -> int:
+        """W + k + 1: the window's W most recent tokens plus one step's draft tokens."""
         return self.request.draft_window + self.request.draft_len + 1
+
+    def not_runnable(self) -> list[str]:
+        """Why the engine cannot run this plan yet (empty when it can)."""
+        req, why = self.request, []
+        if req.batch > 1:
+            why.append(f"batch {req.batch}: the engine decodes one sequence at a time")
+        for flag, value in (("--dtype", req.dtype), ("--kv-dtype", req.kv), ("--draft-dtype", req.ddtype)):
+            if value not in RUNNABLE_DTYPES:
+                why.append(f"{flag} {value}: the engine runs {', '.join(RUNNABLE_DTYPES)}")
+        return why
 
 
 def validate(req: PlanRequest) -> None:
@@ -104,21 +121,25 @@ def make_plan(req: PlanRequest) -> Plan:
     # Only one forward runs at a time, so the workspace is the largest of: a prefill chunk,
     # a verification of k+1 candidates, and (with a draft model) a draft step.
     workspaces = [
-        fp.forward_workspace_bytes(t, req.dtype, min(req.prefill_chunk, N), N + k + 1, B),
-        fp.forward_workspace_bytes(t, req.dtype, k + 1, N + k + 1, B),
+        fp.forward_workspace_bytes(t, req.dtype, min(req.prefill_chunk, N), N, B, req.kv),
+        fp.forward_workspace_bytes(t, req.dtype, min(k + 1, N), N, B, req.kv),
     ]
     if d:
-        workspaces.append(fp.forward_workspace_bytes(d, req.ddtype, min(req.prefill_chunk, W), W + k + 1, B))
+        workspaces.append(fp.forward_workspace_bytes(d, req.ddtype, min(req.prefill_chunk, W), W + k + 1, B,
+                                                     req.draft_kv))
     components = {
+        "process_baseline": req.baseline_bytes,
         "target_weights": fp.weight_bytes(t, req.dtype),
         "draft_weights": fp.weight_bytes(d, req.ddtype) if d else 0,
         "target_kv": fp.kv_bytes(t, req.kv, N, B),
         "draft_kv": fp.kv_bytes(d, req.draft_kv, W, B) if d else 0,
-        "verify_kv_slots": fp.verify_kv_slots_bytes(t, req.kv, k, B)
-        + (fp.verify_kv_slots_bytes(d, req.draft_kv, k, B) if d else 0),
+        # The target's candidates land inside its context (see target_capacity); a draft
+        # window holds W tokens plus one step's k + 1.
+        "verify_kv_slots": fp.verify_kv_slots_bytes(d, req.draft_kv, k, B) if d else 0,
         "logits": fp.logits_bytes(t, req.dtype, k + 1, B) + (fp.logits_bytes(d, req.ddtype, 1, B) if d else 0),
         "workspace": max(workspaces) * req.workspace_pct // 100,
-        "engine_runtime": req.engine_bytes + (req.verify_bytes if k >= 1 else 0),
+        "kernel_scratch": req.engine_bytes + (req.verify_bytes if k >= 1 else 0)
+        + (req.half_scratch_bytes if fp.is_half(req.dtype) or (d and fp.is_half(req.ddtype)) else 0),
         "sampling": fp.sampling_bytes(t, k, B, req.sampling),
         "runtime_overhead": req.overhead_bytes,
     }

@@ -1,8 +1,8 @@
-"""Conversation state and the token delta each turn adds to the caches.
+"""Conversation state: the messages a chat holds (the system prompt is never dropped).
 
 The engine's committed tokens are the truth: the assistant's tokens stay exactly as generated,
 never re-tokenized. A new user turn adds only the template's text between the end of what the
-caches hold and the new generation prompt, tokenized on its own.
+caches hold and the new generation prompt (models/text.turn_delta).
 """
 
 from dataclasses import dataclass, field
@@ -32,21 +32,3 @@ class Conversation:
 
     def reset(self) -> None:
         self.messages.clear()
-
-
-def render(tokenizer, messages: list[dict]) -> str:
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
-
-def encode_text(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def turn_delta(tokenizer, cached: list[int], messages: list[dict]) -> list[int] | None:
-    """Tokens to append to `cached` so it reads as `messages` + generation prompt; None if the
-    cached tokens are not a prefix of that rendering (then the caller re-prefills)."""
-    full = render(tokenizer, messages)
-    held = tokenizer.decode(cached, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    if not full.startswith(held):
-        return None
-    return encode_text(tokenizer, full[len(held):])

@@ -1,21 +1,23 @@
 """A chat session: one engine whose caches carry over from turn to turn, kept inside the budget.
 
-Each turn prefills only its new tokens (template + user message). When a turn would not fit
-the planned context, the oldest exchanges are dropped and what is kept is prefilled again;
-the system prompt and the current user message are never dropped.
+Each turn prefills only its new tokens (template + user message). When a turn would not fit the
+planned context, the oldest exchanges are dropped down to half the context, so the next several
+turns append again instead of re-prefilling everything; the system prompt and the current user
+message are never dropped. Every turn's whole-process peak is checked against the budget: a turn
+over it is reported, and the context is lowered (and its KV pages released) before the next turn.
 """
 
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
-from specmemo.chat.conversation import Conversation, encode_text, render, turn_delta
-from specmemo.decoding.detokenize import Detokenizer
+from specmemo.budget import footprint
+from specmemo.chat.conversation import Conversation
 from specmemo.decoding.events import Finished, Step
 from specmemo.errors import BadInput
-from specmemo.generation import stop_ids
-from specmemo.memory.measure import peak_bytes, reset_peak
-from specmemo.runtime import Runtime
+from specmemo.memory.measure import PeakMeter
+from specmemo.models.text import StreamDecoder, decode_reply, encode_text, render, stop_ids, turn_delta
+from specmemo.pipeline import Pipeline
 
 
 @dataclass
@@ -25,13 +27,18 @@ class TurnRecord:
     context_tokens: int
     context_limit: int
     prefilled_tokens: int
+    reprefilled_tokens: int      # earlier conversation prefilled again (after eviction or a template re-render)
+    reprefill_reason: str        # "", "eviction", "template" or "budget"
     new_tokens: int
     drafted_tokens: int
     accepted_tokens: int
-    tokens_per_s: float
-    peak_bytes: int
+    tokens_per_s: float          # decoding only
+    prefill_tokens_per_s: float
+    prefill_seconds: float
+    peak_bytes: int              # the whole process during this turn
     budget_bytes: int
-    evicted_tokens: int
+    over_budget: bool
+    evicted_tokens: int          # tokens of the dropped exchanges
     evicted_turns: int
     stop_reason: str
     seconds: float
@@ -52,87 +59,133 @@ class Evicted:
     tokens: int
 
 
+@dataclass(frozen=True)
+class Reprefilled:
+    tokens: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What a turn feeds the engine, and why."""
+    ids: list[int]
+    evicted_turns: int = 0
+    evicted_tokens: int = 0
+    reprefill_reason: str = ""
+
+
 class ChatSession:
-    def __init__(self, runtime: Runtime, system: str | None, max_new_tokens: int, preload_rss: int):
-        self.rt, self.engine, self.tok = runtime, runtime.engine, runtime.tokenizer
+    def __init__(self, pipeline: Pipeline, system: str | None, max_new_tokens: int):
+        self.rt, self.engine, self.tok = pipeline, pipeline.engine, pipeline.tokenizer
         self.conversation = Conversation(system)
         self.max_new_tokens = max_new_tokens
-        self.preload_rss = preload_rss
-        self.stops = stop_ids(runtime.tokenizer, runtime.target.model)
+        self.stops = stop_ids(pipeline.tokenizer, pipeline.target.model)
         self.turns: list[TurnRecord] = []
+        self.context_cap = self.engine.context  # lowered when a turn overran the budget
+        self.meter = PeakMeter(pipeline.meter.device, pipeline.meter.fixed_bytes)
 
     @property
-    def context(self) -> int:
-        return self.engine.context
+    def budget_bytes(self) -> int:
+        return self.rt.report.budget_bytes
 
     def reply_reserve(self) -> int:
         """Room kept free for the reply when deciding whether a turn fits."""
-        return min(self.max_new_tokens, self.context // 2)
+        return min(self.max_new_tokens, self.context_cap // 2)
 
     def reset(self) -> None:
         self.conversation.reset()
         self.engine.reset()
+        self.turns.clear()
 
-    def _plan_tokens(self, text: str) -> tuple[list[int], int, int]:
-        """(tokens to feed, turns evicted, tokens evicted). Resets the engine when evicting."""
-        delta = turn_delta(self.tok, self.engine.tokens, self.conversation.with_user(text))
-        if delta is not None and len(self.engine.tokens) + len(delta) + self.reply_reserve() <= self.context:
-            return delta, 0, 0
-        # Drop the oldest exchanges until the kept conversation and a reply fit.
-        for dropped in range(0, self.conversation.exchanges + 1):
-            ids = encode_text(self.tok, render(self.tok, self.conversation.kept(dropped, text)))
-            if len(ids) + self.reply_reserve() <= self.context or (
-                    dropped == self.conversation.exchanges and len(ids) < self.context):
-                evicted = max(0, len(self.engine.tokens) - len(ids))
-                self.conversation.drop_oldest(dropped)
-                self.engine.reset()
-                return ids, dropped, evicted
-        raise BadInput(
-            f"this message is {len(encode_text(self.tok, text))} tokens; with the system prompt it does not fit "
-            f"the {self.context}-token context this budget allows. Shorten it, or raise --budget."
-        )
+    def too_long(self, text: str) -> BadInput:
+        limit = self.rt.report.plan.request.target.max_position
+        where = (f"the model's maximum context of {limit} tokens" if self.context_cap >= limit
+                 else f"the {self.context_cap}-token context this budget allows (raise --budget for more)")
+        return BadInput(f"this message is {len(encode_text(self.tok, text))} tokens; with the system prompt and "
+                        f"a reply it does not fit {where}. Shorten it.")
+
+    def prepare(self, text: str) -> Prepared:
+        """The tokens this turn feeds; evicts (and resets the engine) when the turn does not fit."""
+        messages = self.conversation.with_user(text)
+        limit, reserve = self.context_cap, self.reply_reserve()
+        delta = turn_delta(self.tok, self.engine.tokens, messages)
+        if delta is not None and len(self.engine.tokens) + len(delta) + reserve <= limit:
+            # Caches emptied after a budget overrun hold nothing of the conversation: all of it is again.
+            again = "budget" if not self.engine.tokens and self.conversation.messages else ""
+            return Prepared(delta, reprefill_reason=again)
+        whole = encode_text(self.tok, render(self.tok, messages))
+        if delta is None and len(whole) + reserve <= limit:
+            # The template renders earlier turns differently now (e.g. it strips past reasoning).
+            self.engine.reset()
+            return Prepared(whole, reprefill_reason="template")
+        # Evict down to half the context: headroom, so the next turns append instead of re-prefilling.
+        kept, dropped = whole, 0
+        while dropped < self.conversation.exchanges and len(kept) + reserve > limit // 2:
+            dropped += 1
+            kept = encode_text(self.tok, render(self.tok, self.conversation.kept(dropped, text)))
+        if len(kept) >= limit:
+            raise self.too_long(text)
+        self.conversation.drop_oldest(dropped)
+        self.engine.reset()
+        return Prepared(kept, dropped, len(whole) - len(kept), "eviction")
 
     def ask(self, text: str, should_stop: Callable[[], bool] = lambda: False) -> Iterator:
-        """Yield Evicted (if any), TextDelta events, and finally the TurnRecord."""
-        ids, dropped, evicted = self._plan_tokens(text)
-        if dropped or evicted:
-            yield Evicted(dropped, evicted)
-        device = self.engine.device.type
-        reset_peak(device)
+        """Yield Evicted/Reprefilled (if any), TextDelta events, and finally the TurnRecord."""
+        prep = self.prepare(text)
+        if prep.evicted_turns:
+            yield Evicted(prep.evicted_turns, prep.evicted_tokens)
+        elif prep.reprefill_reason:
+            yield Reprefilled(len(prep.ids), prep.reprefill_reason)
+        self.meter.reset()
         start = time.perf_counter()
-        detok = Detokenizer(self.tok)
+        stream = StreamDecoder(self.tok)
         stats, new = None, []
-        room = self.context - len(self.engine.tokens) - len(ids)
+        room = self.context_cap - len(self.engine.tokens) - len(prep.ids)
         try:
-            for ev in self.engine.generate(ids, min(self.max_new_tokens, max(1, room)), self.stops, should_stop):
+            for ev in self.engine.generate(prep.ids, min(self.max_new_tokens, max(1, room)), self.stops, should_stop):
                 if isinstance(ev, Step):
                     new.extend(ev.tokens)
-                    delta = detok.push([t for t in ev.tokens if t not in self.stops])
+                    delta = stream.push([t for t in ev.tokens if t not in self.stops])
                     if delta:
                         yield TextDelta(delta)
                 elif isinstance(ev, Finished):
                     stats = ev.stats
         finally:
             # Whatever happened, the conversation records what the caches hold.
-            reply = self.tok.decode([t for t in new if t not in self.stops], skip_special_tokens=True)
+            reply = decode_reply(self.tok, [t for t in new if t not in self.stops])
             self.conversation.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
-        seconds = time.perf_counter() - start
+        peak = self.meter.peak()
         record = TurnRecord(
-            turn=len(self.turns) + 1, context_tokens=len(self.engine.tokens), context_limit=self.context,
+            turn=len(self.turns) + 1, context_tokens=len(self.engine.tokens), context_limit=self.context_cap,
             prefilled_tokens=stats.prefilled_tokens,
+            reprefilled_tokens=len(prep.ids) if prep.reprefill_reason else 0, reprefill_reason=prep.reprefill_reason,
             new_tokens=stats.new_tokens, drafted_tokens=stats.drafted_tokens, accepted_tokens=stats.accepted_tokens,
-            tokens_per_s=stats.new_tokens / seconds if seconds else 0.0,
-            peak_bytes=peak_bytes(device) - self.preload_rss, budget_bytes=self.rt.report.budget_bytes,
-            evicted_tokens=evicted, evicted_turns=dropped, stop_reason=stats.stop_reason, seconds=seconds,
+            tokens_per_s=stats.tokens_per_s, prefill_tokens_per_s=stats.prefill_tokens_per_s,
+            prefill_seconds=stats.prefill_seconds, peak_bytes=peak, budget_bytes=self.budget_bytes,
+            over_budget=peak > self.budget_bytes, evicted_tokens=prep.evicted_tokens,
+            evicted_turns=prep.evicted_turns, stop_reason=stats.stop_reason, seconds=time.perf_counter() - start,
             accepted_histogram=dict(sorted(stats.accepted_histogram.items())),
         )
         self.turns.append(record)
+        if record.over_budget:
+            self.shrink(peak - self.budget_bytes)
         yield record
+
+    def shrink(self, excess: int) -> None:
+        """Lower the context by the KV bytes of the overrun (at least a quarter of it), and give
+        the KV pages above the new limit back, so the next turn evicts into the budget."""
+        req = self.rt.report.plan.request
+        per_token = footprint.kv_bytes_per_token(req.target, req.kv)
+        cut = max(-(-excess // per_token), self.context_cap // 4)
+        self.context_cap = max(2, self.context_cap - cut)
+        if len(self.engine.tokens) > self.context_cap // 2:
+            self.engine.reset()  # the next turn re-prefills what is kept, within the new limit
+        self.engine.store.release(max(self.context_cap, self.engine.store.length))
 
     def transcript(self) -> dict:
         return {
-            "target": self.rt.target.ref.name,
-            "draft": self.rt.report.draft.name if self.rt.report.draft else self.rt.report.drafter,
+            "target": self.rt.report.target_name,
+            "draft": self.rt.report.draft_name,
             "system": self.conversation.system,
             "messages": list(self.conversation.messages),
             "turns": [t.to_json() for t in self.turns],

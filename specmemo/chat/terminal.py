@@ -15,10 +15,12 @@ from rich.table import Table
 
 from specmemo.atomic import atomic_write_text
 from specmemo.budget.units import format_bytes
-from specmemo.chat.session import ChatSession, Evicted, TextDelta, TurnRecord
+from specmemo.chat.session import ChatSession, Evicted, Reprefilled, TextDelta, TurnRecord
 from specmemo.errors import BadInput
+from specmemo.models.text import clean_text
 
-HELP = "/stats  /save FILE  /reset  /exit   (Ctrl-C stops a reply, Ctrl-D quits)"
+COMMANDS = ("/help", "/stats", "/save", "/reset", "/exit")
+HELP = "/help  /stats  /save FILE  /reset  /exit   (//text sends /text; Ctrl-C stops a reply, Ctrl-D quits)"
 
 
 class Interrupt:
@@ -38,10 +40,13 @@ class Interrupt:
 
 
 class ChatTerminal:
-    def __init__(self, session: ChatSession, console: Console, show_stats: bool, json_log: Path | None):
+    def __init__(self, session: ChatSession, console: Console, show_stats: bool, log=None, errors: Console | None = None):
+        """log: an open, line-buffered file for --json-log (opened before the model loads, so a
+        bad path fails fast), or None."""
         self.session, self.console = session, console
+        self.errors = errors or Console(stderr=True, highlight=False)
         self.show_stats = show_stats
-        self.log = json_log.open("a", buffering=1) if json_log else None  # line-buffered: a crash loses nothing
+        self.log = log
         self.interrupt = Interrupt()
 
     # -- rendering -----------------------------------------------------------------------------
@@ -49,20 +54,27 @@ class ChatTerminal:
     def stats_table(self) -> Table:
         s = self.session
         table = Table(title="session", show_header=True)
-        for col in ("turn", "context", "prefilled", "new", "accepted/drafted", "tok/s", "peak", "evicted"):
+        for col in ("turn", "context", "prefilled", "new", "accepted/drafted", "tok/s", "prefill tok/s", "peak",
+                    "evicted"):
             table.add_column(col, justify="right")
         for t in s.turns:
-            table.add_row(str(t.turn), f"{t.context_tokens}/{s.context}", str(t.prefilled_tokens), str(t.new_tokens),
-                          f"{t.accepted_tokens}/{t.drafted_tokens}", f"{t.tokens_per_s:.1f}",
-                          format_bytes(t.peak_bytes), f"{t.evicted_tokens} ({t.evicted_turns} turns)")
+            table.add_row(str(t.turn), f"{t.context_tokens}/{t.context_limit}", str(t.prefilled_tokens),
+                          str(t.new_tokens), f"{t.accepted_tokens}/{t.drafted_tokens}", f"{t.tokens_per_s:.1f}",
+                          f"{t.prefill_tokens_per_s:.0f}", format_bytes(t.peak_bytes),
+                          f"{t.evicted_tokens} ({t.evicted_turns} turns)")
         table.caption = (f"budget {format_bytes(s.rt.report.budget_bytes)} · plan {format_bytes(s.rt.report.plan.total_bytes)}"
                          f" · drafter {s.rt.report.drafter} · k ≤ {s.rt.report.plan.request.draft_len}")
         return table
 
     def turn_line(self, t: TurnRecord) -> str:
-        return (f"[dim]{t.new_tokens} tokens · {t.tokens_per_s:.1f} tok/s · accepted {t.accepted_tokens}/"
-                f"{t.drafted_tokens} · context {t.context_tokens}/{self.session.context} · peak "
-                f"{format_bytes(t.peak_bytes)} of {format_bytes(t.budget_bytes)}[/]")
+        return (f"[dim]{t.new_tokens} tokens · {t.tokens_per_s:.1f} tok/s · prefill {t.prefilled_tokens} tokens at "
+                f"{t.prefill_tokens_per_s:.0f} tok/s · accepted {t.accepted_tokens}/{t.drafted_tokens} · context "
+                f"{t.context_tokens}/{t.context_limit} · peak {format_bytes(t.peak_bytes)} of "
+                f"{format_bytes(t.budget_bytes)}[/]")
+
+    def write_log(self, row: dict) -> None:
+        if self.log:
+            self.log.write(json.dumps(row) + "\n")
 
     # -- one turn --------------------------------------------------------------------------------
 
@@ -76,46 +88,67 @@ class ChatTerminal:
                     elif isinstance(ev, Evicted):
                         self.console.print(f"[yellow]dropped the oldest {ev.turns} exchange(s), {ev.tokens} tokens, "
                                            "to stay within the memory budget[/]")
+                    elif isinstance(ev, Reprefilled):
+                        self.console.print(f"[yellow]prefilling the conversation again ({ev.tokens} tokens; "
+                                           f"reason: {ev.reason})[/]")
                     elif isinstance(ev, TurnRecord):
                         record = ev
             except BadInput as e:
-                self.console.print(f"[red]{e}[/]")
+                self.errors.print(f"error: {e}", markup=False, soft_wrap=True)
+                self.write_log({"turn": len(self.session.turns) + 1, "error": str(e)})
                 return
         self.console.print()
         if record.stop_reason == "interrupted":
             self.console.print("[yellow](reply stopped)[/]")
+        if record.over_budget:
+            self.errors.print(f"[red]this turn peaked at {format_bytes(record.peak_bytes)}, over the budget of "
+                              f"{format_bytes(record.budget_bytes)}; the context is now "
+                              f"{self.session.context_cap} tokens[/]")
         if self.show_stats or record.evicted_tokens:
             self.console.print(self.turn_line(record))
-        if self.log:
-            self.log.write(json.dumps(record.to_json()) + "\n")
+        self.write_log(record.to_json())
 
     # -- commands ---------------------------------------------------------------------------------
+
+    def save(self, arg: str) -> None:
+        if not arg.strip():
+            self.console.print("[red]usage: /save FILE[/]")
+            return
+        try:
+            path = atomic_write_text(Path(arg.strip()).expanduser(),
+                                     json.dumps(self.session.transcript(), indent=2) + "\n")
+        except OSError as e:
+            self.errors.print(f"error: could not save: {e.strerror or e}: {arg.strip()}", markup=False)
+            return
+        self.console.print(f"[green]saved {len(self.session.conversation.messages)} messages to {path}[/]")
 
     def command(self, line: str) -> bool:
         """Run a /command; False means exit."""
         name, _, arg = line.partition(" ")
         if name == "/exit":
             return False
-        if name == "/reset":
+        if name == "/help":
+            self.console.print(HELP)
+        elif name == "/reset":
             self.session.reset()
             self.console.print("[green]conversation cleared[/]")
         elif name == "/stats":
             self.console.print(self.stats_table())
         elif name == "/save":
-            if not arg.strip():
-                self.console.print("[red]usage: /save FILE[/]")
-            else:
-                path = atomic_write_text(arg.strip(), json.dumps(self.session.transcript(), indent=2) + "\n")
-                self.console.print(f"[green]saved {len(self.session.conversation.messages)} messages to {path}[/]")
+            self.save(arg)
         else:
             self.console.print(f"[red]unknown command {name}[/]; {HELP}")
         return True
 
-    def handle(self, line: str) -> bool:
-        line = line.strip()
+    def handle(self, line: str, interactive: bool = True) -> bool:
+        """One input line. Known /commands run; '//x' sends '/x'. Piped input sends any other
+        line as a message (it may well start with a path), a terminal explains the command set."""
+        line = clean_text(line).strip()
         if not line:
             return True
-        if line.startswith("/"):
+        if line.startswith("//"):
+            line = line[1:]
+        elif line.split(" ", 1)[0] in COMMANDS or (interactive and line.startswith("/")):
             return self.command(line)
         self.answer(line)
         return True
@@ -124,7 +157,7 @@ class ChatTerminal:
 
     def repl(self) -> None:
         self.console.print(f"[bold]specmemo chat[/] · {self.session.rt.target.ref.name} + {self.session.rt.report.drafter}"
-                           f" · context {self.session.context} tokens · budget "
+                           f" · context {self.session.context_cap} tokens · budget "
                            f"{format_bytes(self.session.rt.report.budget_bytes)}\n[dim]{HELP}[/]")
         while True:
             try:
@@ -140,10 +173,13 @@ class ChatTerminal:
 
     def lines(self, stream) -> None:
         for line in stream:
-            if not self.handle(line):
+            if not self.handle(line, interactive=False):
                 return
 
     def run(self) -> None:
+        # Bytes that are not UTF-8 become U+FFFD instead of ending the chat with a traceback.
+        if hasattr(sys.stdin, "reconfigure"):
+            sys.stdin.reconfigure(errors="replace")
         try:
             if sys.stdin.isatty():
                 import readline  # noqa: F401  (line editing and history for input())

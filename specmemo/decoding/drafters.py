@@ -1,6 +1,7 @@
 """Drafters propose the next k tokens cheaply; the target verifies them in one forward.
 
 All three share one small interface:
+    catch_up(tokens, chunk, stop)    prefill draft state for the committed tokens (False: interrupted)
     propose(tokens, k) -> Proposal   tokens: the committed sequence so far
     rollback(length)                 forget draft state beyond `length` committed positions
     reset()
@@ -27,6 +28,9 @@ class NoDrafter:
 
     def __init__(self, device):
         self._empty = torch.empty(0, dtype=torch.long, device=device)
+
+    def catch_up(self, tokens: list[int], chunk: int, should_stop=lambda: False) -> bool:
+        return True
 
     def propose(self, tokens: list[int], k: int) -> Proposal:
         return Proposal(self._empty, None)
@@ -62,7 +66,9 @@ class NgramDrafter(NoDrafter):
         # Index every n-gram whose continuation is known: those ending before the last token.
         if self._seen[: self._indexed] != tokens[: self._indexed]:
             self.reset()  # the conversation was rewritten (eviction, /reset)
-        self._seen = tokens
+        # A copy, not the engine's live list: otherwise the check above compares a list with itself.
+        del self._seen[len(tokens):]
+        self._seen[self._indexed:] = tokens[self._indexed:]
         for end in range(self._indexed, len(tokens) - 1):
             for n in range(1, self.max_ngram + 1):
                 if end - n + 1 < 0:
@@ -86,9 +92,10 @@ class ModelDrafter:
     that verification uses."""
     name = "model"
 
-    def __init__(self, model, store: KVStore, sampling: SamplingConfig, window: int, generator=None):
+    def __init__(self, model, store: KVStore, sampling: SamplingConfig, window: int, generator=None,
+                 prefill_chunk: int = 256):
         self.model, self.store, self.sampling = model, store, sampling
-        self.window, self.generator = window, generator
+        self.window, self.generator, self.prefill_chunk = window, generator, prefill_chunk
         self.cache = hf_adapter.StoreCache(store)
         hf_adapter.prepare(model)
 
@@ -98,8 +105,9 @@ class ModelDrafter:
     def rollback(self, length: int) -> None:
         self.store.trim(length)
 
-    def _feed(self, ids: list[int]) -> torch.Tensor:
-        """Feed committed tokens not yet in the draft cache; return logits for the last one."""
+    def _feed(self, ids: list[int], chunk: int, should_stop=lambda: False) -> torch.Tensor | None:
+        """Feed committed tokens not yet in the draft cache, at most `chunk` per forward (the
+        plan's prefill chunk); return logits for the last one, None if stopped between chunks."""
         store, device = self.store, self.store.keys.device
         if store.window and len(ids) > self.window:
             # Older tokens would fall out of the window anyway: skip them, keep positions.
@@ -107,16 +115,25 @@ class ModelDrafter:
             ids = ids[-self.window:]
         logits, i = None, 0
         while i < len(ids):
-            step = len(ids) - i if not store.window else store.safe_chunk(self.window)
-            chunk = torch.tensor([ids[i : i + step]], dtype=torch.long, device=device)
-            logits = hf_adapter.forward(self.model, store, self.cache, chunk, logits_to_keep=1)
+            if should_stop():
+                return None
+            step = min(chunk, len(ids) - i)
+            if store.window:
+                step = min(step, store.safe_chunk(self.window))
+            piece = torch.tensor([ids[i : i + step]], dtype=torch.long, device=device)
+            logits = hf_adapter.forward(self.model, store, self.cache, piece, logits_to_keep=1)
             i += step
-        return logits[0, -1]
+        return None if logits is None else logits[0, -1]
+
+    def catch_up(self, tokens: list[int], chunk: int, should_stop=lambda: False) -> bool:
+        """Prefill all committed tokens but the last (fed with the next proposal)."""
+        behind = tokens[self.store.length : len(tokens) - 1]
+        return not behind or self._feed(behind, chunk, should_stop) is not None
 
     def propose(self, tokens: list[int], k: int) -> Proposal:
         if k <= 0:
             return Proposal(torch.empty(0, dtype=torch.long, device=self.store.keys.device), None)
-        logits = self._feed(tokens[self.store.length :])
+        logits = self._feed(tokens[self.store.length :], self.prefill_chunk)
         drafted, qs = [], []
         for i in range(k):
             if self.sampling.greedy:

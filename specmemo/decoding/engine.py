@@ -52,22 +52,30 @@ class Engine:
 
     # -- pipeline stages ----------------------------------------------------------------------------
 
-    def prefill(self, new_tokens: list[int]) -> tuple[torch.Tensor, Prefilled]:
-        """Append tokens and run everything not yet in the KV store, in chunks; logits of the last only."""
+    def prefill(self, new_tokens: list[int], should_stop: Callable[[], bool] = lambda: False
+                ) -> tuple[torch.Tensor | None, Prefilled]:
+        """Append tokens and run everything not yet in the KV store, in chunks; logits of the last
+        only. The target goes first, then the draft model (if any) catches up, chunked the same
+        way. `should_stop` is checked between chunks: an interrupted prefill returns None logits
+        and leaves the stores consistent (the rest is fed by the next call)."""
         if not new_tokens and not self.tokens:
             raise BadInput("nothing to generate from: the prompt is empty")
-        if len(self.tokens) + len(new_tokens) > self.context:
-            raise BadInput(
-                f"prompt of {len(self.tokens) + len(new_tokens)} tokens is longer than the planned context "
-                f"of {self.context} tokens"
-            )
+        total = len(self.tokens) + len(new_tokens)
+        if total >= self.context:
+            raise BadInput(f"prompt of {total} tokens leaves no room to generate within the planned context "
+                           f"of {self.context} tokens")
         start = time.perf_counter()
         self.tokens.extend(new_tokens)
         pending = self.tokens[self.store.length :]
         logits = None
         for i in range(0, len(pending), self.prefill_chunk):
+            if should_stop():
+                return None, Prefilled(i, time.perf_counter() - start)
             ids = torch.tensor([pending[i : i + self.prefill_chunk]], dtype=torch.long, device=self.device)
             logits = hf_adapter.forward(self.model, self.store, self.cache, ids, logits_to_keep=1)
+        # The draft's own prefill belongs here too, not to drafting (its time would inflate c).
+        if not self.drafter.catch_up(self.tokens, self.prefill_chunk, should_stop):
+            return None, Prefilled(len(pending), time.perf_counter() - start)
         # The last token is now in the cache too; it stays there: S grows by the sampled token.
         return logits[0], Prefilled(len(pending), time.perf_counter() - start)
 
@@ -103,12 +111,16 @@ class Engine:
 
     def generate(self, new_tokens: list[int], max_new_tokens: int, stop_ids: set[int] = frozenset(),
                  should_stop: Callable[[], bool] = lambda: False) -> Iterator:
-        """Yield Prefilled, then Step events, then Finished(stats)."""
+        """Yield Prefilled, then Step events, then Finished(stats). decode_seconds excludes the prefill."""
         stats = GenerationStats()
-        t0 = time.perf_counter()
-        logits, prefilled = self.prefill(new_tokens)
+        logits, prefilled = self.prefill(new_tokens, should_stop)
         stats.prefilled_tokens, stats.prefill_seconds = prefilled.tokens, prefilled.seconds
         yield prefilled
+        if logits is None:
+            stats.stop_reason = "interrupted"
+            yield Finished(stats)
+            return
+        t0 = time.perf_counter()
         first = Step([self._choose(logits)], drafted=0, accepted=0)
         self.tokens.append(first.tokens[0])
         stats.record(first)
@@ -124,6 +136,8 @@ class Engine:
             if reason:
                 break
             budget = min(max_new_tokens - stats.new_tokens, self.room())
+            # At most budget − 1 draft tokens: with the bonus token a step commits ≤ budget, so
+            # candidates stay inside the planned context (the store's capacity).
             step, drafting = self._step(min(self.draft_len, budget - 1))
             stats.draft_seconds += drafting
             self._adapt(step)

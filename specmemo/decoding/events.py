@@ -25,14 +25,19 @@ class GenerationStats:
     drafted_tokens: int = 0
     accepted_tokens: int = 0
     steps: int = 0
-    decode_seconds: float = 0.0
+    decode_seconds: float = 0.0         # from the first new token on; prefill excluded
     draft_seconds: float = 0.0          # time spent proposing (the drafter's cost, for c)
     accepted_histogram: dict[int, int] = field(default_factory=dict)  # accepted -> steps that drafted
     stop_reason: str = ""
 
     @property
     def tokens_per_s(self) -> float:
+        """Decoding speed, prefill excluded."""
         return self.new_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prefilled_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
 
     @property
     def acceptance_rate(self) -> float:
@@ -50,3 +55,14 @@ class GenerationStats:
 @dataclass(frozen=True)
 class Finished:
     stats: GenerationStats
+
+
+def collect(events) -> tuple[list[int], GenerationStats | None]:
+    """Run an engine's event stream to its end: (committed new tokens, final stats)."""
+    tokens, stats = [], None
+    for ev in events:
+        if isinstance(ev, Step):
+            tokens.extend(ev.tokens)
+        elif isinstance(ev, Finished):
+            stats = ev.stats
+    return tokens, stats

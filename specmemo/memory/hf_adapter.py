@@ -11,6 +11,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import sdpa_mask
 
+from specmemo.errors import UnsupportedModel
 from specmemo.memory.kvstore import KVStore
 
 
@@ -71,6 +72,8 @@ def _gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     is present, i.e. in every chunked prefill and every verification: 2·heads·context·head_dim
     bytes per layer, 17 MiB at 4k tokens on SmolLM2, and twice the time. torch's SDPA does GQA
     natively with enable_gqa, so we call it directly. query: [B, H, q, D]; key/value: [B, Hkv, kv, D]."""
+    if key.dtype != query.dtype:  # a KV store narrower than the compute dtype (--kv-dtype): widen per layer
+        key, value = key.to(query.dtype), value.to(query.dtype)
     q_len, kv_len = query.shape[2], key.shape[2]
     causal = False
     if attention_mask is None and q_len > 1:
@@ -87,6 +90,29 @@ def _gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=No
 
 AttentionInterface.register(ATTENTION, _gqa_sdpa)
 AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+
+
+def unsupported_reason(config) -> str | None:
+    """Attention features our attention function does not implement. transformers would pass them
+    as keyword arguments that `_gqa_sdpa` ignores, silently changing the model's output."""
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True) is not False \
+            and window < getattr(config, "max_position_embeddings", window + 1):
+        return f"sliding-window attention ({window} tokens)"
+    if "sliding_attention" in (getattr(config, "layer_types", None) or []):
+        return "sliding-window attention in some layers"
+    for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(config, name, None):
+            return f"logit soft-capping ({name} = {getattr(config, name)})"
+    if getattr(config, "model_type", "") == "gpt_oss" or getattr(config, "attention_sinks", None):
+        return "attention sinks"
+    return None
+
+
+def check_supported(config, name: str) -> None:
+    reason = unsupported_reason(config)
+    if reason:
+        raise UnsupportedModel(f"{name} uses {reason}, which specmemo's attention does not implement yet")
 
 
 def attention_implementation() -> str:

@@ -123,6 +123,15 @@ class KVStore:
         self.trim(0)
         self.first_valid = 0
 
+    def release(self, start: int) -> int:
+        """Give the pages holding positions ≥ start back to the OS (CPU only; their content is
+        stale anyway). Resident memory then tracks what a smaller context needs: a store is
+        allocated once, and this is how chat shrinks into a budget it overran. Returns bytes freed."""
+        if self.keys.device.type != "cpu" or start >= self.capacity:
+            return 0
+        self.trim(start)
+        return sum(_dontneed(t, start) for t in (self.keys, self.values))
+
     def jump(self, position: int) -> None:
         """Ring layout: continue at `position`, treating everything before it as out of the window."""
         self.slot_pos.fill_(-1)
@@ -132,3 +141,26 @@ class KVStore:
         """Ring layout: most tokens one forward may write without overwriting keys its own first
         query still needs (its min(window, history) predecessors)."""
         return max(1, self.capacity - min(window, self.length - self.first_valid))
+
+
+_PAGE = 4096
+
+
+def _dontneed(t: torch.Tensor, start: int) -> int:
+    """madvise(MADV_DONTNEED) the whole pages of every [.., start:, :] row of a CPU store tensor
+    [layers, batch, heads, capacity, head_dim]: anonymous pages read back as zeros later."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    row = t.shape[-2] * t.shape[-1] * t.element_size()
+    first = start * t.shape[-1] * t.element_size()
+    freed = 0
+    for r in range(t.numel() * t.element_size() // row):
+        lo = t.data_ptr() + r * row + first
+        hi = t.data_ptr() + (r + 1) * row
+        lo = (lo + _PAGE - 1) // _PAGE * _PAGE
+        hi = hi // _PAGE * _PAGE
+        if hi > lo and libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4) == 0:  # 4: MADV_DONTNEED
+            freed += hi - lo
+    return freed

@@ -1,8 +1,8 @@
-"""Peak memory, measured the way the plan predicts it.
+"""Peak memory, measured the way the plan predicts it (PeakMeter is the one path).
 
 CPU: resident memory. The kernel's high-water mark (VmHWM) is reset by writing 5 to
 /proc/self/clear_refs, so a peak can be measured from any starting point.
-CUDA: torch's allocator peak (max_memory_allocated), reset with reset_peak_memory_stats.
+CUDA: torch's caching allocator (max_memory_reserved), reset with reset_peak_memory_stats.
 """
 
 from dataclasses import dataclass
@@ -40,8 +40,7 @@ def peak_rss_bytes() -> int:
     return hwm * 1024 if hwm is not None else rss_bytes()
 
 
-def reset_peak(device: str) -> None:
-    """Start a new peak window: VmHWM on the CPU, the allocator's peak on CUDA."""
+def _reset_peak(device: str) -> None:
     if device.startswith("cuda"):
         import torch
 
@@ -51,9 +50,7 @@ def reset_peak(device: str) -> None:
         reset_peak_rss()
 
 
-def peak_bytes(device: str) -> int:
-    """Peak since reset_peak: process RSS on the CPU, memory reserved by torch's allocator on CUDA
-    (what the process actually holds on the GPU, beside its fixed CUDA context)."""
+def _peak(device: str) -> int:
     if device.startswith("cuda"):
         import torch
 
@@ -62,8 +59,7 @@ def peak_bytes(device: str) -> int:
     return peak_rss_bytes()
 
 
-def current_bytes(device: str) -> int:
-    """What the process holds now, measured the same way as peak_bytes."""
+def _current(device: str) -> int:
     if device.startswith("cuda"):
         import torch
 
@@ -73,14 +69,31 @@ def current_bytes(device: str) -> int:
 
 @dataclass
 class PeakMeter:
-    """Peak memory above a baseline taken at `start()`."""
+    """The one way specmemo measures memory, as the budget means it: the whole process.
+
+    CPU: resident memory; its high-water mark is reset at `start`/`reset`. CUDA: memory reserved
+    by torch's caching allocator plus `fixed_bytes` (the CUDA context, which torch does not see;
+    the device profile's runtime overhead). `baseline` is what the process held at `start`, so
+    `above_baseline()` is the memory a stage added (e.g. generation, against the plan's
+    generation_bytes)."""
     device: str = "cpu"
+    fixed_bytes: int = 0
     baseline: int = 0
 
     def start(self) -> None:
-        reset_peak(self.device)
-        self.baseline = current_bytes(self.device)
+        self.reset()
+        self.baseline = self.current()
+
+    def reset(self) -> None:
+        """Start a new peak window without moving the baseline."""
+        _reset_peak(self.device)
+
+    def current(self) -> int:
+        return _current(self.device) + self.fixed_bytes
 
     def peak(self) -> int:
-        """Peak since start(), minus the baseline."""
-        return max(0, peak_bytes(self.device) - self.baseline)
+        """Whole-process peak since the last start/reset."""
+        return _peak(self.device) + self.fixed_bytes
+
+    def above_baseline(self) -> int:
+        return max(0, self.peak() - self.baseline)

@@ -24,7 +24,28 @@ def dense_dir(gguf_path: Path) -> Path:
 
 
 def ensure_dense(gguf_path: Path, trust_remote_code: bool = False) -> Path:
-    """The dense copy's directory, creating it from the GGUF if needed."""
+    """The dense copy's directory, creating it from the GGUF if needed, in a child process: the
+    conversion holds the dequantized model twice (about 2.5× the fp32 weights), which must not
+    count against the budget of the process that then runs the model."""
+    final = dense_dir(gguf_path)
+    if (final / "config.json").exists():
+        return final
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "specmemo.models.gguf_cache", str(gguf_path)]
+    if trust_remote_code:
+        cmd.append("--trust-remote-code")
+    sys.stderr.write(f"converting {gguf_path.name} once into {final.parent} …\n")
+    done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0 or not (final / "config.json").exists():
+        last = [l for l in done.stderr.strip().splitlines() if l.strip()][-1:] or ["no output"]
+        raise ValueError(f"could not convert {gguf_path.name}: {last[0]}")
+    return final
+
+
+def convert(gguf_path: Path, trust_remote_code: bool = False) -> Path:
+    """Dequantize the GGUF with transformers and save it as safetensors (this process)."""
     final = dense_dir(gguf_path)
     if (final / "config.json").exists():
         return final
@@ -50,3 +71,9 @@ def ensure_dense(gguf_path: Path, trust_remote_code: bool = False) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+if __name__ == "__main__":
+    import sys
+
+    convert(Path(sys.argv[1]), trust_remote_code="--trust-remote-code" in sys.argv[2:])

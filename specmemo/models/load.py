@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from specmemo.errors import BadInput, UnknownModel
-from specmemo.memory.hf_adapter import attention_implementation
+from specmemo.memory.hf_adapter import attention_implementation, check_supported
 from specmemo.models.resolve import ModelRef
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -83,45 +83,103 @@ def load_model(ref: ModelRef, dtype: str, device: str = "cpu", *, with_tokenizer
                allow_pickle: bool = False, trust_remote_code: bool = False, fast_layout: bool = False) -> LoadedModel:
     """fast_layout: on a CPU, store linear weights transposed for faster decoding (see layout.py).
     Off for baselines, which should run the model as transformers ships it."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     if ref.location is None:
         raise UnknownModel(f"{ref.name} has no weights source (alias without hub id or package)")
     kwargs = _weights_kwargs(ref, allow_pickle)
+    want = torch_dtype(dtype)
     try:
+        location = _dense_location(ref, trust_remote_code)
+        check_supported(AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code), ref.name)
+        index = _safetensors_index(location) if device == "cpu" else {}
+        # On a CPU with local safetensors, weights stay lazily mapped here and are read in the
+        # wanted dtype one tensor at a time below (converting here would touch the whole file).
         model = AutoModelForCausalLM.from_pretrained(
-            _dense_location(ref, trust_remote_code), dtype=torch_dtype(dtype), attn_implementation=attention_implementation(),
+            location, dtype="auto" if index else want, attn_implementation=attention_implementation(),
             trust_remote_code=trust_remote_code, **kwargs,
         )
         tokenizer = load_tokenizer(ref, trust_remote_code) if with_tokenizer else None
     except (OSError, ValueError) as e:
         raise UnknownModel(f"cannot load {ref.name}: {str(e).splitlines()[0]}") from None
     dev = torch.device(device)
-    model.to(dev).eval()
+    model.eval()
     if dev.type == "cpu":
-        _make_resident(model)  # every tensor, so the safetensors file mapping is released
+        _make_resident(model, index, want)  # so the file mapping is released
+        model.config.dtype = want
         if fast_layout:
             from specmemo.models.layout import transpose_linears
 
             transpose_linears(model)
+    else:
+        model.to(dev)
     return LoadedModel(ref, model, tokenizer, torch_dtype(dtype), dev)
 
 
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8}
+
+
+def _safetensors_index(location: str) -> dict[str, tuple[Path, int, torch.dtype, list[int]]]:
+    """name -> (file, byte offset, dtype, shape) for every tensor of a local safetensors checkpoint,
+    from the files' JSON headers (a hub id or pickled weights: empty)."""
+    import json
+    import struct
+
+    index = {}
+    path = Path(location)
+    if not path.is_dir():
+        return index
+    for f in sorted(path.glob("*.safetensors")):
+        with f.open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, meta in header.items():
+            if name != "__metadata__" and meta["dtype"] in _ST_DTYPES:
+                index[name] = (f, 8 + n + meta["data_offsets"][0], _ST_DTYPES[meta["dtype"]], meta["shape"])
+    return index
+
+
+def _read_tensor(entry, dtype: torch.dtype) -> torch.Tensor:
+    """One tensor read with plain file reads: the page cache is not our resident memory, while
+    pages of a memory-mapped file are, until the mapping closes (2× the weights at the peak)."""
+    path, offset, file_dtype, shape = entry
+    out = torch.empty(shape, dtype=file_dtype)
+    with path.open("rb", buffering=0) as fh:
+        fh.seek(offset)
+        view = memoryview(out.view(torch.uint8).numpy()).cast("B") if out.numel() else memoryview(b"")
+        got = 0
+        while got < len(view):
+            n = fh.readinto(view[got:])
+            if not n:
+                raise ValueError(f"{path.name} ends inside a tensor")
+            got += n
+    return out if file_dtype == dtype else out.to(dtype)
+
+
 @torch.no_grad()
-def _make_resident(model: torch.nn.Module) -> None:
-    """safetensors maps weights lazily from the file, so they would page in during the first
-    forward and count as generation memory. Copy them into process memory now, one tensor at a
-    time; tied tensors stay tied."""
+def _make_resident(model: torch.nn.Module, index: dict, dtype: torch.dtype) -> None:
+    """transformers maps safetensors weights lazily from the file, so they would page in during
+    the first forward and count as generation memory. Put each tensor in process memory now,
+    read from the file where we know its place (else copied), floating-point parameters in
+    `dtype` (buffers such as RoPE frequencies keep theirs); tied tensors stay tied."""
     copies: dict[int, torch.Tensor] = {}
+    names: dict[int, list[str]] = {}  # a tied tensor has several names; the file holds one of them
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+        names.setdefault(id(t), []).append(name)
     for module in model.modules():
-        for _, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+        tensors = [(t, True) for t in module.parameters(recurse=False)] + [(t, False) for t in module.buffers(recurse=False)]
+        for t, is_param in tensors:
             if t is None:
                 continue
             key = t.data_ptr()
             if key not in copies:
-                copies[key] = t.data.clone()
+                to = dtype if is_param and t.is_floating_point() else t.dtype
+                entry = next((index[n] for n in names.get(id(t), []) if n in index), None)
+                fits = entry is not None and list(entry[3]) == list(t.shape)
+                copies[key] = _read_tensor(entry, to) if fits else t.data.to(to, copy=True)
             t.data = copies[key]
 
 

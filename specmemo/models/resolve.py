@@ -140,3 +140,16 @@ def check_vocab(target: ModelRef, draft: ModelRef) -> None:
             f"draft {draft.name} has a vocabulary of {draft.arch.vocab_size} tokens but target "
             f"{target.name} has {target.arch.vocab_size}; a draft must share the target's vocabulary"
         )
+
+
+DRAFTER_NAMES = ("ngram", "none")  # drafters without weights
+
+
+def resolve_pair(target: str, draft: str) -> tuple[ModelRef, ModelRef | None, str]:
+    """(target, draft model or None, drafter kind: "model", "ngram" or "none")."""
+    t = resolve(target)
+    if draft in DRAFTER_NAMES:
+        return t, None, draft
+    d = resolve(draft)
+    check_vocab(t, d)
+    return t, d, "model"

@@ -1,17 +1,20 @@
 """The engines a profile compares, behind one interface: generate(input_ids, max_new) -> tokens.
 
 specmemo: our engine with the given drafter; specmemo-ar: our engine with no draft; hf-ar:
-`model.generate`; hf-lookup: `prompt_lookup_num_tokens`; hf-assisted: `assistant_model`.
+`model.generate` on the whole conversation each turn (as most people call it); hf-ar-cached:
+`model.generate` with the previous turn's `past_key_values`, so turn 2 prefills only its new
+tokens, as our engine does; hf-lookup: `prompt_lookup_num_tokens`; hf-assisted: `assistant_model`.
 Every engine is greedy, stops at the same end-of-turn tokens, and sees the same token sequence.
+Each turn's seconds cover its prefill and its decoding, for every engine.
 """
 
 from dataclasses import dataclass, field
 
 import torch
 
-from specmemo.decoding.events import Finished, Step
+from specmemo.decoding.events import collect
 
-ENGINES = ("specmemo", "specmemo-ar", "hf-ar", "hf-lookup", "hf-assisted")
+ENGINES = ("specmemo", "specmemo-ar", "hf-ar", "hf-ar-cached", "hf-lookup", "hf-assisted")
 PROMPT_LOOKUP_TOKENS = 10  # transformers' documented example value
 
 
@@ -29,8 +32,8 @@ class TurnResult:
 class SpecmemoEngine:
     """Our engine; the caches carry over between the turns of one conversation."""
 
-    def __init__(self, runtime):
-        self.engine = runtime.engine
+    def __init__(self, pipeline):
+        self.engine = pipeline.engine
 
     def new_conversation(self):
         self.engine.reset()
@@ -40,13 +43,9 @@ class SpecmemoEngine:
         if input_ids[: len(held)] != held:  # not a continuation: start over
             self.engine.reset()
             held = []
-        tokens, stats = [], None
-        for ev in self.engine.generate(input_ids[len(held):], max_new, stops):
-            if isinstance(ev, Step):
-                tokens.extend(ev.tokens)
-            elif isinstance(ev, Finished):
-                stats = ev.stats
-        return TurnResult(tokens, stats.decode_seconds, stats.drafted_tokens, stats.accepted_tokens, stats.steps,
+        tokens, stats = collect(self.engine.generate(input_ids[len(held):], max_new, stops))
+        return TurnResult(tokens, stats.prefill_seconds + stats.decode_seconds, stats.drafted_tokens,
+                          stats.accepted_tokens, stats.steps,
                           stats.draft_seconds, dict(stats.accepted_histogram))
 
 
@@ -55,11 +54,12 @@ class HFEngine:
 
     def __init__(self, model, mode: str, assistant=None):
         self.model, self.mode, self.assistant = model, mode, assistant
+        self.past = None  # hf-ar-cached: the KV cache `generate` returned for the previous turn
         if model.config._attn_implementation != "sdpa":
             model.set_attn_implementation("sdpa")  # HF's own attention for the HF baselines
 
     def new_conversation(self):
-        pass
+        self.past = None
 
     @torch.inference_mode()
     def generate(self, input_ids: list[int], max_new: int, stops: set[int]) -> TurnResult:
@@ -72,7 +72,13 @@ class HFEngine:
             kwargs["prompt_lookup_num_tokens"] = PROMPT_LOOKUP_TOKENS
         elif self.mode == "hf-assisted":
             kwargs["assistant_model"] = self.assistant
+        elif self.mode == "hf-ar-cached":
+            # The cache holds the previous turn's prompt and reply (but its last token); generate
+            # prefills only the tokens beyond it.
+            kwargs.update(past_key_values=self.past, return_dict_in_generate=True)
         start = time.perf_counter()
         out = self.model.generate(ids, **kwargs)
         seconds = time.perf_counter() - start
+        if self.mode == "hf-ar-cached":
+            self.past, out = out.past_key_values, out.sequences
         return TurnResult(out[0, len(input_ids):].tolist(), seconds)

@@ -21,9 +21,11 @@ def gpu_name() -> str | None:
     try:
         import pynvml
 
+        from specmemo.budget.devices import nvml_handle
+
         pynvml.nvmlInit()
         try:
-            return pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))
+            return pynvml.nvmlDeviceGetName(nvml_handle(pynvml))
         finally:
             pynvml.nvmlShutdown()
     except Exception:  # no NVML, no driver or no GPU

@@ -15,7 +15,7 @@ from specmemo.profiling.prompts import load_prompts
 
 def planned_context(tokenizer, conversations, turns: int, max_new: int, limit: int) -> int:
     """Enough context for the longest conversation: its user turns, template, and every reply."""
-    from specmemo.chat.conversation import encode_text, render
+    from specmemo.models.text import encode_text, render
 
     longest = 0
     for conv in conversations:
@@ -46,7 +46,7 @@ def profile(target: str, draft: str, out: Path, *, prompts: str | None = None, t
             max_new_tokens: int = 128, budget: int | None = None, engines: list[str] | None = None,
             dtype: str = "fp32", draft_dtype: str | None = None, save_profile: bool = False) -> dict:
     from specmemo.models.load import load_tokenizer
-    from specmemo.planning import resolve_pair
+    from specmemo.models.resolve import resolve_pair
     from specmemo.profiling.machine import machine_facts
     from specmemo.profiling.report import build_report, save_pair_profile, write_outputs
 

@@ -12,26 +12,22 @@ import time
 from dataclasses import dataclass
 
 from specmemo.atomic import atomic_write_text
-from specmemo.chat.conversation import turn_delta
 from specmemo.memory.malloc import tame_glibc_malloc
-from specmemo.memory.measure import PeakMeter, peak_rss_bytes, reset_peak_rss, rss_bytes
+from specmemo.memory.measure import PeakMeter
+from specmemo.models.text import decode_reply, encode_prompt, encode_text, render, turn_delta
 from specmemo.profiling.timeline import RssTimeline
 
 
 def conversation_ids(tokenizer, turns_text, outputs, turn):
     """The token sequence an engine sees at `turn`: its own earlier outputs kept as generated."""
-    from specmemo.generation import encode_prompt
-
     ids = encode_prompt(tokenizer, turns_text[0], chat=True)
     messages = [{"role": "user", "content": turns_text[0]}]
     for t in range(1, turn + 1):
         held = ids + outputs[t - 1]
-        reply = tokenizer.decode(outputs[t - 1], skip_special_tokens=True)
+        reply = decode_reply(tokenizer, outputs[t - 1])
         messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": turns_text[t]}]
         delta = turn_delta(tokenizer, held, messages)
         if delta is None:  # the template does not extend what was held: render it whole
-            from specmemo.chat.conversation import encode_text, render
-
             ids = encode_text(tokenizer, render(tokenizer, messages))
         else:
             ids = held + delta
@@ -51,38 +47,42 @@ class Built:
 
 def build_engine(cfg) -> Built:
     from specmemo.decoding.sampling import SamplingConfig
-    from specmemo.generation import stop_ids
     from specmemo.models.load import load_model, weights_nbytes
     from specmemo.models.resolve import resolve
+    from specmemo.models.text import stop_ids
+    from specmemo.pipeline import open_pipeline
     from specmemo.profiling.engines import HFEngine, SpecmemoEngine
-    from specmemo.runtime import open_runtime
 
     name = cfg["engine"]
     meter = PeakMeter("cpu")
     meter.start()
     if name in ("specmemo", "specmemo-ar"):
         draft = cfg["draft"] if name == "specmemo" else "none"
-        rt = open_runtime(cfg["target"], draft, budget=cfg.get("budget"), context=cfg["context"], dtype=cfg["dtype"],
-                          draft_dtype=cfg.get("draft_dtype"), sampling=SamplingConfig())
+        rt = open_pipeline(cfg["target"], draft, budget=cfg.get("budget"), context=cfg["context"], dtype=cfg["dtype"],
+                           draft_dtype=cfg.get("draft_dtype"), sampling=SamplingConfig())
         weights = weights_nbytes(rt.target.model) + (weights_nbytes(rt.draft.model) if rt.draft else 0)
         return Built(SpecmemoEngine(rt), rt.tokenizer, stop_ids(rt.tokenizer, rt.target.model),
-                     rt.report.plan.generation_bytes, weights, meter.peak(), rt.report.plan.total_bytes)
+                     rt.report.plan.generation_bytes, weights, meter.above_baseline(), rt.report.plan.total_bytes)
     target = load_model(resolve(cfg["target"]), cfg["dtype"])
     assistant = None
     if name == "hf-assisted":
         assistant = load_model(resolve(cfg["draft"]), cfg.get("draft_dtype") or cfg["dtype"], with_tokenizer=False).model
     weights = weights_nbytes(target.model) + (weights_nbytes(assistant) if assistant is not None else 0)
     return Built(HFEngine(target.model, name, assistant), target.tokenizer, stop_ids(target.tokenizer, target.model),
-                 None, weights, meter.peak(), None)
+                 None, weights, meter.above_baseline(), None)
 
 
 def main(config_path: str, result_path: str) -> None:
     tame_glibc_malloc()
     cfg = json.loads(open(config_path).read())
-    rss_before_load = rss_bytes()
+    process = PeakMeter("cpu")
+    process.start()
     built = build_engine(cfg)
     engine, tok, stops = built.engine, built.tokenizer, built.stops
-    baseline = rss_bytes()  # generation memory is measured from here: just before the first prefill
+    process_peak = process.peak()  # loading's peak, before the per-turn windows reset it
+    turn_meter = PeakMeter("cpu")
+    turn_meter.start()  # generation memory is measured from here: just before the first prefill
+    baseline = turn_meter.baseline
     peak = 0
     outputs, turn_rows = [], []
     timeline = None
@@ -94,9 +94,10 @@ def main(config_path: str, result_path: str) -> None:
             if ci == 0 and turn == 0:
                 timeline = RssTimeline().__enter__()
             # The peak window covers the generate call only, not tokenizing the next turn.
-            reset_peak_rss()
+            turn_meter.reset()
             r = engine.generate(ids, cfg["max_new_tokens"], stops)
-            peak = max(peak, peak_rss_bytes() - baseline)
+            peak = max(peak, turn_meter.above_baseline())
+            process_peak = max(process_peak, turn_meter.peak())
             outs.append(r.tokens)
             turn_rows.append({"conversation": conv["question_id"], "turn": turn + 1, "prompt_tokens": len(ids),
                               "new_tokens": len(r.tokens), "seconds": r.seconds, "drafted": r.drafted,
@@ -125,7 +126,7 @@ def main(config_path: str, result_path: str) -> None:
         "plan_total_bytes": built.plan_total_bytes,
         "weights_bytes": built.weights_bytes,
         "load_peak_bytes": built.load_peak_bytes,
-        "process_peak_bytes": peak_rss_bytes() - rss_before_load,
+        "process_peak_bytes": process_peak,
         "acceptance_rate": accepted / drafted if drafted else None,
         "mean_accepted_per_step": accepted / steps if steps else None,
         "drafted_tokens": drafted,

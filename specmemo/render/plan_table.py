@@ -6,14 +6,15 @@ from rich.table import Table
 from specmemo.budget.units import format_bytes
 
 _EXPLAIN = {
+    "process_baseline": "the process before loading: interpreter, torch, transformers (measured)",
     "target_weights": "parameters × dtype bytes (tied embeddings once)",
     "draft_weights": "draft parameters × dtype bytes",
     "target_kv": "context × 2·L·kv_heads·head_dim·bytes",
     "draft_kv": "draft window × draft KV bytes per token",
-    "verify_kv_slots": "k+1 candidate slots in each KV store",
+    "verify_kv_slots": "the draft store's k+1 slots (the target's candidates stay inside its context)",
     "logits": "(k+1) × vocab logits, model dtype + fp32 copy",
     "workspace": "largest forward: prefill chunk, verify or draft step × allocator factor",
-    "engine_runtime": "fixed kernel scratch: first forward, verification",
+    "kernel_scratch": "fixed kernel scratch: first forward, verification, half-precision kernels",
     "sampling": "p, q and top-p sort buffers for k+1 rows",
     "runtime_overhead": "device runtime reserve",
 }
@@ -21,8 +22,7 @@ _EXPLAIN = {
 
 def render_plan(report, console: Console) -> None:
     req = report.plan.request
-    draft = report.draft.name if report.draft else report.drafter
-    table = Table(title=f"{report.target.name} + {draft} on {report.device.name} ({req.dtype}, kv {req.kv})")
+    table = Table(title=f"{report.target_name} + {report.draft_name} on {report.device.name} ({req.dtype}, kv {req.kv})")
     table.add_column("component")
     table.add_column("bytes", justify="right")
     table.add_column("size", justify="right")
@@ -48,5 +48,8 @@ def render_plan(report, console: Console) -> None:
     )
     if report.max_context:
         console.print(f"largest context that fits this budget: {report.max_context:,} tokens")
+    why = report.plan.not_runnable()
+    if why:
+        console.print(f"[yellow]not runnable yet: {'; '.join(why)}[/]")
     if report.fit and not report.fits:
         console.print(f"at this context, fits with k={report.fit.draft_len}, W={report.fit.draft_window}")

@@ -1,0 +1,147 @@
+"""The one fit: from what a user asked for and a budget to a checked Plan, with its searches.
+
+Every command budgets through `fit`: `plan` reports the request as asked (and what would fit);
+`generate`, `chat` and `profile` ask it to shrink k, the draft window and the prefill chunk until
+the plan fits, and get BudgetExceeded (with the breakdown) below the lower bound.
+"""
+
+from dataclasses import dataclass
+
+from specmemo.budget.arch import Arch
+from specmemo.budget.devices import Device, default_dtype, load_device
+from specmemo.budget.plan import (
+    DEFAULT_DRAFT_LEN, DEFAULT_DRAFT_WINDOW, DEFAULT_PREFILL_CHUNK, Plan, PlanRequest, make_plan,
+)
+from specmemo.budget.search import Fit, fit_at_context, lower_bound, max_context, speedup_budget
+from specmemo.budget.speedup import PairProfile, pair_profile, predicted_speedup
+from specmemo.budget.units import format_bytes
+from specmemo.errors import BadInput, BudgetExceeded
+
+
+@dataclass(frozen=True)
+class PlanReport:
+    target_name: str
+    draft_name: str              # the draft model's name, or the drafter's ("ngram", "none")
+    drafter: str                 # "model", "ngram" or "none"
+    device: Device
+    budget_bytes: int
+    plan: Plan
+    lower_bound: Plan
+    speedup_budget: Plan
+    max_context: int | None
+    fit: Fit | None              # at the requested context, the largest k and W that fit
+    pair: PairProfile
+    shrunk: bool = False         # k, W or the prefill chunk were reduced to fit the budget
+
+    @property
+    def fits(self) -> bool:
+        return self.plan.total_bytes <= self.budget_bytes
+
+    @property
+    def predicted_speedup(self) -> float:
+        return predicted_speedup(self.pair.alpha, self.pair.c, self.plan.request.draft_len)
+
+    def to_json(self) -> dict:
+        req = self.plan.request
+        why = self.plan.not_runnable()
+        return {
+            "fits": self.fits,
+            "runnable": not why,
+            "not_runnable": why,
+            "target": self.target_name,
+            "draft": self.draft_name,
+            "device": self.device.name,
+            "dtype": req.dtype,
+            "kv_dtype": req.kv,
+            "draft_dtype": req.ddtype if req.draft else None,
+            "batch": req.batch,
+            "context": req.context,
+            "budget_bytes": self.budget_bytes,
+            "total_bytes": self.plan.total_bytes,
+            "generation_bytes": self.plan.generation_bytes,
+            "lower_bound_bytes": self.lower_bound.total_bytes,
+            "speedup_budget_bytes": self.speedup_budget.total_bytes,
+            "speedup_budget_draft_len": self.speedup_budget.request.draft_len,
+            "max_context": self.max_context,
+            "draft_len": req.draft_len,
+            "draft_window": req.draft_window,
+            "prefill_chunk": req.prefill_chunk,
+            "fit_draft_len": self.fit.draft_len if self.fit else None,
+            "fit_draft_window": self.fit.draft_window if self.fit else None,
+            "predicted_speedup": round(self.predicted_speedup, 4),
+            "alpha": self.pair.alpha,
+            "c": self.pair.c,
+            "speedup_source": self.pair.source,
+            "components": dict(self.plan.components),
+        }
+
+    def refusal(self) -> str:
+        req = self.plan.request
+        return (
+            f"does not fit: {self.target_name} in {req.dtype} (KV {req.kv}) needs "
+            f"{format_bytes(self.plan.total_bytes)} but the budget is {format_bytes(self.budget_bytes)}; "
+            f"the lower bound at {req.context} tokens is {format_bytes(self.lower_bound.total_bytes)} "
+            f"({self.lower_bound.total_bytes} bytes)"
+        )
+
+    def breakdown(self) -> str:
+        return ", ".join(f"{k} {format_bytes(v)}" for k, v in self.plan.components.items() if v)
+
+
+def _shrunk_to_fit(req: PlanRequest, budget: int) -> PlanRequest | None:
+    """The request with k, then W, then the prefill chunk reduced until it fits; None if nothing does."""
+    chunk = req.prefill_chunk
+    while chunk >= 1:
+        trial = req.with_(prefill_chunk=chunk)
+        found = fit_at_context(trial, budget)
+        if found is not None:
+            return trial.with_(draft_len=found.draft_len, draft_window=found.draft_window or trial.draft_window)
+        chunk //= 2
+    return None
+
+
+def fit(target: Arch, draft: Arch | None, drafter: str, *, device: str = "cpu", budget: int | None = None,
+        context: int | None = None, draft_len: int | None = None, draft_window: int | None = None,
+        dtype: str | None = None, kv_dtype: str | None = None, draft_dtype: str | None = None, batch: int = 1,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK, sampling: bool = True, shrink: bool = False,
+        baseline_bytes: int | None = None) -> PlanReport:
+    """Plan `context` tokens (default: the largest that fits) within `budget` (default: the device's
+    memory). dtype None means the device's default. baseline_bytes: the process as measured now,
+    when larger than the device profile's figure. With shrink, a request that does not fit is
+    reduced (k, W, prefill chunk) or refused with BudgetExceeded."""
+    dev = load_device(device)
+    budget_bytes = budget if budget is not None else dev.memory_bytes
+    if drafter == "none" and draft_len:
+        raise BadInput("--draft-len needs a drafter; with --draft none, k is 0")
+    k = 0 if drafter == "none" else (draft_len if draft_len is not None else DEFAULT_DRAFT_LEN)
+    req = PlanRequest(
+        target=target, draft=draft, drafter=drafter, context=1, draft_len=k,
+        draft_window=draft_window or DEFAULT_DRAFT_WINDOW, dtype=dtype or default_dtype(dev.kind),
+        kv_dtype=kv_dtype, draft_dtype=draft_dtype, batch=batch, prefill_chunk=prefill_chunk,
+        baseline_bytes=max(dev.baseline_bytes, baseline_bytes or 0),
+        overhead_bytes=dev.overhead_bytes, overhead_reason=dev.overhead_reason,
+        workspace_pct=dev.workspace_pct, engine_bytes=dev.engine_bytes, verify_bytes=dev.verify_bytes,
+        half_scratch_bytes=dev.half_scratch_bytes, sampling=sampling,
+    )
+    largest = max_context(req, budget_bytes)
+    # Without --context, plan the largest context that fits (at least 1 token, to show a refusal).
+    n = context if context is not None else (largest or 1)
+    req = req.with_(context=n, draft_window=min(req.draft_window, n) if draft else 0)
+    asked = make_plan(req)
+    hint = fit_at_context(req, budget_bytes)
+    shrunk = False
+    if shrink and asked.total_bytes > budget_bytes:
+        smaller = _shrunk_to_fit(req, budget_bytes)
+        if smaller is None:
+            refused = PlanReport(target.name, draft.name if draft else drafter, drafter, dev, budget_bytes, asked,
+                                 lower_bound(req), asked, largest, hint, PairProfile(0.0, 0.0, "none"))
+            raise BudgetExceeded(f"{refused.refusal()}. Plan: {refused.breakdown()}", plan=asked)
+        req, shrunk = smaller, True
+    plan = asked if not shrunk else make_plan(req)
+    pair = pair_profile(target.name, draft.name if draft else drafter, drafter)
+    return PlanReport(
+        target_name=target.name, draft_name=draft.name if draft else drafter, drafter=drafter, device=dev,
+        budget_bytes=budget_bytes, plan=plan, lower_bound=lower_bound(req),
+        speedup_budget=speedup_budget(req, pair.alpha, pair.c), max_context=largest, fit=hint, pair=pair,
+        shrunk=shrunk,
+    )

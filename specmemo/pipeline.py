@@ -1,0 +1,129 @@
+"""The running pipeline: resolve → plan (fit) → load → allocate → drafter → engine.
+
+Shared by `generate`, `chat` and `profile`. Memory is measured here with one PeakMeter: the
+process before loading (counted in the plan as process_baseline), the load peak, and the
+generation peak from just before the KV stores are allocated.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from specmemo.budget.devices import load_device
+from specmemo.budget.fit import PlanReport, fit
+from specmemo.budget.plan import DEFAULT_PREFILL_CHUNK
+from specmemo.decoding.drafters import ModelDrafter, NgramDrafter, NoDrafter
+from specmemo.decoding.engine import Engine
+from specmemo.decoding.sampling import SamplingConfig
+from specmemo.errors import BadInput, BudgetExceeded, UnknownDevice
+from specmemo.memory import allocator
+from specmemo.memory.malloc import tame_glibc_malloc
+from specmemo.memory.measure import PeakMeter
+from specmemo.models.load import LoadedModel, load_model, torch_dtype
+from specmemo.models.resolve import resolve_pair
+
+
+@dataclass
+class Pipeline:
+    report: PlanReport
+    target: LoadedModel
+    draft: LoadedModel | None
+    engine: Engine
+    meter: PeakMeter          # baseline: just before the KV stores were allocated
+    preload_bytes: int = 0    # the whole process just before loading weights
+    load_peak_bytes: int = 0  # what loading added at its peak, above preload_bytes
+
+    @property
+    def tokenizer(self):
+        return self.target.tokenizer
+
+    def process_peak_bytes(self) -> int:
+        """Whole-process peak from before loading until now: what the budget bounds."""
+        return max(self.preload_bytes + self.load_peak_bytes, self.meter.peak())
+
+
+def cuda_cap_fraction(budget_bytes: int, overhead_bytes: int, total_bytes: int) -> float:
+    """The caching allocator's share of the device: the budget less the CUDA context (counted in
+    the plan's runtime_overhead, and outside the allocator)."""
+    return max(0.0, min(1.0, (budget_bytes - overhead_bytes) / total_bytes))
+
+
+def cap_cuda_memory(report: PlanReport) -> None:
+    """A hard cap: allocations beyond the budget fail in the allocator instead of growing into
+    memory the plan did not give us."""
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(
+        cuda_cap_fraction(report.budget_bytes, report.device.overhead_bytes, total), 0)
+
+
+def make_drafter(report: PlanReport, draft: LoadedModel | None, sampling: SamplingConfig, device, generator):
+    if report.drafter == "none":
+        return NoDrafter(device)
+    if report.drafter == "ngram":
+        return NgramDrafter(device)
+    req = report.plan.request
+    store = allocator.allocate_draft(report.plan, torch_dtype(req.draft_kv), device)
+    return ModelDrafter(draft.model, store, sampling, req.draft_window, generator, prefill_chunk=req.prefill_chunk)
+
+
+def assemble(report: PlanReport, target: LoadedModel, draft: LoadedModel | None, sampling: SamplingConfig,
+             preload_bytes: int = 0, load_peak_bytes: int = 0) -> Pipeline:
+    """Allocate once from the plan and build the engine. Generation memory is measured from here."""
+    why = report.plan.not_runnable()
+    if why:
+        raise BadInput(f"this plan is not runnable yet: {'; '.join(why)}")
+    device = target.device
+    meter = PeakMeter(device.type, fixed_bytes=report.device.overhead_bytes if device.type == "cuda" else 0)
+    meter.start()
+    generator = sampling.generator(device)
+    if sampling.seed is not None:
+        torch.manual_seed(sampling.seed)
+    req = report.plan.request
+    store = allocator.allocate_target(report.plan, torch_dtype(req.kv), device)
+    drafter = make_drafter(report, draft, sampling, device, generator)
+    engine = Engine(target.model, store, drafter, sampling, draft_len=req.draft_len,
+                    prefill_chunk=req.prefill_chunk, context=req.context, generator=generator)
+    return Pipeline(report, target, draft, engine, meter, preload_bytes, load_peak_bytes)
+
+
+def open_pipeline(target: str, draft: str, *, device: str = "cpu", budget: int | None = None,
+                  context: int | None = None, draft_len: int | None = None, draft_window: int | None = None,
+                  dtype: str | None = None, kv_dtype: str | None = None, draft_dtype: str | None = None,
+                  sampling: SamplingConfig = SamplingConfig(), prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                  allow_pickle: bool = False, trust_remote_code: bool = False, min_context: int = 0, refs=None,
+                  tokenizer=None) -> Pipeline:
+    """Resolve, plan (refusing what does not fit), load, allocate. `context` defaults to the
+    largest that fits the budget, at least `min_context`. dtype None: the device's default."""
+    # A named profile (e.g. rtx-3060-12gb) gives the budget; its kind says where to run.
+    profile = device
+    kind = load_device(profile).kind
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UnknownDevice(f"--device {profile}: no CUDA device is available to torch")
+    meter = PeakMeter(kind)
+    if kind == "cpu":
+        tame_glibc_malloc()
+    t_ref, d_ref, drafter = refs or resolve_pair(target, draft)
+    report = fit(t_ref.arch, d_ref.arch if d_ref else None, drafter, device=profile, budget=budget,
+                 context=context, draft_len=draft_len, draft_window=draft_window, dtype=dtype, kv_dtype=kv_dtype,
+                 draft_dtype=draft_dtype, prefill_chunk=prefill_chunk, sampling=not sampling.greedy, shrink=True,
+                 baseline_bytes=meter.current() if kind == "cpu" else None)
+    if report.plan.request.context < min_context:
+        raise BudgetExceeded(f"the budget holds only {report.plan.request.context} tokens of context; "
+                             f"this request needs {min_context}", plan=report.plan)
+    why = report.plan.not_runnable()
+    if why:
+        raise BadInput(f"this plan is not runnable yet: {'; '.join(why)}")
+    if kind == "cuda":
+        cap_cuda_memory(report)
+    meter.start()
+    req = report.plan.request
+    t = load_model(t_ref, req.dtype, kind, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                   with_tokenizer=tokenizer is None, fast_layout=True)
+    if tokenizer is not None:
+        t.tokenizer = tokenizer
+    d = None
+    if d_ref is not None:
+        # A draft directory need not carry tokenizer files: its vocabulary size was checked.
+        d = load_model(d_ref, req.ddtype, kind, with_tokenizer=False, allow_pickle=allow_pickle,
+                       trust_remote_code=trust_remote_code, fast_layout=True)
+    return assemble(report, t, d, sampling, preload_bytes=meter.baseline, load_peak_bytes=meter.above_baseline())
