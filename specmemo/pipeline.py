@@ -19,7 +19,7 @@ from specmemo.errors import BadInput, BudgetExceeded, UnknownDevice
 from specmemo.memory import allocator
 from specmemo.memory.malloc import tame_glibc_malloc
 from specmemo.memory.measure import PeakMeter
-from specmemo.models.load import LoadedModel, load_model, torch_dtype
+from specmemo.models.load import LoadedModel, check_architecture, load_model, torch_dtype
 from specmemo.models.resolve import resolve_pair
 
 
@@ -113,6 +113,9 @@ def open_pipeline(target: str, draft: str, *, device: str = "cpu", budget: int |
     why = report.plan.not_runnable()
     if why:
         raise BadInput(f"this plan is not runnable yet: {'; '.join(why)}")
+    for ref in (t_ref, d_ref):
+        if ref is not None:
+            check_architecture(ref, trust_remote_code)
     if kind == "cuda":
         cap_cuda_memory(report)
     meter.start()

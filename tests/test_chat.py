@@ -198,7 +198,8 @@ def test_terminal_streams_replies_shows_stats_and_saves(terminal, tmp_path):
 def test_ctrl_c_stops_a_reply_and_the_next_turn_continues_from_consistent_caches(terminal, tmp_path):
     child, log = terminal(400)
     child.sendline("Write a long story about a dragon who learns to cook. Make it very detailed.")
-    child.expect(r"\w+ \w+ \w+")      # the reply is streaming
+    child.expect("detailed.")         # the echo of the line typed …
+    child.expect(r"\w+ \w+ \w+")      # … then the reply is streaming
     child.sendintr()                  # Ctrl-C
     child.expect(r"\(reply stopped\)")
     child.expect("you> ")

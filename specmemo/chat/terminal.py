@@ -79,24 +79,24 @@ class ChatTerminal:
     # -- one turn --------------------------------------------------------------------------------
 
     def answer(self, text: str) -> None:
+        """One turn; the caller has armed the Ctrl-C flag (see `lines` and `repl`)."""
         record = None
-        with self.interrupt.armed():
-            try:
-                for ev in self.session.ask(text, should_stop=lambda: self.interrupt.requested):
-                    if isinstance(ev, TextDelta):
-                        self.console.print(ev.text, end="", style="cyan", markup=False, highlight=False, soft_wrap=True)
-                    elif isinstance(ev, Evicted):
-                        self.console.print(f"[yellow]dropped the oldest {ev.turns} exchange(s), {ev.tokens} tokens, "
-                                           "to stay within the memory budget[/]")
-                    elif isinstance(ev, Reprefilled):
-                        self.console.print(f"[yellow]prefilling the conversation again ({ev.tokens} tokens; "
-                                           f"reason: {ev.reason})[/]")
-                    elif isinstance(ev, TurnRecord):
-                        record = ev
-            except BadInput as e:
-                self.errors.print(f"error: {e}", markup=False, soft_wrap=True)
-                self.write_log({"turn": len(self.session.turns) + 1, "error": str(e)})
-                return
+        try:
+            for ev in self.session.ask(text, should_stop=lambda: self.interrupt.requested):
+                if isinstance(ev, TextDelta):
+                    self.console.print(ev.text, end="", style="cyan", markup=False, highlight=False, soft_wrap=True)
+                elif isinstance(ev, Evicted):
+                    self.console.print(f"[yellow]dropped the oldest {ev.turns} exchange(s), {ev.tokens} tokens, "
+                                       "to stay within the memory budget[/]")
+                elif isinstance(ev, Reprefilled):
+                    self.console.print(f"[yellow]prefilling the conversation again ({ev.tokens} tokens; "
+                                       f"reason: {ev.reason})[/]")
+                elif isinstance(ev, TurnRecord):
+                    record = ev
+        except BadInput as e:
+            self.errors.print(f"error: {e}", markup=False, soft_wrap=True)
+            self.write_log({"turn": len(self.session.turns) + 1, "error": str(e)})
+            return
         self.console.print()
         if record.stop_reason == "interrupted":
             self.console.print("[yellow](reply stopped)[/]")
@@ -168,13 +168,15 @@ class ChatTerminal:
             except KeyboardInterrupt:
                 self.console.print("\n[dim](Ctrl-D or /exit to quit)[/]")
                 continue
-            if not self.handle(line):
-                return
+            with self.interrupt.armed():  # from the moment a line is in: Ctrl-C never kills a turn
+                if not self.handle(line):
+                    return
 
     def lines(self, stream) -> None:
         for line in stream:
-            if not self.handle(line, interactive=False):
-                return
+            with self.interrupt.armed():
+                if not self.handle(line, interactive=False):
+                    return
 
     def run(self) -> None:
         # Bytes that are not UTF-8 become U+FFFD instead of ending the chat with a traceback.

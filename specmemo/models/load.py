@@ -69,6 +69,19 @@ def load_tokenizer(ref: ModelRef, trust_remote_code: bool = False):
         raise UnknownModel(f"cannot load the tokenizer of {ref.name}: {str(e).splitlines()[0]}") from None
 
 
+def check_architecture(ref: ModelRef, trust_remote_code: bool = False) -> None:
+    """Refuse, before any weights load, a model whose attention specmemo would run wrongly."""
+    from transformers import AutoConfig
+
+    if ref.location is None:
+        return
+    try:
+        config = AutoConfig.from_pretrained(_dense_location(ref, trust_remote_code), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UnknownModel(f"cannot read the configuration of {ref.name}: {str(e).splitlines()[0]}") from None
+    check_supported(config, ref.name)
+
+
 def weights_nbytes(model: torch.nn.Module) -> int:
     """Bytes of parameters and buffers actually held; tied tensors counted once."""
     seen, total = set(), 0
@@ -83,7 +96,7 @@ def load_model(ref: ModelRef, dtype: str, device: str = "cpu", *, with_tokenizer
                allow_pickle: bool = False, trust_remote_code: bool = False, fast_layout: bool = False) -> LoadedModel:
     """fast_layout: on a CPU, store linear weights transposed for faster decoding (see layout.py).
     Off for baselines, which should run the model as transformers ships it."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -93,7 +106,7 @@ def load_model(ref: ModelRef, dtype: str, device: str = "cpu", *, with_tokenizer
     want = torch_dtype(dtype)
     try:
         location = _dense_location(ref, trust_remote_code)
-        check_supported(AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code), ref.name)
+        check_architecture(ref, trust_remote_code)
         index = _safetensors_index(location) if device == "cpu" else {}
         # On a CPU with local safetensors, weights stay lazily mapped here and are read in the
         # wanted dtype one tensor at a time below (converting here would touch the whole file).
