@@ -23,6 +23,7 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--conversations", type=int, default=2)
     ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--kv-dtype", default=None, help="specmemo's KV dtype (bf16 halves the target's KV)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -37,6 +38,8 @@ def main():
     cmd = [sys.executable, "-m", "specmemo", "profile", "--target", "smollm2-135m-instruct",
            "--draft", "smollm2-135m-instruct", "--draft-dtype", "bf16", "--prompts", str(prompts), "--turns", "1",
            "--max-new-tokens", "128", "--engines", "specmemo,hf-ar,hf-assisted", "--out", str(out)]
+    if args.kv_dtype:
+        cmd += ["--kv-dtype", args.kv_dtype]
     sys.exit(subprocess.run(cmd).returncode)
 
 

@@ -29,6 +29,7 @@ DraftOpt = Annotated[str, typer.Option("--draft", "-d", help="Draft model (alias
 DeviceOpt = Annotated[str, typer.Option("--device", help="Device profile: cpu, cuda (both measured now) or a name in profiles/devices.")]
 BudgetOpt = Annotated[Optional[str], typer.Option("--budget", help="Memory budget, e.g. 8GiB, 800MB, 8G or bytes. Defaults to the device's memory.")]
 DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="Weight and compute dtype: fp32, bf16 or fp16. Default: the device's (fp32 on a CPU, bf16 on CUDA).")]
+ForwardOpt = Annotated[str, typer.Option("--forward", help="auto: specmemo's own decoder for the Llama family, else the transformers adapter; or force one: specmemo, transformers.")]
 KvDtypeOpt = Annotated[Optional[str], typer.Option("--kv-dtype", help="KV-cache dtype: fp32, bf16 or fp16 (narrower than --dtype halves KV memory). Default: --dtype.")]
 DraftDtypeOpt = Annotated[Optional[str], typer.Option("--draft-dtype", help="The draft model's dtype. Default: --dtype.")]
 
@@ -125,6 +126,7 @@ def generate(
     draft_window: Annotated[Optional[int], typer.Option("--draft-window", help="Tokens kept in the draft model's KV cache.")] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow pickled .bin weights (they can run code).")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run model code from the model's repository.")] = False,
+    forward: ForwardOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the text and measurements.")] = False,
 ):
     """Generate once from a prompt with speculative decoding; stream the text, or print JSON.
@@ -150,7 +152,7 @@ def generate(
         budget=parse_size(budget) if budget else None, device=device, dtype=dtype, kv_dtype=kv_dtype,
         draft_dtype=draft_dtype, context=context,
         draft_len=draft_len, draft_window=draft_window, allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code, on_text=None if as_json else stream,
+        trust_remote_code=trust_remote_code, on_text=None if as_json else stream, forward=forward,
     )
     if as_json:
         print(json.dumps(result.to_json()))
@@ -183,6 +185,7 @@ def chat(
     context: Annotated[Optional[int], typer.Option("--context", help="Context tokens. Default: the largest the budget holds.")] = None,
     stats: Annotated[bool, typer.Option("--stats", help="Show speed, acceptance and memory after each reply.")] = False,
     json_log: Annotated[Optional[Path], typer.Option("--json-log", help="Append one JSON line per turn to this file.")] = None,
+    forward: ForwardOpt = "auto",
 ):
     """Chat in the terminal with speculative decoding, within a memory budget.
 
@@ -205,7 +208,7 @@ def chat(
     try:
         with err.status("loading models…"):
             pipeline = open_pipeline(target, draft, device=device, budget=size, context=context, dtype=dtype,
-                                     kv_dtype=kv_dtype, draft_dtype=draft_dtype,
+                                     kv_dtype=kv_dtype, draft_dtype=draft_dtype, forward=forward,
                                      sampling=SamplingConfig(temperature=temperature, top_p=top_p, seed=seed))
         ChatTerminal(ChatSession(pipeline, system, max_new_tokens), Console(highlight=False), stats, log, err).run()
     finally:
@@ -226,6 +229,7 @@ def profile(
     budget: BudgetOpt = None,
     engines: Annotated[Optional[str], typer.Option("--engines", help="Comma-separated: specmemo, specmemo-ar, hf-ar, hf-ar-cached, hf-lookup, hf-assisted.")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="fp32, bf16 or fp16.")] = "fp32",
+    kv_dtype: KvDtypeOpt = None,
     draft_dtype: DraftDtypeOpt = None,
     save_profile: Annotated[bool, typer.Option("--save-profile", help="Record measured α and c in profiles/pairs/ for `plan`.")] = False,
 ):
@@ -242,7 +246,7 @@ def profile(
     report = run_profile(target, draft, out, prompts=str(prompts) if prompts else None, turns=turns, limit=limit,
                          max_new_tokens=max_new_tokens, budget=parse_size(budget) if budget else None,
                          engines=[e.strip() for e in engines.split(",")] if engines else None, dtype=dtype,
-                         draft_dtype=draft_dtype, save_profile=save_profile)
+                         kv_dtype=kv_dtype, draft_dtype=draft_dtype, save_profile=save_profile)
     Console().print((out / "report.md").read_text(), markup=False, highlight=False)
     if report.get("saved_profile"):
         err.print(f"saved the measured pair profile to {report['saved_profile']}")

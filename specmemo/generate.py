@@ -56,7 +56,7 @@ def generate(target: str, draft: str, prompt: str, *, chat: bool = False, max_ne
              device: str = "cpu", dtype: str | None = None, kv_dtype: str | None = None,
              draft_dtype: str | None = None, context: int | None = None, draft_len: int | None = None,
              draft_window: int | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
-             on_text: Callable[[str], None] | None = None) -> GenerateResult:
+             on_text: Callable[[str], None] | None = None, forward: str = "auto") -> GenerateResult:
     if max_new_tokens < 1:
         raise BadInput(f"--max-new-tokens must be ≥ 1, got {max_new_tokens}")
     prompt = clean_text(prompt)
@@ -76,7 +76,7 @@ def generate(target: str, draft: str, prompt: str, *, chat: bool = False, max_ne
     rt = open_pipeline(target, draft, device=device, budget=budget, context=planned, draft_len=draft_len,
                        draft_window=draft_window, dtype=dtype, kv_dtype=kv_dtype, draft_dtype=draft_dtype,
                        sampling=sampling, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, refs=refs,
-                       tokenizer=tokenizer)
+                       tokenizer=tokenizer, forward=forward)
     stops = set() if ignore_eos else stop_ids(rt.tokenizer, rt.target.model)
     new: list[int] = []
     stream = StreamDecoder(tokenizer)
@@ -101,5 +101,5 @@ def generate(target: str, draft: str, prompt: str, *, chat: bool = False, max_ne
         draft_len=plan.request.draft_len, draft_window=plan.request.draft_window,
         acceptance_rate=stats.acceptance_rate, stop_reason=stats.stop_reason,
         seconds=stats.prefill_seconds + stats.decode_seconds, dtype=plan.request.dtype, kv_dtype=plan.request.kv,
-        forward="transformers", accepted_histogram=dict(sorted(stats.accepted_histogram.items())),
+        forward=rt.target.forward_path, accepted_histogram=dict(sorted(stats.accepted_histogram.items())),
     )

@@ -63,7 +63,7 @@ def make_drafter(report: PlanReport, draft: LoadedModel | None, sampling: Sampli
         return NgramDrafter(device)
     req = report.plan.request
     store = allocator.allocate_draft(report.plan, torch_dtype(req.draft_kv), device)
-    return ModelDrafter(draft.model, store, sampling, req.draft_window, generator, prefill_chunk=req.prefill_chunk)
+    return ModelDrafter(draft.forward, store, sampling, req.draft_window, generator, prefill_chunk=req.prefill_chunk)
 
 
 def assemble(report: PlanReport, target: LoadedModel, draft: LoadedModel | None, sampling: SamplingConfig,
@@ -81,7 +81,7 @@ def assemble(report: PlanReport, target: LoadedModel, draft: LoadedModel | None,
     req = report.plan.request
     store = allocator.allocate_target(report.plan, torch_dtype(req.kv), device)
     drafter = make_drafter(report, draft, sampling, device, generator)
-    engine = Engine(target.model, store, drafter, sampling, draft_len=req.draft_len,
+    engine = Engine(target.forward, store, drafter, sampling, draft_len=req.draft_len,
                     prefill_chunk=req.prefill_chunk, context=req.context, generator=generator)
     return Pipeline(report, target, draft, engine, meter, preload_bytes, load_peak_bytes)
 
@@ -91,7 +91,7 @@ def open_pipeline(target: str, draft: str, *, device: str = "cpu", budget: int |
                   dtype: str | None = None, kv_dtype: str | None = None, draft_dtype: str | None = None,
                   sampling: SamplingConfig = SamplingConfig(), prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                   allow_pickle: bool = False, trust_remote_code: bool = False, min_context: int = 0, refs=None,
-                  tokenizer=None) -> Pipeline:
+                  tokenizer=None, forward: str = "auto") -> Pipeline:
     """Resolve, plan (refusing what does not fit), load, allocate. `context` defaults to the
     largest that fits the budget, at least `min_context`. dtype None: the device's default."""
     # A named profile (e.g. rtx-3060-12gb) gives the budget; its kind says where to run.
@@ -100,6 +100,8 @@ def open_pipeline(target: str, draft: str, *, device: str = "cpu", budget: int |
     if kind == "cuda" and not torch.cuda.is_available():
         raise UnknownDevice(f"--device {profile}: no CUDA device is available to torch")
     meter = PeakMeter(kind)
+    if forward not in ("auto", "specmemo", "transformers"):
+        raise BadInput(f"--forward must be auto, specmemo or transformers, got {forward!r}")
     if kind == "cpu":
         tame_glibc_malloc()
     t_ref, d_ref, drafter = refs or resolve_pair(target, draft)
@@ -121,12 +123,12 @@ def open_pipeline(target: str, draft: str, *, device: str = "cpu", budget: int |
     meter.start()
     req = report.plan.request
     t = load_model(t_ref, req.dtype, kind, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                   with_tokenizer=tokenizer is None, fast_layout=True)
+                   with_tokenizer=tokenizer is None, fast_layout=True, forward=forward)
     if tokenizer is not None:
         t.tokenizer = tokenizer
     d = None
     if d_ref is not None:
         # A draft directory need not carry tokenizer files: its vocabulary size was checked.
         d = load_model(d_ref, req.ddtype, kind, with_tokenizer=False, allow_pickle=allow_pickle,
-                       trust_remote_code=trust_remote_code, fast_layout=True)
+                       trust_remote_code=trust_remote_code, fast_layout=True, forward=forward)
     return assemble(report, t, d, sampling, preload_bytes=meter.baseline, load_peak_bytes=meter.above_baseline())

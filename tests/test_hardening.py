@@ -182,6 +182,14 @@ def test_the_target_store_holds_exactly_the_context_and_candidates_stay_inside_i
         run(make_engine(TARGET, "none", context=30), repetitive(30), 5)
 
 
+def test_a_bf16_kv_store_under_an_fp32_model_halves_kv_and_speculation_stays_exact():
+    plain = make_engine(TARGET, "none", kv_dtype=torch.bfloat16)
+    assert plain.store.keys.dtype == torch.bfloat16
+    assert plain.store.nbytes * 2 == make_engine(TARGET, "none").store.nbytes
+    out, _ = run(plain, repetitive(40), 30)
+    assert out == run(make_engine(TARGET, "ngram", kv_dtype=torch.bfloat16), repetitive(40), 30)[0]
+
+
 def test_the_ngram_index_notices_a_rewritten_conversation():
     from specmemo.decoding.drafters import NgramDrafter
 

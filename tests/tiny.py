@@ -25,27 +25,55 @@ def tiny_llama(seed: int, hidden=64, layers=2, heads=4, kv_heads=2, inter=128, v
     return model
 
 
+def as_forward(model):
+    """Our decoder is its own forward; a transformers model goes behind the adapter."""
+    from specmemo.memory.hf_adapter import AdapterForward
+
+    return model if getattr(model, "name", "") == "specmemo" else AdapterForward(model)
+
+
 def arch_of(model) -> Arch:
     return Arch.from_config(model.config.to_dict(), name="tiny")
 
 
+_OWN = {}
+
+
+def own_model(model):
+    """Our decoder (models/llama.py) with the weights of a transformers model, through a real
+    save_pretrained / safetensors load."""
+    import json
+    import tempfile
+
+    from specmemo.models.load import load_llama
+
+    if id(model) not in _OWN:
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            cfg = json.loads(open(f"{tmp}/config.json").read())
+            _OWN[id(model)] = (model, load_llama(tmp, cfg, next(model.parameters()).dtype))
+    return _OWN[id(model)][1]
+
+
 def make_engine(target, drafter="none", draft=None, *, context=300, k=4, window=None,
-                sampling=SamplingConfig(), chunk=16, seed=None, device="cpu"):
+                sampling=SamplingConfig(), chunk=16, seed=None, device="cpu", kv_dtype=None, own=False):
+    """own: run our decoder (with the same weights) instead of the transformers model."""
     req = PlanRequest(target=arch_of(target), draft=arch_of(draft) if draft is not None else None,
                       drafter=drafter, context=context, draft_len=0 if drafter == "none" else k,
                       draft_window=window or context, dtype="fp32", prefill_chunk=chunk)
     plan = make_plan(req)
     dtype = next(target.parameters()).dtype
-    store = allocator.allocate_target(plan, dtype, device)
+    store = allocator.allocate_target(plan, kv_dtype or dtype, device)
     gen = sampling.generator(device) if seed is None else torch.Generator(device).manual_seed(seed)
+    fwd = own_model if own else as_forward
     if drafter == "model":
-        d = ModelDrafter(draft, allocator.allocate_draft(plan, next(draft.parameters()).dtype, device), sampling,
+        d = ModelDrafter(fwd(draft), allocator.allocate_draft(plan, next(draft.parameters()).dtype, device), sampling,
                          req.draft_window, gen)
     elif drafter == "ngram":
         d = NgramDrafter(device)
     else:
         d = NoDrafter(device)
-    return Engine(target, store, d, sampling, draft_len=req.draft_len, prefill_chunk=chunk,
+    return Engine(fwd(target), store, d, sampling, draft_len=req.draft_len, prefill_chunk=chunk,
                   context=context, generator=gen)
 
 

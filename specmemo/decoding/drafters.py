@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 
 from specmemo.decoding.sampling import SamplingConfig
-from specmemo.memory import hf_adapter
 from specmemo.memory.kvstore import KVStore
 
 
@@ -92,12 +91,11 @@ class ModelDrafter:
     that verification uses."""
     name = "model"
 
-    def __init__(self, model, store: KVStore, sampling: SamplingConfig, window: int, generator=None,
+    def __init__(self, forward, store: KVStore, sampling: SamplingConfig, window: int, generator=None,
                  prefill_chunk: int = 256):
-        self.model, self.store, self.sampling = model, store, sampling
+        """forward: as the engine's (our decoder, or a transformers model behind the adapter)."""
+        self.forward, self.store, self.sampling = forward, store, sampling
         self.window, self.generator, self.prefill_chunk = window, generator, prefill_chunk
-        self.cache = hf_adapter.StoreCache(store)
-        hf_adapter.prepare(model)
 
     def reset(self) -> None:
         self.store.reset()
@@ -121,7 +119,7 @@ class ModelDrafter:
             if store.window:
                 step = min(step, store.safe_chunk(self.window))
             piece = torch.tensor([ids[i : i + step]], dtype=torch.long, device=device)
-            logits = hf_adapter.forward(self.model, store, self.cache, piece, logits_to_keep=1)
+            logits = self.forward(store, piece, 1)
             i += step
         return None if logits is None else logits[0, -1]
 
@@ -145,6 +143,6 @@ class ModelDrafter:
             drafted.append(tok)
             if i + 1 < k:
                 ids = torch.tensor([[tok]], dtype=torch.long, device=logits.device)
-                logits = hf_adapter.forward(self.model, self.store, self.cache, ids, logits_to_keep=1)[0, -1]
+                logits = self.forward(self.store, ids, 1)[0, -1]
         q = torch.stack(qs) if qs else None
         return Proposal(torch.tensor(drafted, dtype=torch.long, device=logits.device), q)

@@ -22,16 +22,15 @@ from specmemo.decoding.events import Finished, GenerationStats, Prefilled, Step
 from specmemo.decoding.sampling import SamplingConfig
 from specmemo.decoding.verify import verify_greedy, verify_sampling
 from specmemo.errors import BadInput
-from specmemo.memory import hf_adapter
 from specmemo.memory.kvstore import KVStore
 
 
 class Engine:
-    def __init__(self, model, store: KVStore, drafter, sampling: SamplingConfig, *,
+    def __init__(self, forward, store: KVStore, drafter, sampling: SamplingConfig, *,
                  draft_len: int, prefill_chunk: int, context: int, generator=None):
-        self.model, self.store, self.drafter, self.sampling = model, store, drafter, sampling
-        self.cache = hf_adapter.StoreCache(store)
-        hf_adapter.prepare(model)
+        """forward(store, ids [1, n], logits_to_keep) -> fp32 logits: our decoder (models/llama.py)
+        or a transformers model behind memory/hf_adapter.AdapterForward."""
+        self.forward, self.store, self.drafter, self.sampling = forward, store, drafter, sampling
         self.max_draft_len = 0 if drafter.name == "none" else draft_len
         self.draft_len = self.max_draft_len
         self.prefill_chunk, self.context = prefill_chunk, context
@@ -72,7 +71,7 @@ class Engine:
             if should_stop():
                 return None, Prefilled(i, time.perf_counter() - start)
             ids = torch.tensor([pending[i : i + self.prefill_chunk]], dtype=torch.long, device=self.device)
-            logits = hf_adapter.forward(self.model, self.store, self.cache, ids, logits_to_keep=1)
+            logits = self.forward(self.store, ids, 1)
         # The draft's own prefill belongs here too, not to drafting (its time would inflate c).
         if not self.drafter.catch_up(self.tokens, self.prefill_chunk, should_stop):
             return None, Prefilled(len(pending), time.perf_counter() - start)
@@ -90,7 +89,7 @@ class Engine:
         drafting = time.perf_counter() - t0
         draft = proposal.tokens
         ids = torch.cat([torch.tensor([self.tokens[-1]], device=self.device), draft])[None]
-        logits = hf_adapter.forward(self.model, self.store, self.cache, ids, logits_to_keep=ids.shape[1])[0]
+        logits = self.forward(self.store, ids, ids.shape[1])[0]
         if self.sampling.greedy:
             a, nxt = verify_greedy(logits, draft)
         else:

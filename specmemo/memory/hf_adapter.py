@@ -12,6 +12,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import sdpa_mask
 
 from specmemo.errors import UnsupportedModel
+from specmemo.memory.attention import causal_mask
 from specmemo.memory.kvstore import KVStore
 
 
@@ -64,6 +65,24 @@ def forward(model, store: KVStore, cache: StoreCache, input_ids: torch.Tensor, l
     return out.logits.float()
 
 
+class AdapterForward:
+    """A transformers model behind the same call as our own decoder:
+    forward(store, ids [B, n], logits_to_keep) -> fp32 logits [B, keep, V]."""
+
+    name = "transformers"
+
+    def __init__(self, model):
+        self.model = model
+        self.caches: dict[int, StoreCache] = {}
+        prepare(model)
+
+    def __call__(self, store: KVStore, ids: torch.Tensor, logits_to_keep: int = 1) -> torch.Tensor:
+        cache = self.caches.get(id(store))
+        if cache is None or cache.store is not store:
+            cache = self.caches[id(store)] = StoreCache(store)
+        return forward(self.model, store, cache, ids, logits_to_keep)
+
+
 ATTENTION = "specmemo_sdpa"
 
 
@@ -80,7 +99,7 @@ def _gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=No
         if kv_len == q_len:
             causal = True
         else:  # queries are the last q_len positions: bottom-right aligned causal mask
-            attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+            attention_mask = causal_mask(q_len, kv_len, query.device)
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=causal,
         enable_gqa=key.shape[1] != query.shape[1],

@@ -4,6 +4,7 @@ Safe by default: pickled weights (.bin, .pt) are refused unless allow_pickle, an
 is never trusted unless trust_remote_code.
 """
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +20,12 @@ TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bflo
 @dataclass
 class LoadedModel:
     ref: ModelRef
-    model: torch.nn.Module
+    model: object                 # our LlamaModel, or a transformers module run through the adapter
     tokenizer: object | None
     dtype: torch.dtype
     device: torch.device
+    forward_path: str = "transformers"   # "specmemo" (models/llama.py) or "transformers" (the adapter)
+    forward: object = None               # forward(store, ids, logits_to_keep) -> fp32 logits
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -82,20 +85,37 @@ def check_architecture(ref: ModelRef, trust_remote_code: bool = False) -> None:
     check_supported(config, ref.name)
 
 
-def weights_nbytes(model: torch.nn.Module) -> int:
+def weights_nbytes(model) -> int:
     """Bytes of parameters and buffers actually held; tied tensors counted once."""
     seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
+    tensors = model.tensors() if hasattr(model, "tensors") else list(model.parameters()) + list(model.buffers())
+    for t in tensors:
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
     return total
 
 
+def own_forward_reason(location: str) -> str | None:
+    """Why our decoder cannot run the checkpoint at `location` (None: it can)."""
+    import json
+
+    from specmemo.models.llama import unsupported_reason
+
+    path = Path(location)
+    if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
+        return "no local config.json and safetensors weights"
+    cfg = json.loads((path / "config.json").read_text())
+    return unsupported_reason(cfg.get("text_config", cfg))
+
+
 def load_model(ref: ModelRef, dtype: str, device: str = "cpu", *, with_tokenizer: bool = True,
-               allow_pickle: bool = False, trust_remote_code: bool = False, fast_layout: bool = False) -> LoadedModel:
-    """fast_layout: on a CPU, store linear weights transposed for faster decoding (see layout.py).
-    Off for baselines, which should run the model as transformers ships it."""
+               allow_pickle: bool = False, trust_remote_code: bool = False, fast_layout: bool = False,
+               forward: str = "auto") -> LoadedModel:
+    """forward: "specmemo" (our decoder, models/llama.py), "transformers" (the adapter), or "auto"
+    (ours where it covers the architecture). fast_layout: for the transformers path on a CPU,
+    store linear weights transposed (see layout.py); off for baselines, which run the model as
+    transformers ships it."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -104,8 +124,14 @@ def load_model(ref: ModelRef, dtype: str, device: str = "cpu", *, with_tokenizer
         raise UnknownModel(f"{ref.name} has no weights source (alias without hub id or package)")
     kwargs = _weights_kwargs(ref, allow_pickle)
     want = torch_dtype(dtype)
+    location = _dense_location(ref, trust_remote_code)
+    if forward != "transformers":
+        reason = own_forward_reason(location)
+        if reason is None:
+            return _load_own(ref, location, want, device, with_tokenizer, trust_remote_code)
+        if forward == "specmemo":
+            raise UnknownModel(f"{ref.name}: specmemo's decoder cannot run it ({reason})")
     try:
-        location = _dense_location(ref, trust_remote_code)
         check_architecture(ref, trust_remote_code)
         index = _safetensors_index(location) if device == "cpu" else {}
         # On a CPU with local safetensors, weights stay lazily mapped here and are read in the
@@ -128,7 +154,23 @@ def load_model(ref: ModelRef, dtype: str, device: str = "cpu", *, with_tokenizer
             transpose_linears(model)
     else:
         model.to(dev)
-    return LoadedModel(ref, model, tokenizer, torch_dtype(dtype), dev)
+    from specmemo.memory.hf_adapter import AdapterForward
+
+    return LoadedModel(ref, model, tokenizer, want, dev, "transformers", AdapterForward(model))
+
+
+def _load_own(ref: ModelRef, location: str, dtype: torch.dtype, device: str, with_tokenizer: bool,
+              trust_remote_code: bool) -> LoadedModel:
+    import json
+    from types import SimpleNamespace
+
+    check_architecture(ref, trust_remote_code)
+    path = Path(location)
+    model = load_llama(location, json.loads((path / "config.json").read_text()), dtype, device)
+    gen = path / "generation_config.json"
+    model.generation_config = SimpleNamespace(**(json.loads(gen.read_text()) if gen.is_file() else {}))
+    tokenizer = load_tokenizer(ref, trust_remote_code) if with_tokenizer else None
+    return LoadedModel(ref, model, tokenizer, dtype, torch.device(device), "specmemo", model)
 
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -155,13 +197,13 @@ def _safetensors_index(location: str) -> dict[str, tuple[Path, int, torch.dtype,
     return index
 
 
-def _read_tensor(entry, dtype: torch.dtype) -> torch.Tensor:
-    """One tensor read with plain file reads: the page cache is not our resident memory, while
-    pages of a memory-mapped file are, until the mapping closes (2× the weights at the peak)."""
+def _read_rows(entry, r0: int, r1: int) -> torch.Tensor:
+    """Rows r0..r1 of a tensor (all of a 1-D one) in the file's dtype, with plain file reads."""
     path, offset, file_dtype, shape = entry
-    out = torch.empty(shape, dtype=file_dtype)
+    row = math.prod(shape[1:]) if len(shape) > 1 else 1
+    out = torch.empty((r1 - r0, *shape[1:]) if len(shape) > 1 else shape, dtype=file_dtype)
     with path.open("rb", buffering=0) as fh:
-        fh.seek(offset)
+        fh.seek(offset + r0 * row * out.element_size())
         view = memoryview(out.view(torch.uint8).numpy()).cast("B") if out.numel() else memoryview(b"")
         got = 0
         while got < len(view):
@@ -169,7 +211,14 @@ def _read_tensor(entry, dtype: torch.dtype) -> torch.Tensor:
             if not n:
                 raise ValueError(f"{path.name} ends inside a tensor")
             got += n
-    return out if file_dtype == dtype else out.to(dtype)
+    return out
+
+
+def _read_tensor(entry, dtype: torch.dtype) -> torch.Tensor:
+    """One tensor read with plain file reads: the page cache is not our resident memory, while
+    pages of a memory-mapped file are, until the mapping closes (2× the weights at the peak)."""
+    out = _read_rows(entry, 0, entry[3][0] if entry[3] else 1)
+    return out if out.dtype == dtype else out.to(dtype)
 
 
 @torch.no_grad()
@@ -197,6 +246,77 @@ def _make_resident(model: torch.nn.Module, index: dict, dtype: torch.dtype) -> N
 
 
 def wrap(ref: ModelRef, model: torch.nn.Module, tokenizer=None) -> LoadedModel:
-    """A model built in memory (tests, random weights) as a LoadedModel."""
+    """A transformers model built in memory (tests, random weights) as a LoadedModel."""
+    from specmemo.memory.hf_adapter import AdapterForward
+
     p = next(model.parameters())
-    return LoadedModel(ref, model.eval(), tokenizer, p.dtype, p.device)
+    return LoadedModel(ref, model.eval(), tokenizer, p.dtype, p.device, "transformers", AdapterForward(model))
+
+
+_BLOCK_ROWS = 2048  # rows per read when transposing into place: a few MiB of scratch, never a whole matrix
+
+
+def _fill_transposed(dest: torch.Tensor, entry, col: int) -> None:
+    """dest[:, col : col + rows] = the file's [rows, cols] matrix transposed, a block of rows at a time."""
+    rows = entry[3][0]
+    for r0 in range(0, rows, _BLOCK_ROWS):
+        r1 = min(rows, r0 + _BLOCK_ROWS)
+        dest[:, col + r0 : col + r1].copy_(_read_rows(entry, r0, r1).t())
+
+
+@torch.no_grad()
+def load_llama(location: str, config: dict, dtype: torch.dtype, device: str = "cpu"):
+    """Our decoder (models/llama.py) with weights read from local safetensors straight into its
+    layout: no transformers module, no second copy of any matrix."""
+    from specmemo.models.llama import LlamaConfig, LlamaModel
+
+    index = _safetensors_index(location)
+    cfg = LlamaConfig.from_hf(config)
+    model = LlamaModel(cfg, dtype, "cpu")
+    p = "model.layers.{}."
+
+    def entry(name: str):
+        if name not in index:
+            raise UnknownModel(f"{location} lacks the tensor {name}")
+        return index[name]
+
+    def fill(dest: torch.Tensor, name: str) -> None:
+        dest.copy_(_read_rows(entry(name), 0, entry(name)[3][0]))
+
+    for i, layer in enumerate(model.layers):
+        pre = p.format(i)
+        fill(layer.attn_norm, pre + "input_layernorm.weight")
+        fill(layer.mlp_norm, pre + "post_attention_layernorm.weight")
+        col = 0
+        for part in ("q", "k", "v"):
+            e = entry(f"{pre}self_attn.{part}_proj.weight")
+            _fill_transposed(layer.w_qkv, e, col)
+            if layer.b_qkv is not None:
+                fill(layer.b_qkv[col : col + e[3][0]], f"{pre}self_attn.{part}_proj.bias")
+            col += e[3][0]
+        if layer.q_norm is not None:
+            fill(layer.q_norm, pre + "self_attn.q_norm.weight")
+            fill(layer.k_norm, pre + "self_attn.k_norm.weight")
+        _fill_transposed(layer.w_o, entry(pre + "self_attn.o_proj.weight"), 0)
+        _fill_transposed(layer.w_gate_up, entry(pre + "mlp.gate_proj.weight"), 0)
+        _fill_transposed(layer.w_gate_up, entry(pre + "mlp.up_proj.weight"), cfg.intermediate_size)
+        _fill_transposed(layer.w_down, entry(pre + "mlp.down_proj.weight"), 0)
+    fill(model.norm, "model.norm.weight")
+    _fill_transposed(model.embed, entry("model.embed_tokens.weight"), 0)
+    if not cfg.tie_embeddings:
+        _fill_transposed(model.head, entry("lm_head.weight"), 0)
+    if torch.device(device).type != "cpu":
+        model = _moved(model, device)
+    return model
+
+
+def _moved(model, device):
+    """The same model on another device (tensor by tensor, so the host copy is freed as it goes)."""
+    for holder in [model, *model.layers]:
+        for name, t in list(vars(holder).items()):
+            if isinstance(t, torch.Tensor):
+                setattr(holder, name, t.to(device))
+    if model.cfg.tie_embeddings:
+        model.embed = model.head
+    model.device = torch.device(device)
+    return model

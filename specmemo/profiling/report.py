@@ -54,7 +54,8 @@ def add_margins(base: dict, runs: dict, divergences: dict[str, list[dict]], toke
     from specmemo.models.resolve import resolve
     from specmemo.profiling.worker import conversation_ids
 
-    model = load_model(resolve(base["target"]), base["dtype"], with_tokenizer=False).model
+    model = load_model(resolve(base["target"]), base["dtype"], with_tokenizer=False,
+                       forward="transformers").model
     convs = {c["question_id"]: c for c in base["conversations"]}
     ref = {o["question_id"]: o["turns"] for o in runs["hf-ar"]["outputs"]}
     for diffs in divergences.values():
@@ -81,6 +82,7 @@ def build_report(facts: dict, base: dict, runs: dict, tokenizer) -> dict:
             "turns": turns,
             "turns_identical_to_hf_ar": same,
             "engine": name,
+            "forward": r.get("forward", "transformers"),
             "tokens_per_s": r["tokens_per_s"],
             "speedup_vs_hf_ar": r["tokens_per_s"] / hf["tokens_per_s"] if hf["tokens_per_s"] else None,
             "new_tokens": r["new_tokens"],
@@ -108,6 +110,7 @@ def build_report(facts: dict, base: dict, runs: dict, tokenizer) -> dict:
         "target": base["target"],
         "draft": base["draft"],
         "dtype": base["dtype"],
+        "kv_dtype": base.get("kv_dtype") or base["dtype"],
         "draft_dtype": base.get("draft_dtype"),
         "prompts": {"count": len(base["conversations"]), "turns": base["turns"],
                     "max_new_tokens": base["max_new_tokens"], "context": base["context"]},
@@ -127,18 +130,20 @@ def markdown(report: dict, plots: list[str]) -> str:
         f"# specmemo profile: {report['target']} + {report['draft']}",
         "",
         f"{p['count']} conversations × {p['turns']} turns, {p['max_new_tokens']} new tokens per turn, greedy, "
-        f"{report['dtype']}. Machine: {m['cpu']}, {m['cores']} cores, {m['memory_bytes'] / 2**30:.1f} GiB"
+        f"{report['dtype']} (KV {report.get('kv_dtype', report['dtype'])}). Machine: {m['cpu']}, {m['cores']} cores, {m['memory_bytes'] / 2**30:.1f} GiB"
         f"{', GPU ' + m['gpu'] if m['gpu'] else ''}; torch {m['torch']}, transformers {m['transformers']}; "
         f"measured read bandwidth {m['read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s.",
         "",
-        "| engine | tok/s | × hf-ar | of bandwidth bound | generation peak MiB | plan MiB | acceptance | accepted/step | turns identical to hf-ar |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| engine | forward | tok/s | × hf-ar | × hf-ar-cached | of bandwidth bound | generation peak MiB | plan MiB | acceptance | accepted/step | turns identical to hf-ar |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
+    cached = next((r["tokens_per_s"] for r in report["runs"] if r["engine"] == "hf-ar-cached"), None)
     for r in report["runs"]:
         acc = "" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.2f}"
         mean = "" if r["mean_accepted_per_step"] is None else f"{r['mean_accepted_per_step']:.2f}"
         ident = f"{r['turns_identical_to_hf_ar']}/{r['turns']}"
-        lines.append(f"| {r['engine']} | {r['tokens_per_s']:.2f} | {r['speedup_vs_hf_ar']:.2f} | "
+        vs_cached = f"{r['tokens_per_s'] / cached:.2f}" if cached else ""
+        lines.append(f"| {r['engine']} | {r['forward']} | {r['tokens_per_s']:.2f} | {r['speedup_vs_hf_ar']:.2f} | {vs_cached} | "
                      f"{r['bandwidth_fraction']:.0%} | {_mib(r['generation_peak_bytes'])} | "
                      f"{_mib(r['predicted_generation_bytes'])} | {acc} | {mean} | {ident} |")
     diverged = [(r["engine"], d) for r in report["runs"] for d in r["divergences"]]

@@ -44,7 +44,8 @@ def run_worker(cfg: dict, workdir: Path, progress: Progress, task) -> dict:
 
 def profile(target: str, draft: str, out: Path, *, prompts: str | None = None, turns: int = 2, limit: int | None = None,
             max_new_tokens: int = 128, budget: int | None = None, engines: list[str] | None = None,
-            dtype: str = "fp32", draft_dtype: str | None = None, save_profile: bool = False) -> dict:
+            dtype: str = "fp32", kv_dtype: str | None = None, draft_dtype: str | None = None,
+            save_profile: bool = False) -> dict:
     from specmemo.models.load import load_tokenizer
     from specmemo.models.resolve import resolve_pair
     from specmemo.profiling.machine import machine_facts
@@ -66,7 +67,8 @@ def profile(target: str, draft: str, out: Path, *, prompts: str | None = None, t
     conversations = load_prompts(prompts, limit)
     tokenizer = load_tokenizer(t_ref)
     context = planned_context(tokenizer, conversations, turns, max_new_tokens, t_ref.arch.max_position)
-    base = {"target": target, "draft": draft, "draft_dtype": draft_dtype, "dtype": dtype, "turns": turns,
+    base = {"target": target, "draft": draft, "draft_dtype": draft_dtype, "dtype": dtype, "kv_dtype": kv_dtype,
+            "turns": turns,
             "max_new_tokens": max_new_tokens, "budget": budget, "context": context,
             "conversations": [c.__dict__ for c in conversations]}
     out.mkdir(parents=True, exist_ok=True)

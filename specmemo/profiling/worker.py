@@ -43,6 +43,7 @@ class Built:
     weights_bytes: int
     load_peak_bytes: int
     plan_total_bytes: int | None
+    forward: str = "transformers"   # which forward pass ran: specmemo's own decoder or transformers
 
 
 def build_engine(cfg) -> Built:
@@ -59,14 +60,16 @@ def build_engine(cfg) -> Built:
     if name in ("specmemo", "specmemo-ar"):
         draft = cfg["draft"] if name == "specmemo" else "none"
         rt = open_pipeline(cfg["target"], draft, budget=cfg.get("budget"), context=cfg["context"], dtype=cfg["dtype"],
-                           draft_dtype=cfg.get("draft_dtype"), sampling=SamplingConfig())
+                           kv_dtype=cfg.get("kv_dtype"), draft_dtype=cfg.get("draft_dtype"), sampling=SamplingConfig())
         weights = weights_nbytes(rt.target.model) + (weights_nbytes(rt.draft.model) if rt.draft else 0)
         return Built(SpecmemoEngine(rt), rt.tokenizer, stop_ids(rt.tokenizer, rt.target.model),
-                     rt.report.plan.generation_bytes, weights, meter.above_baseline(), rt.report.plan.total_bytes)
-    target = load_model(resolve(cfg["target"]), cfg["dtype"])
+                     rt.report.plan.generation_bytes, weights, meter.above_baseline(), rt.report.plan.total_bytes,
+                     rt.target.forward_path)
+    target = load_model(resolve(cfg["target"]), cfg["dtype"], forward="transformers")
     assistant = None
     if name == "hf-assisted":
-        assistant = load_model(resolve(cfg["draft"]), cfg.get("draft_dtype") or cfg["dtype"], with_tokenizer=False).model
+        assistant = load_model(resolve(cfg["draft"]), cfg.get("draft_dtype") or cfg["dtype"], with_tokenizer=False,
+                               forward="transformers").model
     weights = weights_nbytes(target.model) + (weights_nbytes(assistant) if assistant is not None else 0)
     return Built(HFEngine(target.model, name, assistant), target.tokenizer, stop_ids(target.tokenizer, target.model),
                  None, weights, meter.above_baseline(), None)
@@ -118,6 +121,7 @@ def main(config_path: str, result_path: str) -> None:
             histogram[str(k)] = histogram.get(str(k), 0) + v
     result = {
         "engine": cfg["engine"],
+        "forward": built.forward,
         "tokens_per_s": new_tokens / seconds if seconds else 0.0,
         "new_tokens": new_tokens,
         "seconds": seconds,

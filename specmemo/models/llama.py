@@ -1,0 +1,218 @@
+"""specmemo's own decoder for the Llama family, gpt-fast style: one config, one stack, K/V written
+straight into a KVStore, attention with an explicit mask and explicit positions.
+
+Covers Llama 2 / 3.x (RoPE scaling: linear and llama3), Mistral without a sliding window,
+Qwen2/2.5 (q/k/v biases), Qwen3 (per-head q/k RMSNorm), SmolLM2, TinyLlama and Vicuna.
+Weights live in the layout decoding wants on the device: on a CPU every matrix is stored
+transposed ([in, out]; `x @ w` splits its columns across cores, see layout.py), q/k/v are fused
+into one matrix and gate/up into another, so a layer is four matmuls. Numerics follow
+transformers' modeling code (fp32 RMSNorm statistics, rotate-half RoPE, SDPA with the model's
+scale), so the two agree to rounding.
+
+Shapes: B = batch, n = new tokens in this forward, S = keys visible to attention, H / Hkv =
+query / key-value heads, D = head_dim, E = hidden size, I = intermediate size, V = vocabulary.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from specmemo.memory.attention import attention_mask
+from specmemo.memory.kvstore import KVStore
+
+FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int            # E
+    intermediate_size: int      # I
+    num_layers: int
+    num_heads: int              # H
+    num_kv_heads: int           # Hkv (grouped-query attention when < H)
+    head_dim: int               # D
+    rms_eps: float
+    rope_theta: float
+    rope_scaling: dict | None   # {"rope_type": "linear" | "llama3", ...}; None for plain RoPE
+    tie_embeddings: bool
+    qkv_bias: bool              # Qwen2
+    qk_norm: bool               # Qwen3
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "LlamaConfig":
+        heads = cfg["num_attention_heads"]
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", None) or cfg.get("rope_theta", 10000.0)
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        model_type = cfg.get("model_type", "llama")
+        return cls(
+            vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"], num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads, rms_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta), rope_scaling=None if kind == "default" else {**rope, "rope_type": kind},
+            tie_embeddings=cfg.get("tie_word_embeddings", False),
+            qkv_bias=bool(cfg.get("attention_bias", model_type == "qwen2")), qk_norm=model_type == "qwen3",
+        )
+
+
+def unsupported_reason(cfg: dict) -> str | None:
+    """Why our decoder cannot run this config (then the transformers adapter does)."""
+    if cfg.get("model_type") not in FAMILY:
+        return f"model type {cfg.get('model_type')!r} is not in the Llama family"
+    if cfg.get("model_type") == "mistral" and cfg.get("sliding_window"):
+        return "Mistral with a sliding window"
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "linear", "llama3"):
+        return f"RoPE scaling {kind!r}"
+    if cfg.get("mlp_bias") or cfg.get("hidden_act", "silu") != "silu":
+        return "an MLP other than SwiGLU without bias"
+    return None
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
+    """[D/2] inverse frequencies, with linear or llama3 scaling (Llama 3.1 paper, §3; the same
+    arithmetic as transformers' modeling_rope_utils)."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv
+    if s["rope_type"] == "linear":
+        return inv / s["factor"]
+    # llama3: long wavelengths divided by `factor`, short ones kept, a smooth blend between.
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old / low, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old / high) & (wavelen <= old / low)
+    return torch.where(medium, blended, scaled)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: [..., E]. Statistics in fp32 whatever the dtype, as transformers does."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+class Layer:
+    """One decoder block's weights, in decoding layout (see the module docstring)."""
+
+    def __init__(self, cfg: LlamaConfig, dtype: torch.dtype, device):
+        E, I, D = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+        qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * D
+        empty = lambda *shape: torch.empty(shape, dtype=dtype, device=device)
+        self.attn_norm = empty(E)
+        self.w_qkv = empty(E, qkv)                     # [E, (H + 2·Hkv)·D]
+        self.b_qkv = empty(qkv) if cfg.qkv_bias else None
+        self.q_norm = empty(D) if cfg.qk_norm else None
+        self.k_norm = empty(D) if cfg.qk_norm else None
+        self.w_o = empty(cfg.num_heads * D, E)         # [H·D, E]
+        self.mlp_norm = empty(E)
+        self.w_gate_up = empty(E, 2 * I)               # [E, 2·I]: gate columns, then up columns
+        self.w_down = empty(I, E)                      # [I, E]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in vars(self).values() if isinstance(t, torch.Tensor)]
+
+
+class LlamaModel:
+    """The whole decoder. `forward` runs n new tokens against a KVStore and returns fp32 logits."""
+
+    name = "specmemo"
+
+    def __init__(self, cfg: LlamaConfig, dtype: torch.dtype = torch.float32, device="cpu"):
+        self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
+        E, V = cfg.hidden_size, cfg.vocab_size
+        self.layers = [Layer(cfg, dtype, device) for _ in range(cfg.num_layers)]
+        self.norm = torch.empty(E, dtype=dtype, device=device)
+        self.head = torch.empty(E, V, dtype=dtype, device=device)   # [E, V]; the embedding when tied
+        self.embed = self.head if cfg.tie_embeddings else torch.empty(E, V, dtype=dtype, device=device)
+        self.inv_freq = rope_inv_freq(cfg).to(device)               # [D/2] fp32
+        self.scale = cfg.head_dim ** -0.5
+
+    def tensors(self) -> list[torch.Tensor]:
+        own = [self.norm, self.head] + ([] if self.cfg.tie_embeddings else [self.embed]) + [self.inv_freq]
+        return own + [t for layer in self.layers for t in layer.tensors()]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    # -- pieces ---------------------------------------------------------------------------------
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids: [B, n] -> [B, n, E], gathered from the transposed table."""
+        return self.embed.index_select(1, ids.reshape(-1)).t().reshape(*ids.shape, -1)
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [n] -> cos, sin [1, 1, n, D] in the compute dtype."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(self.dtype)[None, None], emb.sin().to(self.dtype)[None, None]
+
+    def attention(self, layer: Layer, index: int, x: torch.Tensor, store: KVStore, cos, sin,
+                  mask: torch.Tensor | None) -> torch.Tensor:
+        """x: [B, n, E] (normed) -> [B, n, E]; writes this layer's K/V for the n tokens into the store."""
+        cfg = self.cfg
+        B, n, _ = x.shape
+        H, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        qkv = x @ layer.w_qkv                                         # [B, n, (H + 2·Hkv)·D]
+        if layer.b_qkv is not None:
+            qkv = qkv + layer.b_qkv
+        q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), dim=-1)
+        q = q.view(B, n, H, D).transpose(1, 2)                        # [B, H, n, D]
+        k = k.view(B, n, Hkv, D).transpose(1, 2)                      # [B, Hkv, n, D]
+        v = v.view(B, n, Hkv, D).transpose(1, 2)
+        if layer.q_norm is not None:
+            q, k = rms_norm(q, layer.q_norm, cfg.rms_eps), rms_norm(k, layer.k_norm, cfg.rms_eps)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        keys, values = store.write(index, k, v)                       # [B, Hkv, S, D]
+        if keys.dtype != q.dtype:  # a narrower KV store (--kv-dtype): widen one layer at a time
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
+                                             enable_gqa=Hkv != H)      # [B, H, n, D]
+        return out.transpose(1, 2).reshape(B, n, H * D) @ layer.w_o
+
+    def mlp(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, n, E] (normed) -> [B, n, E]: SwiGLU."""
+        gate, up = (x @ layer.w_gate_up).chunk(2, dim=-1)            # [B, n, I] each
+        return (F.silu(gate) * up) @ layer.w_down
+
+    # -- the forward pass -----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def forward(self, store: KVStore, ids: torch.Tensor, logits_to_keep: int = 1,
+                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Run ids [B, n] at positions store.length.. (or `positions` [n]) and commit them to the store.
+
+        mask: boolean [n, S] (True = attend) over the S keys attention sees after this write;
+        None builds the causal one (or the ring window's). Returns fp32 logits [B, logits_to_keep, V].
+        """
+        n = ids.shape[1]
+        if positions is None:
+            positions = torch.arange(store.length, store.length + n, device=ids.device)
+        if mask is None:
+            mask = attention_mask(store, n)
+        cos, sin = self.rope(positions)
+        h = self.embed_tokens(ids)                                    # [B, n, E]
+        eps = self.cfg.rms_eps
+        for i, layer in enumerate(self.layers):
+            h = h + self.attention(layer, i, rms_norm(h, layer.attn_norm, eps), store, cos, sin, mask)
+            h = h + self.mlp(layer, rms_norm(h, layer.mlp_norm, eps))
+        store.advance()
+        h = rms_norm(h[:, -logits_to_keep:], self.norm, eps)
+        return (h @ self.head).float()                                # [B, keep, V]
+
+    __call__ = forward

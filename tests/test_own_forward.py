@@ -1,0 +1,118 @@
+"""specmemo's own decoder (models/llama.py) against transformers, for every supported variant, and
+the engine running on it: greedy speculation stays token-identical to plain decoding."""
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from specmemo.memory.allocator import allocate_target
+from specmemo.budget.plan import PlanRequest, make_plan
+from tests.tiny import VOCAB, arch_of, make_engine, own_model, run, tiny_llama
+
+SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=512)
+VARIANTS = {
+    "llama-gqa": lambda: transformers.LlamaConfig(**SMALL),
+    "llama-tied-mha": lambda: transformers.LlamaConfig(**{**SMALL, "num_key_value_heads": 4}, tie_word_embeddings=True),
+    "llama3-rope-scaling": lambda: transformers.LlamaConfig(**SMALL, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "linear-rope-scaling": lambda: transformers.LlamaConfig(**SMALL, rope_parameters={
+        "rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}),
+    "mistral-no-window": lambda: transformers.MistralConfig(**SMALL, sliding_window=None),
+    "qwen2-qkv-bias": lambda: transformers.Qwen2Config(**SMALL, use_sliding_window=False),
+    "qwen3-qk-norm": lambda: transformers.Qwen3Config(**SMALL, head_dim=16, use_sliding_window=False),
+}
+
+
+def hf_model(make, seed=0):
+    torch.manual_seed(seed)
+    cfg = make()
+    cfg._attn_implementation = "sdpa"
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # non-trivial norms and biases, so every weight matters
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+def store_for(model, context=200):
+    req = PlanRequest(target=arch_of(model), draft=None, drafter="none", context=context, draft_len=0,
+                      draft_window=0, dtype="fp32")
+    return allocate_target(make_plan(req), torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_logits_match_transformers(variant):
+    model = hf_model(VARIANTS[variant])
+    ours = own_model(model)
+    ids = torch.randint(0, VOCAB, (1, 90), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        ref = model(ids).logits[0].float()                    # [90, V], one full forward
+    store = store_for(model)
+    # Ours in prefill chunks, then one token at a time, then a 5-token verification block.
+    got = [ours(store, ids[:, :40], 40)[0], ours(store, ids[:, 40:64], 24)[0]]
+    got += [ours(store, ids[:, i:i + 1], 1)[0] for i in range(64, 85)]
+    got.append(ours(store, ids[:, 85:90], 5)[0])
+    got = torch.cat(got)
+    assert (got - ref).abs().max() < 1e-4, (got - ref).abs().max()
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+def test_kv_written_by_our_decoder_equals_transformers_cache():
+    model = hf_model(VARIANTS["llama-gqa"])
+    ids = torch.randint(0, VOCAB, (1, 30), generator=torch.Generator().manual_seed(2))
+    store = store_for(model)
+    own_model(model)(store, ids, 1)
+    with torch.inference_mode():
+        cache = model(ids, use_cache=True).past_key_values
+    for layer in range(2):
+        k, v = cache.layers[layer].keys, cache.layers[layer].values      # [1, Hkv, 30, D]
+        assert torch.allclose(store.keys[layer, :, :, :30], k, atol=1e-5)
+        assert torch.allclose(store.values[layer, :, :, :30], v, atol=1e-5)
+
+
+TARGET = tiny_llama(0, scale=8.0)
+DRAFT = tiny_llama(0, scale=8.0)
+
+
+@pytest.mark.parametrize("drafter,draft,window", [("ngram", None, None), ("model", DRAFT, None),
+                                                  ("model", DRAFT, 12)])
+def test_greedy_speculation_on_our_decoder_equals_plain_decoding(drafter, draft, window):
+    import random
+
+    rng = random.Random(3)
+    base = [rng.randrange(VOCAB) for _ in range(9)]
+    prompt = (base * 5)[:40]
+    plain, _ = run(make_engine(TARGET, "none", own=True), prompt, 60)
+    assert plain == run(make_engine(TARGET, "none"), prompt, 60)[0]   # same tokens as transformers
+    out, stats = run(make_engine(TARGET, drafter, draft, window=window, own=True), prompt, 60)
+    assert out == plain and stats.accepted_tokens > 0
+
+
+def test_an_architecture_outside_the_family_runs_through_the_adapter(tmp_path):
+    from specmemo.models.load import load_model
+    from specmemo.models.resolve import resolve
+
+    cfg = transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=256)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "neox", safe_serialization=True)
+    ref = resolve(str(tmp_path / "neox"))
+    loaded = load_model(ref, "fp32", with_tokenizer=False)
+    assert loaded.forward_path == "transformers"
+    with pytest.raises(Exception, match="cannot run it"):
+        load_model(ref, "fp32", with_tokenizer=False, forward="specmemo")
+
+
+def test_a_llama_directory_loads_into_our_decoder(tmp_path):
+    from specmemo.models.load import load_model
+    from specmemo.models.resolve import resolve
+
+    TARGET.save_pretrained(tmp_path / "llama", safe_serialization=True)
+    loaded = load_model(resolve(str(tmp_path / "llama")), "fp32", with_tokenizer=False)
+    assert loaded.forward_path == "specmemo" and loaded.forward is loaded.model
+    cfg = json.loads((tmp_path / "llama" / "config.json").read_text())
+    assert loaded.model.cfg.num_layers == cfg["num_hidden_layers"]
