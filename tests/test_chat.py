@@ -39,8 +39,9 @@ def test_piped_turns_are_answered_and_turn_two_prefills_only_its_new_tokens(tmp_
     turns = read_log(log)
     assert [t["turn"] for t in turns] == [1, 2] and all(t["new_tokens"] > 0 for t in turns)
     for key in ("context_tokens", "prefilled_tokens", "new_tokens", "drafted_tokens", "accepted_tokens",
-                "tokens_per_s", "peak_bytes", "budget_bytes", "evicted_tokens"):
+                "tokens_per_s", "prefill_tokens_per_s", "peak_bytes", "budget_bytes", "evicted_tokens"):
         assert key in turns[0]
+    assert turns[0]["forward"] == "specmemo"
     # Turn 2 feeds: the token left pending at the end of turn 1, then the template's closing of
     # the reply plus the new user message and generation prompt. Nothing of turn 1 again.
     tok = load_tokenizer(resolve("smollm2-135m-instruct"))

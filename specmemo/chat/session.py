@@ -42,6 +42,7 @@ class TurnRecord:
     evicted_turns: int
     stop_reason: str
     seconds: float
+    forward: str                 # "specmemo" (our decoder) or "transformers" (the adapter)
     accepted_histogram: dict
 
     def to_json(self) -> dict:
@@ -164,6 +165,7 @@ class ChatSession:
             prefill_seconds=stats.prefill_seconds, peak_bytes=peak, budget_bytes=self.budget_bytes,
             over_budget=peak > self.budget_bytes, evicted_tokens=prep.evicted_tokens,
             evicted_turns=prep.evicted_turns, stop_reason=stats.stop_reason, seconds=time.perf_counter() - start,
+            forward=self.rt.target.forward_path,
             accepted_histogram=dict(sorted(stats.accepted_histogram.items())),
         )
         self.turns.append(record)
