@@ -76,3 +76,14 @@ def test_bad_input_is_one_line_and_exit_1(cli, args, needle):
     assert r.exit_code == 1, r.output
     assert needle in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_an_8b_model_fits_an_8gib_laptop_gpu_in_q4_but_not_in_fp16(cli):
+    args = ["plan", "--target", "llama-3.1-8b-instruct", "--draft", "llama-3.2-1b-instruct", "--device",
+            "rtx-4060-laptop-8gb", "--context", "8192", "--json"]
+    q4 = cli(*args, "--dtype", "q4")
+    fp16 = cli(*args, "--dtype", "fp16")
+    assert q4.exit_code == 0 and json.loads(q4.stdout)["fits"]
+    assert json.loads(q4.stdout)["kv_dtype"] == "bf16"
+    assert json.loads(q4.stdout)["runnable"] is False  # planned; the engine runs packed weights later
+    assert fp16.exit_code == 3 and not json.loads(fp16.stdout)["fits"]

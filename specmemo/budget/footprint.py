@@ -11,21 +11,56 @@ from specmemo.errors import BadInput
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1}
 LOGITS_BYTES = 4  # verification and sampling work on fp32 logits, whatever the model dtype
 
+# Group-quantized weight formats: every matrix is stored in groups of 32 consecutive weights of a
+# row, each group packed values plus fp16 parameters (GGUF's Q4_1: 4-bit values, scale and min;
+# Q8_0: 8-bit values and a scale). Norm weights and biases stay in the compute dtype.
+QUANT_GROUP = 32
+QUANT_GROUP_BYTES = {"q4": 16 + 2 + 2, "q8": 32 + 2}
+QUANT_COMPUTE = "bf16"  # activations of a quantized model (torch's packed kernels take bf16)
+
+
+def is_quantized(dtype: str) -> bool:
+    return dtype in QUANT_GROUP_BYTES
+
+
+def compute_dtype(dtype: str) -> str:
+    """The dtype activations, logits and (by default) the KV cache have for a weight format."""
+    return QUANT_COMPUTE if is_quantized(dtype) else dtype
+
 
 def is_half(dtype: str) -> bool:
-    return dtype in ("fp16", "bf16")
+    """Computes in 16-bit floats (bf16/fp16 weights, or a quantized format's bf16 activations)."""
+    return compute_dtype(dtype) in ("fp16", "bf16")
 
 
 def dtype_bytes(dtype: str) -> int:
     try:
-        return DTYPE_BYTES[dtype]
+        return DTYPE_BYTES[compute_dtype(dtype)]
     except KeyError:
-        raise BadInput(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_BYTES)}") from None
+        known = ", ".join([*DTYPE_BYTES, *QUANT_GROUP_BYTES])
+        raise BadInput(f"unknown dtype {dtype!r}; choose one of {known}") from None
+
+
+def matrices(arch: Arch) -> list[tuple[int, int, int]]:
+    """(count, rows, columns) of every weight matrix, [out, in] as checkpoints store them."""
+    E, I, D = arch.hidden_size, arch.intermediate_size, arch.head_dim
+    H, Hkv, L, V = arch.num_heads, arch.num_kv_heads, arch.num_layers, arch.vocab_size
+    return [
+        (L, H * D, E), (2 * L, Hkv * D, E), (L, E, H * D),      # q; k and v; o
+        (2 * L, I, E), (L, E, I),                              # gate and up; down
+        (1 if arch.tie_embeddings else 2, V, E),               # embedding (and a separate LM head)
+    ]
 
 
 def weight_bytes(arch: Arch, dtype: str) -> int:
-    """Parameters × bytes; tied embeddings are one matrix in memory and counted once."""
-    return arch.num_params() * dtype_bytes(dtype)
+    """Parameters × bytes; tied embeddings are one matrix in memory and counted once. For q4/q8,
+    each matrix row is ⌈columns / 32⌉ groups of QUANT_GROUP_BYTES, and the vectors (norms,
+    biases) stay in the compute dtype."""
+    if not is_quantized(dtype):
+        return arch.num_params() * dtype_bytes(dtype)
+    in_matrices = sum(n * rows * cols for n, rows, cols in matrices(arch))
+    groups = sum(n * rows * -(-cols // QUANT_GROUP) for n, rows, cols in matrices(arch))
+    return groups * QUANT_GROUP_BYTES[dtype] + (arch.num_params() - in_matrices) * dtype_bytes(dtype)
 
 
 def kv_bytes_per_token(arch: Arch, kv_dtype: str) -> int:

@@ -47,7 +47,7 @@ class PlanRequest:
 
     @property
     def kv(self) -> str:
-        return self.kv_dtype or self.dtype
+        return self.kv_dtype or fp.compute_dtype(self.dtype)
 
     @property
     def ddtype(self) -> str:
@@ -55,7 +55,7 @@ class PlanRequest:
 
     @property
     def draft_kv(self) -> str:
-        return self.kv_dtype or self.ddtype
+        return self.kv_dtype or fp.compute_dtype(self.ddtype)
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,10 @@ class Plan:
         req, why = self.request, []
         if req.batch > 1:
             why.append(f"batch {req.batch}: the engine decodes one sequence at a time")
-        for flag, value in (("--dtype", req.dtype), ("--kv-dtype", req.kv), ("--draft-dtype", req.ddtype)):
+        given = [("--dtype", req.dtype), ("--kv-dtype", req.kv)]
+        if req.draft and req.draft_dtype:
+            given.append(("--draft-dtype", req.draft_dtype))
+        for flag, value in given:
             if value not in RUNNABLE_DTYPES:
                 why.append(f"{flag} {value}: the engine runs {', '.join(RUNNABLE_DTYPES)}")
         return why
