@@ -12,7 +12,7 @@ def _shape(arch: Arch, batch: int, capacity: int) -> KVShape:
 
 
 def allocate_target(plan: Plan, dtype: torch.dtype, device) -> KVStore:
-    """Capacity = context + k + 1: the conversation plus one step's candidates."""
+    """Capacity = the context: the engine drafts at most room − 1 tokens, so candidates fit inside it."""
     req = plan.request
     return KVStore(_shape(req.target, req.batch, plan.target_capacity), dtype, device)
 

@@ -1,7 +1,7 @@
 """KV stores: each model's keys and values, allocated once from the plan.
 
 A store is one tensor per K and V, shaped [layers, batch, kv_heads, capacity, head_dim]
-(capacity = context + k + 1 for the target, W + k + 1 for a windowed draft). Appending writes in
+(capacity = the context for the target, W + k + 1 for a windowed draft). Appending writes in
 place; rejecting candidates moves `length` back (trim), so nothing is freed, nothing copied.
 
 Two layouts:

@@ -152,7 +152,9 @@ def markdown(report: dict, plots: list[str]) -> str:
                   "| engine | conversation | turn | position | top-2 margin | verdict |", "|---|---|---:|---:|---:|---|"]
         for name, d in diverged:
             margin = d.get("top2_margin")
-            verdict = "numerics (< 1e-4)" if d.get("numerics") else "BUG: margin too large for numerics"
+            verdict = ("numerics (< 1e-4)" if d.get("numerics") else
+                       f"expected: KV in {report['kv_dtype']}" if report.get("kv_dtype", report["dtype"]) != report["dtype"]
+                       else "BUG: margin too large for numerics")
             lines.append(f"| {name} | {d['conversation']} | {d['turn']} | {d['position']} | "
                          f"{margin:.2e} | {verdict} |")
     for note in report["notes"]:
