@@ -22,6 +22,7 @@ from specmemo.decoding.events import Finished, GenerationStats, Prefilled, Step
 from specmemo.decoding.sampling import SamplingConfig
 from specmemo.decoding.verify import verify_greedy, verify_sampling
 from specmemo.errors import BadInput
+from specmemo.memory.malloc import trim_heap
 from specmemo.memory.kvstore import KVStore
 
 
@@ -151,4 +152,6 @@ class Engine:
             yield step
         stats.decode_seconds = time.perf_counter() - t0
         stats.stop_reason = reason
+        if self.device.type == "cpu":
+            trim_heap()  # freed temporaries would otherwise stay resident between turns
         yield Finished(stats)

@@ -27,3 +27,16 @@ def tame_glibc_malloc() -> bool:
         return bool(ok)
     except (OSError, AttributeError):
         return False
+
+
+def trim_heap() -> bool:
+    """Give freed heap memory back to the OS (glibc's malloc_trim). Small temporaries of a
+    generation (below the mmap threshold) are freed into the heap, and holes between live blocks
+    are never trimmed on their own: over a profile's 40 turns they held up to 14 MiB more than the
+    plan. Called at the end of every generation on a CPU; it takes about a millisecond."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
