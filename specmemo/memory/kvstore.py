@@ -150,9 +150,12 @@ def _dontneed(t: torch.Tensor, start: int) -> int:
     """madvise(MADV_DONTNEED) the whole pages of every [.., start:, :] row of a CPU store tensor
     [layers, batch, heads, capacity, head_dim]: anonymous pages read back as zeros later."""
     import ctypes
-    import ctypes.util
 
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    from specmemo.memory.malloc import libc
+
+    c = libc()
+    if c is None:
+        return 0
     row = t.shape[-2] * t.shape[-1] * t.element_size()
     first = start * t.shape[-1] * t.element_size()
     freed = 0
@@ -161,6 +164,6 @@ def _dontneed(t: torch.Tensor, start: int) -> int:
         hi = t.data_ptr() + (r + 1) * row
         lo = (lo + _PAGE - 1) // _PAGE * _PAGE
         hi = hi // _PAGE * _PAGE
-        if hi > lo and libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4) == 0:  # 4: MADV_DONTNEED
+        if hi > lo and c.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4) == 0:  # 4: MADV_DONTNEED
             freed += hi - lo
     return freed

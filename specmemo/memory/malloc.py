@@ -9,6 +9,7 @@ OS on free; one arena stops per-thread hoarding. Decode-step tensors are far sma
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 
 M_MMAP_THRESHOLD = -3
@@ -16,16 +17,26 @@ M_ARENA_MAX = -8
 MMAP_THRESHOLD_BYTES = 256 * 1024
 
 
+@functools.cache
+def libc():
+    """The C library, looked up once: ctypes.util.find_library runs ldconfig, far too slow for a
+    call at the end of every generation. None where there is none to load."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
 def tame_glibc_malloc() -> bool:
     """Apply the settings; False where the C library is not glibc (macOS, musl)."""
     if not sys.platform.startswith("linux"):
         return False
+    c = libc()
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
-        ok &= libc.mallopt(M_ARENA_MAX, 1) == 1
+        ok = c.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
+        ok &= c.mallopt(M_ARENA_MAX, 1) == 1
         return bool(ok)
-    except (OSError, AttributeError):
+    except AttributeError:  # no C library, or one without mallopt (not glibc)
         return False
 
 
@@ -37,6 +48,6 @@ def trim_heap() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
+        return bool(libc().malloc_trim(0))
+    except AttributeError:
         return False

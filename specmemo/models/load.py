@@ -164,8 +164,7 @@ def _load_own(ref: ModelRef, location: str, dtype: torch.dtype, device: str, wit
     import json
     from types import SimpleNamespace
 
-    check_architecture(ref, trust_remote_code)
-    path = Path(location)
+    path = Path(location)  # own_forward_reason has checked the architecture
     model = load_llama(location, json.loads((path / "config.json").read_text()), dtype, device)
     gen = path / "generation_config.json"
     model.generation_config = SimpleNamespace(**(json.loads(gen.read_text()) if gen.is_file() else {}))
