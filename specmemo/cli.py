@@ -30,6 +30,7 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="Device profile: cpu, c
 BudgetOpt = Annotated[Optional[str], typer.Option("--budget", help="Memory budget, e.g. 8GiB, 800MB, 8G or bytes. Defaults to the device's memory.")]
 DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="Weight dtype: fp32, bf16, fp16, or q4/q8 (group-quantized, bf16 compute; planned, not run yet). Default: the device's (fp32 on a CPU, bf16 on CUDA).")]
 ForwardOpt = Annotated[str, typer.Option("--forward", help="auto: specmemo's own decoder for the Llama family, else the transformers adapter; or force one: specmemo, transformers.")]
+GraphsOpt = Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help="On a GPU, replay the own decoder's decode and verify steps as CUDA graphs.")]
 KvDtypeOpt = Annotated[Optional[str], typer.Option("--kv-dtype", help="KV-cache dtype: fp32, bf16 or fp16 (narrower than --dtype halves KV memory). Default: --dtype.")]
 DraftDtypeOpt = Annotated[Optional[str], typer.Option("--draft-dtype", help="The draft model's dtype. Default: --dtype.")]
 
@@ -127,6 +128,7 @@ def generate(
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow pickled .bin weights (they can run code).")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run model code from the model's repository.")] = False,
     forward: ForwardOpt = "auto",
+    cuda_graphs: GraphsOpt = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with the text and measurements.")] = False,
 ):
     """Generate once from a prompt with speculative decoding; stream the text, or print JSON.
@@ -153,6 +155,7 @@ def generate(
         draft_dtype=draft_dtype, context=context,
         draft_len=draft_len, draft_window=draft_window, allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code, on_text=None if as_json else stream, forward=forward,
+        cuda_graphs=cuda_graphs,
     )
     if as_json:
         print(json.dumps(result.to_json()))
@@ -186,6 +189,7 @@ def chat(
     stats: Annotated[bool, typer.Option("--stats", help="Show speed, acceptance and memory after each reply.")] = False,
     json_log: Annotated[Optional[Path], typer.Option("--json-log", help="Append one JSON line per turn to this file.")] = None,
     forward: ForwardOpt = "auto",
+    cuda_graphs: GraphsOpt = True,
 ):
     """Chat in the terminal with speculative decoding, within a memory budget.
 
@@ -209,7 +213,7 @@ def chat(
         with err.status("loading models…"):
             pipeline = open_pipeline(target, draft, device=device, budget=size, context=context, dtype=dtype,
                                      kv_dtype=kv_dtype, draft_dtype=draft_dtype, forward=forward,
-                                     sampling=SamplingConfig(temperature=temperature, top_p=top_p, seed=seed))
+                                     cuda_graphs=cuda_graphs, sampling=SamplingConfig(temperature=temperature, top_p=top_p, seed=seed))
         ChatTerminal(ChatSession(pipeline, system, max_new_tokens), Console(highlight=False), stats, log, err).run()
     finally:
         if log:

@@ -56,7 +56,8 @@ def generate(target: str, draft: str, prompt: str, *, chat: bool = False, max_ne
              device: str = "cpu", dtype: str | None = None, kv_dtype: str | None = None,
              draft_dtype: str | None = None, context: int | None = None, draft_len: int | None = None,
              draft_window: int | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
-             on_text: Callable[[str], None] | None = None, forward: str = "auto") -> GenerateResult:
+             on_text: Callable[[str], None] | None = None, forward: str = "auto",
+             cuda_graphs: bool = True) -> GenerateResult:
     if max_new_tokens < 1:
         raise BadInput(f"--max-new-tokens must be ≥ 1, got {max_new_tokens}")
     prompt = clean_text(prompt)
@@ -76,7 +77,7 @@ def generate(target: str, draft: str, prompt: str, *, chat: bool = False, max_ne
     rt = open_pipeline(target, draft, device=device, budget=budget, context=planned, draft_len=draft_len,
                        draft_window=draft_window, dtype=dtype, kv_dtype=kv_dtype, draft_dtype=draft_dtype,
                        sampling=sampling, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, refs=refs,
-                       tokenizer=tokenizer, forward=forward)
+                       tokenizer=tokenizer, forward=forward, cuda_graphs=cuda_graphs)
     stops = set() if ignore_eos else stop_ids(rt.tokenizer, rt.target.model)
     new: list[int] = []
     stream = StreamDecoder(tokenizer)

@@ -56,19 +56,31 @@ def cap_cuda_memory(report: PlanReport) -> None:
         cuda_cap_fraction(report.budget_bytes, report.device.overhead_bytes, total), 0)
 
 
-def make_drafter(report: PlanReport, draft: LoadedModel | None, sampling: SamplingConfig, device, generator):
+def step_forward(model: LoadedModel, cuda_graphs: bool):
+    """The forward the engine calls: on a GPU our decoder's small steps replay CUDA graphs."""
+    if cuda_graphs and model.device.type == "cuda" and model.forward_path == "specmemo":
+        from specmemo.models.graphs import GraphedForward
+
+        return GraphedForward(model.forward)
+    return model.forward
+
+
+def make_drafter(report: PlanReport, draft: LoadedModel | None, sampling: SamplingConfig, device, generator,
+                 cuda_graphs: bool = True):
     if report.drafter == "none":
         return NoDrafter(device)
     if report.drafter == "ngram":
         return NgramDrafter(device)
     req = report.plan.request
     store = allocator.allocate_draft(report.plan, torch_dtype(req.draft_kv), device)
-    return ModelDrafter(draft.forward, store, sampling, req.draft_window, generator, prefill_chunk=req.prefill_chunk)
+    return ModelDrafter(step_forward(draft, cuda_graphs), store, sampling, req.draft_window, generator,
+                        prefill_chunk=req.prefill_chunk)
 
 
 def assemble(report: PlanReport, target: LoadedModel, draft: LoadedModel | None, sampling: SamplingConfig,
-             preload_bytes: int = 0, load_peak_bytes: int = 0) -> Pipeline:
-    """Allocate once from the plan and build the engine. Generation memory is measured from here."""
+             preload_bytes: int = 0, load_peak_bytes: int = 0, cuda_graphs: bool = True) -> Pipeline:
+    """Allocate once from the plan and build the engine. Generation memory is measured from here.
+    cuda_graphs: replay our decoder's decode/verify steps as CUDA graphs on a GPU (models/graphs.py)."""
     why = report.plan.not_runnable()
     if why:
         raise BadInput(f"this plan is not runnable yet: {'; '.join(why)}")
@@ -80,9 +92,12 @@ def assemble(report: PlanReport, target: LoadedModel, draft: LoadedModel | None,
         torch.manual_seed(sampling.seed)
     req = report.plan.request
     store = allocator.allocate_target(report.plan, torch_dtype(req.kv), device)
-    drafter = make_drafter(report, draft, sampling, device, generator)
-    engine = Engine(target.forward, store, drafter, sampling, draft_len=req.draft_len,
+    drafter = make_drafter(report, draft, sampling, device, generator, cuda_graphs)
+    engine = Engine(step_forward(target, cuda_graphs), store, drafter, sampling, draft_len=req.draft_len,
                     prefill_chunk=req.prefill_chunk, context=req.context, generator=generator)
+    for forward, kv in [(engine.forward, store), (getattr(drafter, "forward", None), getattr(drafter, "store", None))]:
+        if hasattr(forward, "warm"):  # CUDA graphs: captured now, inside the measured generation memory
+            forward.warm(kv, req.draft_len + 1)
     return Pipeline(report, target, draft, engine, meter, preload_bytes, load_peak_bytes)
 
 
@@ -91,7 +106,7 @@ def open_pipeline(target: str, draft: str, *, device: str = "cpu", budget: int |
                   dtype: str | None = None, kv_dtype: str | None = None, draft_dtype: str | None = None,
                   sampling: SamplingConfig = SamplingConfig(), prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                   allow_pickle: bool = False, trust_remote_code: bool = False, min_context: int = 0, refs=None,
-                  tokenizer=None, forward: str = "auto") -> Pipeline:
+                  tokenizer=None, forward: str = "auto", cuda_graphs: bool = True) -> Pipeline:
     """Resolve, plan (refusing what does not fit), load, allocate. `context` defaults to the
     largest that fits the budget, at least `min_context`. dtype None: the device's default."""
     # A named profile (e.g. rtx-3060-12gb) gives the budget; its kind says where to run.
@@ -131,4 +146,5 @@ def open_pipeline(target: str, draft: str, *, device: str = "cpu", budget: int |
         # A draft directory need not carry tokenizer files: its vocabulary size was checked.
         d = load_model(d_ref, req.ddtype, kind, with_tokenizer=False, allow_pickle=allow_pickle,
                        trust_remote_code=trust_remote_code, fast_layout=True, forward=forward)
-    return assemble(report, t, d, sampling, preload_bytes=meter.baseline, load_peak_bytes=meter.above_baseline())
+    return assemble(report, t, d, sampling, preload_bytes=meter.baseline, load_peak_bytes=meter.above_baseline(),
+                    cuda_graphs=cuda_graphs)

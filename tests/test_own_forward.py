@@ -93,6 +93,40 @@ def test_greedy_speculation_on_our_decoder_equals_plain_decoding(drafter, draft,
     assert out == plain and stats.accepted_tokens > 0
 
 
+@pytest.mark.parametrize("variant", ["llama-gqa", "qwen3-qk-norm", "qwen2-qkv-bias"])
+def test_the_fixed_shape_step_for_cuda_graphs_matches_the_eager_forward(variant):
+    """forward_static (K/V written by index, attention over every slot under a device-built mask)
+    gives the eager forward's logits, and leaves the store as the eager forward would."""
+    from specmemo.models.graphs import GraphedForward
+
+    model = hf_model(VARIANTS[variant])
+    own = own_model(model)
+    ids = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(4))
+    eager, static = store_for(model), store_for(model)
+    graphed = GraphedForward(own, max_tokens=6, capture=False)
+    for a, b in [(0, 20), (20, 21), (21, 27), (27, 28), (28, 33)]:  # a prefill chunk (eager), steps
+        ref = own(eager, ids[:, a:b], b - a)
+        got = graphed(static, ids[:, a:b], b - a)
+        assert static.length == eager.length == b
+        assert (got - ref).abs().max() < 1e-4 and torch.equal(got.argmax(-1), ref.argmax(-1))
+    assert torch.allclose(static.keys[:, :, :, :33], eager.keys[:, :, :, :33], atol=1e-6)
+    static.trim(30)  # rejected candidates: the next step overwrites their slots
+    eager.trim(30)
+    assert torch.allclose(graphed(static, ids[:, 35:37], 2), own(eager, ids[:, 35:37], 2), atol=1e-4)
+
+
+@pytest.mark.parametrize("drafter,draft", [("ngram", None), ("model", DRAFT)])
+def test_greedy_speculation_through_the_fixed_shape_step_equals_plain_decoding(drafter, draft):
+    import random
+
+    rng = random.Random(5)
+    prompt = ([rng.randrange(VOCAB) for _ in range(9)] * 5)[:40]
+    plain, _ = run(make_engine(TARGET, "none", own=True), prompt, 60)
+    assert run(make_engine(TARGET, "none", graphed=True), prompt, 60)[0] == plain
+    out, stats = run(make_engine(TARGET, drafter, draft, graphed=True), prompt, 60)
+    assert out == plain and stats.accepted_tokens > 0
+
+
 def test_an_architecture_outside_the_family_runs_through_the_adapter(tmp_path):
     from specmemo.models.load import load_model
     from specmemo.models.resolve import resolve

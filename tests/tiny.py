@@ -51,13 +51,16 @@ def own_model(model):
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             cfg = json.loads(open(f"{tmp}/config.json").read())
-            _OWN[id(model)] = (model, load_llama(tmp, cfg, next(model.parameters()).dtype))
+            p = next(model.parameters())
+            _OWN[id(model)] = (model, load_llama(tmp, cfg, p.dtype, p.device))
     return _OWN[id(model)][1]
 
 
 def make_engine(target, drafter="none", draft=None, *, context=300, k=4, window=None,
-                sampling=SamplingConfig(), chunk=16, seed=None, device="cpu", kv_dtype=None, own=False):
-    """own: run our decoder (with the same weights) instead of the transformers model."""
+                sampling=SamplingConfig(), chunk=16, seed=None, device="cpu", kv_dtype=None, own=False,
+                graphed=False):
+    """own: run our decoder (with the same weights) instead of the transformers model; graphed:
+    through models/graphs.py (CUDA graphs on a GPU, the fixed-shape path uncaptured on a CPU)."""
     req = PlanRequest(target=arch_of(target), draft=arch_of(draft) if draft is not None else None,
                       drafter=drafter, context=context, draft_len=0 if drafter == "none" else k,
                       draft_window=window or context, dtype="fp32", prefill_chunk=chunk)
@@ -65,7 +68,11 @@ def make_engine(target, drafter="none", draft=None, *, context=300, k=4, window=
     dtype = next(target.parameters()).dtype
     store = allocator.allocate_target(plan, kv_dtype or dtype, device)
     gen = sampling.generator(device) if seed is None else torch.Generator(device).manual_seed(seed)
-    fwd = own_model if own else as_forward
+    fwd = own_model if own or graphed else as_forward
+    if graphed:
+        from specmemo.models.graphs import GraphedForward
+
+        fwd = lambda m: GraphedForward(own_model(m), capture=device == "cuda")
     if drafter == "model":
         d = ModelDrafter(fwd(draft), allocator.allocate_draft(plan, next(draft.parameters()).dtype, device), sampling,
                          req.draft_window, gen)

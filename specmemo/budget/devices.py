@@ -29,6 +29,7 @@ class Device:
     verify_bytes: int = 0      # measured: fixed scratch of the verification (k+1 token) kernels
     baseline_bytes: int = 0    # measured: the process before any model loads (CPU; 0 on CUDA)
     half_scratch_bytes: int = 0  # measured: extra scratch of bf16/fp16 kernels on this device
+    graph_bytes: int = 0       # measured: fixed cost of CUDA-graph capture (0: no graphs on this device)
 
 
 def default_dtype(kind: str) -> str:
@@ -102,4 +103,5 @@ def load_device(name: str) -> Device:
         verify_bytes=int(data.get("verify_bytes", 0)),
         baseline_bytes=int(data.get("baseline_bytes", 0)),
         half_scratch_bytes=int(data.get("half_scratch_bytes", 0)),
+        graph_bytes=int(data.get("graph_bytes", 0)),
     )

@@ -41,6 +41,7 @@ class PlanRequest:
     engine_bytes: int = 0          # measured fixed scratch of the first forward (device profile)
     verify_bytes: int = 0          # measured fixed scratch of multi-token verification kernels
     half_scratch_bytes: int = 0    # measured scratch of bf16/fp16 kernels (CPU: conversion buffers)
+    graph_bytes: int = 0           # measured fixed cost of CUDA-graph capture (0: the device runs none)
 
     def with_(self, **changes) -> "PlanRequest":
         return PlanRequest(**{**self.__dict__, **changes})
@@ -123,10 +124,8 @@ def make_plan(req: PlanRequest) -> Plan:
     W = min(req.draft_window, N) if d else 0
     # Only one forward runs at a time, so the workspace is the largest of: a prefill chunk,
     # a verification of k+1 candidates, and (with a draft model) a draft step.
-    workspaces = [
-        fp.forward_workspace_bytes(t, req.dtype, min(req.prefill_chunk, N), N, B, req.kv),
-        fp.forward_workspace_bytes(t, req.dtype, min(k + 1, N), N, B, req.kv),
-    ]
+    step = fp.forward_workspace_bytes(t, req.dtype, min(k + 1, N), N, B, req.kv)
+    workspaces = [fp.forward_workspace_bytes(t, req.dtype, min(req.prefill_chunk, N), N, B, req.kv), step]
     if d:
         workspaces.append(fp.forward_workspace_bytes(d, req.ddtype, min(req.prefill_chunk, W), W + k + 1, B,
                                                      req.draft_kv))
@@ -143,6 +142,9 @@ def make_plan(req: PlanRequest) -> Plan:
         "workspace": max(workspaces) * req.workspace_pct // 100,
         "kernel_scratch": req.engine_bytes + (req.verify_bytes if k >= 1 else 0)
         + (req.half_scratch_bytes if fp.is_half(req.dtype) or (d and fp.is_half(req.ddtype)) else 0),
+        # CUDA graphs (models/graphs.py): the capture stream's cuBLAS workspace, and the graphs'
+        # private pool, which holds the largest captured step's scratch beside the eager cache.
+        "cuda_graphs": req.graph_bytes + step if req.graph_bytes else 0,
         "sampling": fp.sampling_bytes(t, k, B, req.sampling),
         "runtime_overhead": req.overhead_bytes,
     }

@@ -161,9 +161,10 @@ class LlamaModel:
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(self.dtype)[None, None], emb.sin().to(self.dtype)[None, None]
 
-    def attention(self, layer: Layer, index: int, x: torch.Tensor, store: KVStore, cos, sin,
+    def attention(self, layer: Layer, index: int, x: torch.Tensor, write, cos, sin,
                   mask: torch.Tensor | None) -> torch.Tensor:
-        """x: [B, n, E] (normed) -> [B, n, E]; writes this layer's K/V for the n tokens into the store."""
+        """x: [B, n, E] (normed) -> [B, n, E]. write(index, k, v) puts this layer's K/V for the n
+        tokens into the store and returns the keys/values attention sees."""
         cfg = self.cfg
         B, n, _ = x.shape
         H, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -178,7 +179,7 @@ class LlamaModel:
             q, k = rms_norm(q, layer.q_norm, cfg.rms_eps), rms_norm(k, layer.k_norm, cfg.rms_eps)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        keys, values = store.write(index, k, v)                       # [B, Hkv, S, D]
+        keys, values = write(index, k, v)                             # [B, Hkv, S, D]
         if keys.dtype != q.dtype:  # a narrower KV store (--kv-dtype): widen one layer at a time
             keys, values = keys.to(q.dtype), values.to(q.dtype)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
@@ -191,6 +192,24 @@ class LlamaModel:
         return (F.silu(gate) * up) @ layer.w_down
 
     # -- the forward pass -----------------------------------------------------------------------
+
+    def _stack(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, write,
+               logits_to_keep: int) -> torch.Tensor:
+        """ids [B, n] at positions [n] through every layer; mask: additive [n, S] or None."""
+        cos, sin = self.rope(positions)
+        h = self.embed_tokens(ids)                                    # [B, n, E]
+        eps = self.cfg.rms_eps
+        for i, layer in enumerate(self.layers):
+            h = h + self.attention(layer, i, rms_norm(h, layer.attn_norm, eps), write, cos, sin, mask)
+            h = h + self.mlp(layer, rms_norm(h, layer.mlp_norm, eps))
+        h = rms_norm(h[:, -logits_to_keep:], self.norm, eps)
+        return (h @ self.head).float()                                # [B, keep, V]
+
+    def additive(self, mask: torch.Tensor) -> torch.Tensor:
+        """Boolean mask (True = attend) -> 0 / −inf in the compute dtype. Built once per forward:
+        SDPA would otherwise convert a boolean mask in every layer (on a GPU, where a step is
+        bound by kernel launches, that doubled a 6-token verification's time)."""
+        return torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
     @torch.inference_mode()
     def forward(self, store: KVStore, ids: torch.Tensor, logits_to_keep: int = 1,
@@ -205,14 +224,28 @@ class LlamaModel:
             positions = torch.arange(store.length, store.length + n, device=ids.device)
         if mask is None:
             mask = attention_mask(store, n)
-        cos, sin = self.rope(positions)
-        h = self.embed_tokens(ids)                                    # [B, n, E]
-        eps = self.cfg.rms_eps
-        for i, layer in enumerate(self.layers):
-            h = h + self.attention(layer, i, rms_norm(h, layer.attn_norm, eps), store, cos, sin, mask)
-            h = h + self.mlp(layer, rms_norm(h, layer.mlp_norm, eps))
+        logits = self._stack(ids, positions, None if mask is None else self.additive(mask), store.write,
+                             logits_to_keep)
         store.advance()
-        h = rms_norm(h[:, -logits_to_keep:], self.norm, eps)
-        return (h @ self.head).float()                                # [B, keep, V]
+        return logits
+
+    @torch.inference_mode()
+    def forward_static(self, store: KVStore, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The same step with shapes fixed by n alone, for CUDA graphs (models/graphs.py): ids [B, n]
+        at positions [n] (a device tensor) are written into a full-layout store by index, and
+        attention runs over all capacity slots, masked on the device (slot s is visible to the
+        query at position p iff s ≤ p). Commits nothing: the caller moves store.length.
+        Returns fp32 logits [B, n, V]."""
+        slots = torch.arange(store.capacity, device=ids.device)
+        mask = torch.zeros(positions.shape[0], store.capacity, dtype=self.dtype, device=ids.device)
+        mask.masked_fill_(slots[None, :] > positions[:, None], float("-inf"))    # [n, capacity]
+
+        def write(index: int, k: torch.Tensor, v: torch.Tensor):
+            keys, values = store.keys[index], store.values[index]             # [B, Hkv, capacity, D]
+            keys.index_copy_(2, positions, k.to(keys.dtype))
+            values.index_copy_(2, positions, v.to(values.dtype))
+            return keys, values
+
+        return self._stack(ids, positions, mask, write, ids.shape[1])
 
     __call__ = forward

@@ -255,67 +255,70 @@ def wrap(ref: ModelRef, model: torch.nn.Module, tokenizer=None) -> LoadedModel:
 _BLOCK_ROWS = 2048  # rows per read when transposing into place: a few MiB of scratch, never a whole matrix
 
 
-def _fill_transposed(dest: torch.Tensor, entry, col: int) -> None:
-    """dest[:, col : col + rows] = the file's [rows, cols] matrix transposed, a block of rows at a time."""
-    rows = entry[3][0]
-    for r0 in range(0, rows, _BLOCK_ROWS):
-        r1 = min(rows, r0 + _BLOCK_ROWS)
-        dest[:, col + r0 : col + r1].copy_(_read_rows(entry, r0, r1).t())
-
-
-@torch.no_grad()
 def load_llama(location: str, config: dict, dtype: torch.dtype, device: str = "cpu"):
     """Our decoder (models/llama.py) with weights read from local safetensors straight into its
     layout: no transformers module, no second copy of any matrix."""
-    from specmemo.models.llama import LlamaConfig, LlamaModel
-
     index = _safetensors_index(location)
-    cfg = LlamaConfig.from_hf(config)
-    model = LlamaModel(cfg, dtype, "cpu")
-    p = "model.layers.{}."
 
-    def entry(name: str):
+    def nrows(name: str) -> int:
         if name not in index:
             raise UnknownModel(f"{location} lacks the tensor {name}")
-        return index[name]
+        return index[name][3][0]
+
+    def rows(name: str, r0: int, r1: int | None) -> torch.Tensor:
+        return _read_rows(index[name], r0, nrows(name) if r1 is None else r1)
+
+    return _build_llama(config, rows, nrows, dtype, device)
+
+
+def own_from_transformers(model: torch.nn.Module):
+    """Our decoder with the weights of a transformers Llama-family model already in memory, on
+    its device (random-weight models for GPU checks: no save and reload of gigabytes)."""
+    state = model.state_dict()
+    p = next(model.parameters())
+    return _build_llama(model.config.to_dict(), lambda name, r0, r1: state[name][r0:r1],
+                        lambda name: state[name].shape[0], p.dtype, p.device)
+
+
+@torch.no_grad()
+def _build_llama(config: dict, rows, nrows, dtype: torch.dtype, device):
+    """Allocate the decoder on `device` and fill it from rows(name, r0, r1) -> tensor (r1 None:
+    to the end; nrows(name): its first dimension), transposing blocks of rows into place."""
+    from specmemo.models.llama import LlamaConfig, LlamaModel
+
+    cfg = LlamaConfig.from_hf(config)
+    model = LlamaModel(cfg, dtype, device)
 
     def fill(dest: torch.Tensor, name: str) -> None:
-        dest.copy_(_read_rows(entry(name), 0, entry(name)[3][0]))
+        dest.copy_(rows(name, 0, None))
+
+    def fill_transposed(dest: torch.Tensor, name: str, col: int) -> int:
+        """dest[:, col : col + n] = the [n, in] matrix `name` transposed; returns n."""
+        n = nrows(name)
+        for r0 in range(0, n, _BLOCK_ROWS):
+            r1 = min(n, r0 + _BLOCK_ROWS)
+            dest[:, col + r0 : col + r1].copy_(rows(name, r0, r1).t())
+        return n
 
     for i, layer in enumerate(model.layers):
-        pre = p.format(i)
+        pre = f"model.layers.{i}."
         fill(layer.attn_norm, pre + "input_layernorm.weight")
         fill(layer.mlp_norm, pre + "post_attention_layernorm.weight")
         col = 0
         for part in ("q", "k", "v"):
-            e = entry(f"{pre}self_attn.{part}_proj.weight")
-            _fill_transposed(layer.w_qkv, e, col)
+            n = fill_transposed(layer.w_qkv, f"{pre}self_attn.{part}_proj.weight", col)
             if layer.b_qkv is not None:
-                fill(layer.b_qkv[col : col + e[3][0]], f"{pre}self_attn.{part}_proj.bias")
-            col += e[3][0]
+                fill(layer.b_qkv[col : col + n], f"{pre}self_attn.{part}_proj.bias")
+            col += n
         if layer.q_norm is not None:
             fill(layer.q_norm, pre + "self_attn.q_norm.weight")
             fill(layer.k_norm, pre + "self_attn.k_norm.weight")
-        _fill_transposed(layer.w_o, entry(pre + "self_attn.o_proj.weight"), 0)
-        _fill_transposed(layer.w_gate_up, entry(pre + "mlp.gate_proj.weight"), 0)
-        _fill_transposed(layer.w_gate_up, entry(pre + "mlp.up_proj.weight"), cfg.intermediate_size)
-        _fill_transposed(layer.w_down, entry(pre + "mlp.down_proj.weight"), 0)
+        fill_transposed(layer.w_o, pre + "self_attn.o_proj.weight", 0)
+        fill_transposed(layer.w_gate_up, pre + "mlp.gate_proj.weight", 0)
+        fill_transposed(layer.w_gate_up, pre + "mlp.up_proj.weight", cfg.intermediate_size)
+        fill_transposed(layer.w_down, pre + "mlp.down_proj.weight", 0)
     fill(model.norm, "model.norm.weight")
-    _fill_transposed(model.embed, entry("model.embed_tokens.weight"), 0)
+    fill_transposed(model.embed, "model.embed_tokens.weight", 0)
     if not cfg.tie_embeddings:
-        _fill_transposed(model.head, entry("lm_head.weight"), 0)
-    if torch.device(device).type != "cpu":
-        model = _moved(model, device)
-    return model
-
-
-def _moved(model, device):
-    """The same model on another device (tensor by tensor, so the host copy is freed as it goes)."""
-    for holder in [model, *model.layers]:
-        for name, t in list(vars(holder).items()):
-            if isinstance(t, torch.Tensor):
-                setattr(holder, name, t.to(device))
-    if model.cfg.tie_embeddings:
-        model.embed = model.head
-    model.device = torch.device(device)
+        fill_transposed(model.head, "lm_head.weight", 0)
     return model

@@ -15,6 +15,7 @@ _EXPLAIN = {
     "logits": "(k+1) × vocab logits, model dtype + fp32 copy",
     "workspace": "largest forward: prefill chunk, verify or draft step × allocator factor",
     "kernel_scratch": "fixed kernel scratch: first forward, verification, half-precision kernels",
+    "cuda_graphs": "CUDA graphs: capture stream workspace and the graphs' private memory pool",
     "sampling": "p, q and top-p sort buffers for k+1 rows",
     "runtime_overhead": "device runtime reserve",
 }
