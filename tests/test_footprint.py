@@ -65,14 +65,14 @@ def test_workspace():
 
 def test_quantized_weight_bytes_count_groups_and_keep_vectors_in_the_compute_dtype():
     # SmolLM2-135M in q4: per layer q 576×18 groups, k and v 192×18, o 576×18, gate and up 1536×18,
-    # down 576×48 = 110,592 groups; ×30 layers + the tied embedding 49152×18 = 4,202,496 groups of
-    # 20 bytes (16 packed + fp16 scale + fp16 min). Vectors: 30·2·576 + 576 = 35,136 norms, bf16.
-    assert 30 * 110_592 + 49152 * 18 == 4_202_496 and 4_202_496 * 32 + 35_136 == TIED.num_params()
-    assert fp.weight_bytes(TIED, "q4") == 4_202_496 * 20 + 35_136 * 2 == 84_120_192
-    assert fp.weight_bytes(TIED, "q8") == 4_202_496 * 34 + 35_136 * 2
-    # llama-2-7b: every matrix divides into groups; 6,738,415,616 − 266,240 vector parameters
-    # (32·2·4096 norms + the final 4096) in groups of 32.
-    vectors = 32 * 2 * 4096 + 4096
-    assert fp.weight_bytes(MHA, "q4") == (6_738_415_616 - vectors) // 32 * 20 + vectors * 2
+    # down 576×48 = 110,592 groups; ×30 layers = 3,317,760 groups of 20 bytes (16 packed + scale
+    # + min). The tied embedding (49152 × 576) and the vectors (30·2·576 + 576 = 35,136 norms) bf16.
+    assert 30 * 110_592 * 32 + 49152 * 576 + 35_136 == TIED.num_params()
+    assert fp.weight_bytes(TIED, "q4") == 3_317_760 * 20 + (49152 * 576 + 35_136) * 2 == 123_048_576
+    assert fp.weight_bytes(TIED, "q8") == 3_317_760 * 34 + (49152 * 576 + 35_136) * 2
+    # llama-2-7b: layer matrices in groups of 32; the untied embedding and head (2 × 32000 × 4096)
+    # and 266,240 vector parameters (32·2·4096 norms + the final 4096) in bf16.
+    vectors, embed = 32 * 2 * 4096 + 4096, 2 * 32000 * 4096
+    assert fp.weight_bytes(MHA, "q4") == (6_738_415_616 - vectors - embed) // 32 * 20 + (vectors + embed) * 2
     # activations and the default KV cache of a quantized model are bf16
     assert fp.kv_bytes_per_token(MHA, fp.compute_dtype("q4")) == fp.kv_bytes_per_token(MHA, "bf16")

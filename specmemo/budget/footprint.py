@@ -54,12 +54,14 @@ def matrices(arch: Arch) -> list[tuple[int, int, int]]:
 
 def weight_bytes(arch: Arch, dtype: str) -> int:
     """Parameters × bytes; tied embeddings are one matrix in memory and counted once. For q4/q8,
-    each matrix row is ⌈columns / 32⌉ groups of QUANT_GROUP_BYTES, and the vectors (norms,
-    biases) stay in the compute dtype."""
+    each row of a decoder layer's matrices is ⌈columns / 32⌉ groups of QUANT_GROUP_BYTES; the
+    token embedding and LM head stay in the compute dtype (an embedding lookup needs whole rows,
+    and GGUF files keep these at 6-8 bits anyway), as do the vectors (norms, biases)."""
     if not is_quantized(dtype):
         return arch.num_params() * dtype_bytes(dtype)
-    in_matrices = sum(n * rows * cols for n, rows, cols in matrices(arch))
-    groups = sum(n * rows * -(-cols // QUANT_GROUP) for n, rows, cols in matrices(arch))
+    layers = matrices(arch)[:-1]
+    in_matrices = sum(n * rows * cols for n, rows, cols in layers)
+    groups = sum(n * rows * -(-cols // QUANT_GROUP) for n, rows, cols in layers)
     return groups * QUANT_GROUP_BYTES[dtype] + (arch.num_params() - in_matrices) * dtype_bytes(dtype)
 
 

@@ -15,7 +15,7 @@ DRAFTERS_WITHOUT_WEIGHTS = ("ngram", "none")
 STATIC_COMPONENTS = ("process_baseline", "target_weights", "draft_weights", "runtime_overhead")
 
 # What the engine can run today; `plan` still plans the rest, marked not runnable.
-RUNNABLE_DTYPES = ("fp32", "bf16", "fp16")
+RUNNABLE_DTYPES = ("fp32", "bf16", "fp16", "q4")  # q4: GGUF Q4_0/Q4_1 on a CPU (models/quant.py)
 
 
 @dataclass(frozen=True)

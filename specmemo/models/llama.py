@@ -124,7 +124,11 @@ class Layer:
         self.w_down = empty(I, E)                      # [I, E]
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in vars(self).values() if isinstance(t, torch.Tensor)]
+        """Every tensor it holds (a packed matrix, models/quant.py, contributes its parts)."""
+        out = []
+        for t in vars(self).values():
+            out.extend([t] if isinstance(t, torch.Tensor) else t.tensors() if hasattr(t, "tensors") else [])
+        return out
 
 
 class LlamaModel:

@@ -122,6 +122,8 @@ def load_model(ref: ModelRef, dtype: str, device: str = "cpu", *, with_tokenizer
     hf_logging.set_verbosity_error()
     if ref.location is None:
         raise UnknownModel(f"{ref.name} has no weights source (alias without hub id or package)")
+    if dtype == "q4":
+        return _load_q4(ref, device, with_tokenizer, trust_remote_code)
     kwargs = _weights_kwargs(ref, allow_pickle)
     want = torch_dtype(dtype)
     location = _dense_location(ref, trust_remote_code)
@@ -166,6 +168,29 @@ def _load_own(ref: ModelRef, location: str, dtype: torch.dtype, device: str, wit
 
     path = Path(location)  # own_forward_reason has checked the architecture
     model = load_llama(location, json.loads((path / "config.json").read_text()), dtype, device)
+    gen = path / "generation_config.json"
+    model.generation_config = SimpleNamespace(**(json.loads(gen.read_text()) if gen.is_file() else {}))
+    tokenizer = load_tokenizer(ref, trust_remote_code) if with_tokenizer else None
+    return LoadedModel(ref, model, tokenizer, dtype, torch.device(device), "specmemo", model)
+
+
+def _load_q4(ref: ModelRef, device: str, with_tokenizer: bool, trust_remote_code: bool) -> LoadedModel:
+    """A GGUF's 4-bit matrices kept packed (load_gguf_q4), bf16 activations, on a CPU."""
+    import json
+    from types import SimpleNamespace
+
+    from specmemo.budget.footprint import QUANT_COMPUTE
+
+    if torch.device(device).type != "cpu":
+        raise BadInput("--dtype q4 runs on a CPU so far (torch's int4 CPU kernel); on CUDA use bf16 or fp16")
+    if not ref.gguf_file:
+        raise BadInput(f"--dtype q4 needs a GGUF file with Q4_0/Q4_1 weights; {ref.name} is not one "
+                       "(quantizing safetensors on load is not built yet)")
+    # The dense copy (made once, in a child process) gives config.json and the tokenizer files.
+    path = Path(_dense_location(ref, trust_remote_code))
+    dtype = TORCH_DTYPES[QUANT_COMPUTE]
+    model = load_gguf_q4(str(Path(ref.location) / ref.gguf_file), json.loads((path / "config.json").read_text()),
+                         dtype)
     gen = path / "generation_config.json"
     model.generation_config = SimpleNamespace(**(json.loads(gen.read_text()) if gen.is_file() else {}))
     tokenizer = load_tokenizer(ref, trust_remote_code) if with_tokenizer else None
@@ -321,4 +346,101 @@ def _build_llama(config: dict, rows, nrows, dtype: torch.dtype, device):
     fill_transposed(model.embed, "model.embed_tokens.weight", 0)
     if not cfg.tie_embeddings:
         fill_transposed(model.head, "lm_head.weight", 0)
+    return model
+
+
+Q4_TYPES = ("Q4_0", "Q4_1")
+
+
+@torch.no_grad()
+def load_gguf_q4(gguf_path: str, config: dict, dtype: torch.dtype):
+    """Our decoder with a Llama GGUF's Q4_0/Q4_1 matrices kept packed (models/quant.py) and run
+    by torch's int4 CPU kernel; activations, norms, the embedding and LM head in `dtype`. Other
+    tensor types in a layer (Q8_0, K-quants, F16) are dequantized with one warning line. Tensors
+    are read with file reads one at a time (the embedding in blocks of rows): the load peak stays
+    near the packed weights."""
+    import gguf
+    import numpy as np
+    from rich.progress import Progress
+
+    from specmemo.models.gguf_file import GGUFFile
+    from specmemo.models.llama import LlamaConfig, LlamaModel
+    from specmemo.models.quant import GROUP, Int4Weight, q4_blocks, rope_rows
+
+    f = GGUFFile(gguf_path)
+    arch = f.metadata.get("general.architecture")
+    if arch != "llama":
+        raise UnknownModel(f"{f.path.name}: packed q4 runs GGUF architecture 'llama', not {arch!r}; "
+                           "use --dtype fp32 or bf16")
+    cfg = LlamaConfig.from_hf(config)
+    model = LlamaModel(cfg, dtype, "cpu")  # dense buffers stay untouched (never resident) and are replaced
+    dequantized: set[str] = set()
+
+    def entry(name: str):
+        if name not in f.tensors:
+            raise UnknownModel(f"{f.path.name} lacks the tensor {name}")
+        return f.tensors[name]
+
+    def rows_f32(t, r0: int, r1: int) -> torch.Tensor:
+        """Rows r0..r1 of a tensor as float32 [r1 − r0, cols]."""
+        if t.kind not in ("F32", "F16", "BF16"):
+            dequantized.add(t.kind)
+        values = gguf.quants.dequantize(f.read_rows(t, r0, r1), gguf.GGMLQuantizationType(t.type_id))
+        return torch.from_numpy(np.array(values, dtype=np.float32)).reshape(r1 - r0, t.shape[0])
+
+    def vector(name: str) -> torch.Tensor:
+        t = entry(name)
+        return rows_f32(t, 0, 1)[0].to(dtype)
+
+    def matrix(name: str, heads: int | None = None):
+        """Q4 data as (q, scale, zero) rows [out, ...]; anything else dense [out, in] fp32.
+        heads: undo llama.cpp's Q/K row permutation."""
+        t = entry(name)
+        cols, rows = t.shape
+        perm = rope_rows(rows, heads) if heads else slice(None)
+        if t.kind in Q4_TYPES:
+            return tuple(part[perm] for part in q4_blocks(f.read_rows(t, 0, rows), t.kind, rows, cols))
+        return rows_f32(t, 0, rows)[perm]
+
+    def fused(*parts):
+        """[in, out] for `x @ w`, the parts' outputs side by side: packed when all are Q4 (they are
+        packed together: the kernel's layout tiles rows, so packed matrices do not concatenate)."""
+        if all(isinstance(p, tuple) for p in parts):
+            return Int4Weight.from_q4(*(torch.cat(x) for x in zip(*parts)), dtype)
+        dense = [(p[0] - 8) * p[1].repeat_interleave(GROUP, 1) + p[2].repeat_interleave(GROUP, 1)
+                 if isinstance(p, tuple) else p for p in parts]
+        return torch.cat(dense).t().contiguous().to(dtype)
+
+    def transposed(name: str) -> torch.Tensor:
+        """[rows, cols] in the file -> [cols, rows] in `dtype`, _BLOCK_ROWS rows at a time (an
+        embedding is the largest tensor: never whole in fp32)."""
+        t = entry(name)
+        cols, rows = t.shape
+        out = torch.empty(cols, rows, dtype=dtype)
+        for r0 in range(0, rows, _BLOCK_ROWS):
+            r1 = min(rows, r0 + _BLOCK_ROWS)
+            out[:, r0:r1].copy_(rows_f32(t, r0, r1).t())
+        return out
+
+    with Progress(transient=True) as progress:
+        task = progress.add_task(f"loading {f.path.name} packed", total=cfg.num_layers)
+        for i, layer in enumerate(model.layers):
+            pre = f"blk.{i}."
+            layer.attn_norm = vector(pre + "attn_norm.weight")
+            layer.mlp_norm = vector(pre + "ffn_norm.weight")
+            layer.w_qkv = fused(matrix(pre + "attn_q.weight", cfg.num_heads),
+                                matrix(pre + "attn_k.weight", cfg.num_kv_heads), matrix(pre + "attn_v.weight"))
+            layer.w_o = fused(matrix(pre + "attn_output.weight"))
+            layer.w_gate_up = fused(matrix(pre + "ffn_gate.weight"), matrix(pre + "ffn_up.weight"))
+            layer.w_down = fused(matrix(pre + "ffn_down.weight"))
+            progress.advance(task)
+    model.norm = vector("output_norm.weight")
+    model.embed = transposed("token_embd.weight")                                 # [E, V]
+    model.head = model.embed if cfg.tie_embeddings else transposed("output.weight")
+    unpacked = [n for n in ("w_qkv", "w_o", "w_gate_up", "w_down") if isinstance(getattr(model.layers[0], n), torch.Tensor)]
+    if unpacked:
+        import sys
+
+        sys.stderr.write(f"warning: {f.path.name}: {', '.join(sorted(dequantized))} layer matrices are not run "
+                         f"packed; dequantized to {str(dtype).split('.')[-1]}\n")
     return model

@@ -54,17 +54,16 @@ def _from_alias(name: str) -> ModelRef:
 
 
 def gguf_config(path: Path) -> dict:
-    """The HF-style config fields of a GGUF file, from its metadata (memory-mapped, no weights read)."""
-    import gguf
+    """The HF-style config fields of a GGUF file, from its metadata (file reads, no weights read)."""
+    from specmemo.models.gguf_file import GGUFFile
 
     try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:
+        reader = GGUFFile(path)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
         raise UnknownModel(f"{path} is not a readable GGUF file ({e})") from None
 
     def field(key):
-        f = reader.fields.get(key)
-        return None if f is None else f.contents()
+        return reader.metadata.get(key)
 
     arch = field("general.architecture")
     if arch is None:
@@ -74,7 +73,7 @@ def gguf_config(path: Path) -> dict:
     hidden = field(f"{arch}.embedding_length")
     return {
         "model_type": "llama" if arch == "llama" else arch,
-        "vocab_size": field(f"{arch}.vocab_size") or (len(tokens) if tokens else None),
+        "vocab_size": field(f"{arch}.vocab_size") or (tokens[1] if tokens else None),
         "hidden_size": hidden,
         "intermediate_size": field(f"{arch}.feed_forward_length"),
         "num_hidden_layers": field(f"{arch}.block_count"),
@@ -83,7 +82,7 @@ def gguf_config(path: Path) -> dict:
         "head_dim": field(f"{arch}.attention.key_length") or (hidden // heads if hidden and heads else None),
         "max_position_embeddings": field(f"{arch}.context_length"),
         # No separate output matrix means the LM head reuses the embedding.
-        "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
+        "tie_word_embeddings": "output.weight" not in reader.tensors,
     }
 
 

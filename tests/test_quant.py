@@ -1,0 +1,166 @@
+"""Packed 4-bit weights: GGUF Q4_0/Q4_1 blocks kept packed and run by torch's int4 CPU kernel.
+
+A tiny Llama is written as a real GGUF file by gguf-py (quantized by gguf-py, Q/K rows permuted
+as llama.cpp's converter does), loaded packed, and compared with our decoder holding the same
+(dequantized) weights densely.
+"""
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from specmemo.budget.arch import Arch
+from specmemo.budget.plan import PlanRequest, make_plan
+from specmemo.memory.allocator import allocate_target
+from specmemo.models.llama import LlamaConfig, LlamaModel
+from specmemo.models.quant import Int4Weight, q4_blocks, rope_rows
+
+Q = gguf.GGMLQuantizationType
+CONFIG = {"model_type": "llama", "vocab_size": 96, "hidden_size": 64, "intermediate_size": 128,
+          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
+          "rope_theta": 10000.0, "tie_word_embeddings": True, "max_position_embeddings": 256}
+
+
+@pytest.mark.parametrize("kind", [Q.Q4_0, Q.Q4_1])
+def test_q4_blocks_multiply_exactly_as_gguf_dequantizes_them(kind):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((48, 128)).astype(np.float32)              # [out, in] as GGUF rows
+    raw = gguf.quants.quantize(w, kind)
+    ref = torch.from_numpy(gguf.quants.dequantize(raw, kind).copy())   # what llama.cpp computes with
+    q, scale, zero = q4_blocks(raw, kind.name, 48, 128)
+    packed = Int4Weight.from_q4(q, scale, zero, torch.float32)
+    assert torch.allclose(packed.dequantize(), ref.t(), atol=1e-6)
+    x = torch.randn(3, 128)
+    assert torch.allclose(x @ packed, x @ ref.t(), atol=1e-4)
+    assert (x[None] @ packed).shape == (1, 3, 48)
+
+
+def test_rope_rows_undo_llama_cpps_permutation():
+    heads, d = 4, 8
+    hf = torch.arange(heads * d)
+    # llama.cpp's convert: w.reshape(heads, 2, d // 2, ...).swapaxes(1, 2)
+    gguf_rows = hf.reshape(heads, 2, d // 2).transpose(1, 2).reshape(-1)
+    assert torch.equal(gguf_rows[rope_rows(heads * d, heads)], hf)
+
+
+def _permute(w: np.ndarray, heads: int) -> np.ndarray:
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_gguf(path, layer_kind=Q.Q4_1, arch="llama", seed=0):
+    """A tiny Llama GGUF and the HF-layout fp32 weights it dequantizes to."""
+    rng = np.random.default_rng(seed)
+    E, I, V, H, Hkv = 64, 128, 96, 4, 2
+    D = E // H
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(2)
+    writer.add_embedding_length(E)
+    writer.add_feed_forward_length(I)
+    writer.add_head_count(H)
+    writer.add_head_count_kv(Hkv)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_context_length(256)
+    hf = {}
+
+    def add(name, w, kind, hf_name, heads=None):
+        stored = _permute(w, heads) if heads else w
+        raw = gguf.quants.quantize(stored, kind)
+        writer.add_tensor(name, raw, raw_dtype=kind)
+        back = gguf.quants.dequantize(raw, kind).reshape(stored.shape)
+        # Undo the permutation on the dequantized values: the HF-layout weights llama.cpp runs.
+        hf[hf_name] = torch.from_numpy(_permute_back(back, heads) if heads else back.copy())
+
+    add("token_embd.weight", rng.standard_normal((V, E)).astype(np.float32), Q.Q8_0, "embed")
+    for i in range(2):
+        norm = (1 + 0.3 * rng.standard_normal(E)).astype(np.float32)
+        add(f"blk.{i}.attn_norm.weight", norm, Q.F32, f"{i}.attn_norm")
+        add(f"blk.{i}.ffn_norm.weight", norm[::-1].copy(), Q.F32, f"{i}.mlp_norm")
+        for part, rows, heads in [("q", H * D, H), ("k", Hkv * D, Hkv), ("v", Hkv * D, None)]:
+            add(f"blk.{i}.attn_{part}.weight", 0.2 * rng.standard_normal((rows, E)).astype(np.float32), layer_kind,
+                f"{i}.{part}", heads)
+        add(f"blk.{i}.attn_output.weight", 0.2 * rng.standard_normal((E, H * D)).astype(np.float32), layer_kind, f"{i}.o")
+        add(f"blk.{i}.ffn_gate.weight", 0.2 * rng.standard_normal((I, E)).astype(np.float32), layer_kind, f"{i}.gate")
+        add(f"blk.{i}.ffn_up.weight", 0.2 * rng.standard_normal((I, E)).astype(np.float32), layer_kind, f"{i}.up")
+        add(f"blk.{i}.ffn_down.weight", 0.2 * rng.standard_normal((E, I)).astype(np.float32), layer_kind, f"{i}.down")
+    add("output_norm.weight", np.ones(E, dtype=np.float32), Q.F32, "norm")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return hf
+
+
+def _permute_back(w: np.ndarray, heads: int) -> np.ndarray:
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def dense_model(hf: dict) -> LlamaModel:
+    """Our decoder holding the same weights densely in fp32: the reference."""
+    model = LlamaModel(LlamaConfig.from_hf(CONFIG), torch.float32)
+    for i, layer in enumerate(model.layers):
+        layer.attn_norm, layer.mlp_norm = hf[f"{i}.attn_norm"], hf[f"{i}.mlp_norm"]
+        layer.w_qkv = torch.cat([hf[f"{i}.q"], hf[f"{i}.k"], hf[f"{i}.v"]]).t().contiguous()
+        layer.w_o = hf[f"{i}.o"].t().contiguous()
+        layer.w_gate_up = torch.cat([hf[f"{i}.gate"], hf[f"{i}.up"]]).t().contiguous()
+        layer.w_down = hf[f"{i}.down"].t().contiguous()
+    model.norm = hf["norm"]
+    model.embed = model.head = hf["embed"].t().contiguous()
+    return model
+
+
+def logits_of(model, ids):
+    arch = Arch.from_config(CONFIG, name="tiny")
+    plan = make_plan(PlanRequest(target=arch, draft=None, drafter="none", context=64, draft_len=0,
+                                 draft_window=64, dtype="fp32"))
+    store = allocate_target(plan, torch.float32, "cpu")
+    return torch.cat([model(store, ids[:, :20], 20), model(store, ids[:, 20:21], 1), model(store, ids[:, 21:27], 6)], 1)
+
+
+@pytest.mark.parametrize("kind", [Q.Q4_0, Q.Q4_1])
+def test_a_packed_gguf_runs_like_its_dequantized_weights(tmp_path, kind):
+    from specmemo.models.load import load_gguf_q4
+
+    hf = write_tiny_gguf(tmp_path / "tiny.gguf", kind)
+    packed = load_gguf_q4(str(tmp_path / "tiny.gguf"), CONFIG, torch.float32)
+    assert all(isinstance(layer.w_qkv, Int4Weight) and isinstance(layer.w_down, Int4Weight) for layer in packed.layers)
+    ids = torch.randint(0, 96, (1, 27), generator=torch.Generator().manual_seed(1))
+    got, ref = logits_of(packed, ids), logits_of(dense_model(hf), ids)
+    assert (got - ref).abs().max() < 1e-3
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    # bf16 activations (what --dtype q4 runs): close, same top-1 on these sharp logits
+    bf16 = logits_of(load_gguf_q4(str(tmp_path / "tiny.gguf"), CONFIG, torch.bfloat16), ids)
+    assert (bf16 - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_layer_matrices_of_another_type_are_dequantized_with_one_warning(tmp_path, capfd):
+    from specmemo.models.load import load_gguf_q4
+
+    hf = write_tiny_gguf(tmp_path / "q8.gguf", Q.Q8_0)
+    model = load_gguf_q4(str(tmp_path / "q8.gguf"), CONFIG, torch.float32)
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Q8_0" in err[0] and "not run packed" in err[0]
+    assert isinstance(model.layers[0].w_qkv, torch.Tensor)
+    ids = torch.randint(0, 96, (1, 27), generator=torch.Generator().manual_seed(2))
+    assert (logits_of(model, ids) - logits_of(dense_model(hf), ids)).abs().max() < 1e-3
+
+
+def test_a_gguf_of_another_architecture_is_refused_in_one_line(tmp_path):
+    from specmemo.errors import UnknownModel
+    from specmemo.models.load import load_gguf_q4
+
+    write_tiny_gguf(tmp_path / "other.gguf", arch="qwen2")
+    with pytest.raises(UnknownModel, match="packed q4 runs GGUF architecture 'llama', not 'qwen2'"):
+        load_gguf_q4(str(tmp_path / "other.gguf"), CONFIG, torch.float32)
+
+
+def test_q4_needs_a_gguf_file(tmp_path):
+    from specmemo.errors import BadInput
+    from specmemo.models.load import load_model
+    from specmemo.models.resolve import resolve
+    from specmemo.models.synthetic import llama_config, save_random_model
+
+    save_random_model(llama_config(96), tmp_path / "m")
+    with pytest.raises(BadInput, match="--dtype q4 needs a GGUF file with Q4_0/Q4_1 weights"):
+        load_model(resolve(str(tmp_path / "m")), "q4", with_tokenizer=False)
