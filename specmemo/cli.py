@@ -231,7 +231,7 @@ def profile(
     limit: Annotated[Optional[int], typer.Option("--limit", help="Use the first N conversations.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-m", help="New tokens per turn, for every engine.")] = 128,
     budget: BudgetOpt = None,
-    engines: Annotated[Optional[str], typer.Option("--engines", help="Comma-separated: specmemo, specmemo-ar, hf-ar, hf-ar-cached, hf-lookup, hf-assisted.")] = None,
+    engines: Annotated[Optional[str], typer.Option("--engines", help="Comma-separated: specmemo, specmemo-ar, hf-ar, hf-ar-cached, hf-lookup, hf-assisted, llama.cpp (needs the llama extra).")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="fp32, bf16 or fp16.")] = "fp32",
     kv_dtype: KvDtypeOpt = None,
     draft_dtype: DraftDtypeOpt = None,

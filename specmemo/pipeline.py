@@ -19,7 +19,7 @@ from specmemo.errors import BadInput, BudgetExceeded, UnknownDevice
 from specmemo.memory import allocator
 from specmemo.memory.malloc import tame_glibc_malloc
 from specmemo.memory.measure import PeakMeter
-from specmemo.models.load import LoadedModel, check_architecture, load_model, torch_dtype
+from specmemo.models.load import LoadedModel, check_architecture, load_model, runs_packed, torch_dtype
 from specmemo.models.resolve import resolve_pair
 
 
@@ -111,7 +111,8 @@ def open_pipeline(target: str, draft: str, *, device: str = "cpu", budget: int |
     largest that fits the budget, at least `min_context`. dtype None: the device's default."""
     # A named profile (e.g. rtx-3060-12gb) gives the budget; its kind says where to run.
     profile = device
-    kind = load_device(profile).kind
+    dev = load_device(profile)
+    kind = dev.kind
     if kind == "cuda" and not torch.cuda.is_available():
         raise UnknownDevice(f"--device {profile}: no CUDA device is available to torch")
     meter = PeakMeter(kind)
@@ -120,6 +121,8 @@ def open_pipeline(target: str, draft: str, *, device: str = "cpu", budget: int |
     if kind == "cpu":
         tame_glibc_malloc()
     t_ref, d_ref, drafter = refs or resolve_pair(target, draft)
+    if dtype is None and dev.packed_q4 and runs_packed(t_ref):
+        dtype = "q4"  # the device profile measured packed 4-bit faster than dense (bench/q4_kernels.py)
     report = fit(t_ref.arch, d_ref.arch if d_ref else None, drafter, device=profile, budget=budget,
                  context=context, draft_len=draft_len, draft_window=draft_window, dtype=dtype, kv_dtype=kv_dtype,
                  draft_dtype=draft_dtype, prefill_chunk=prefill_chunk, sampling=not sampling.greedy, shrink=True,

@@ -121,7 +121,8 @@ def fit(target: Arch, draft: Arch | None, drafter: str, *, device: str = "cpu", 
         baseline_bytes=max(dev.baseline_bytes, baseline_bytes or 0),
         overhead_bytes=dev.overhead_bytes, overhead_reason=dev.overhead_reason,
         workspace_pct=dev.workspace_pct, engine_bytes=dev.engine_bytes, verify_bytes=dev.verify_bytes,
-        half_scratch_bytes=dev.half_scratch_bytes, graph_bytes=dev.graph_bytes, sampling=sampling,
+        half_scratch_bytes=dev.half_scratch_bytes, graph_bytes=dev.graph_bytes, device_kind=dev.kind,
+        sampling=sampling,
     )
     largest = max_context(req, budget_bytes)
     # Without --context, plan the largest context that fits (at least 1 token, to show a refusal).

@@ -42,6 +42,7 @@ class PlanRequest:
     verify_bytes: int = 0          # measured fixed scratch of multi-token verification kernels
     half_scratch_bytes: int = 0    # measured scratch of bf16/fp16 kernels (CPU: conversion buffers)
     graph_bytes: int = 0           # measured fixed cost of CUDA-graph capture (0: the device runs none)
+    device_kind: str = "cpu"       # "cpu" or "cuda": what the engine can run differs
 
     def with_(self, **changes) -> "PlanRequest":
         return PlanRequest(**{**self.__dict__, **changes})
@@ -99,6 +100,8 @@ class Plan:
         for flag, value in given:
             if value not in RUNNABLE_DTYPES:
                 why.append(f"{flag} {value}: the engine runs {', '.join(RUNNABLE_DTYPES)}")
+            elif fp.is_quantized(value) and req.device_kind != "cpu":
+                why.append(f"{flag} {value}: packed 4-bit weights run on a CPU so far")
         return why
 
 

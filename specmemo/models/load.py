@@ -35,7 +35,7 @@ def torch_dtype(name: str) -> torch.dtype:
         raise BadInput(f"unknown dtype {name!r}; choose one of {', '.join(TORCH_DTYPES)}") from None
 
 
-def _dense_location(ref: ModelRef, trust_remote_code: bool) -> str:
+def dense_location(ref: ModelRef, trust_remote_code: bool) -> str:
     """Where weights load from: a GGUF's dense copy (see gguf_cache), else the ref's own location."""
     if ref.gguf_file:
         from specmemo.models.gguf_cache import ensure_dense
@@ -67,7 +67,7 @@ def load_tokenizer(ref: ModelRef, trust_remote_code: bool = False):
     if ref.location is None:
         raise UnknownModel(f"{ref.name} has no weights source (alias without hub id or package)")
     try:
-        return AutoTokenizer.from_pretrained(_dense_location(ref, trust_remote_code), trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(dense_location(ref, trust_remote_code), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise UnknownModel(f"cannot load the tokenizer of {ref.name}: {str(e).splitlines()[0]}") from None
 
@@ -79,7 +79,7 @@ def check_architecture(ref: ModelRef, trust_remote_code: bool = False) -> None:
     if ref.location is None:
         return
     try:
-        config = AutoConfig.from_pretrained(_dense_location(ref, trust_remote_code), trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(dense_location(ref, trust_remote_code), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise UnknownModel(f"cannot read the configuration of {ref.name}: {str(e).splitlines()[0]}") from None
     check_supported(config, ref.name)
@@ -126,7 +126,7 @@ def load_model(ref: ModelRef, dtype: str, device: str = "cpu", *, with_tokenizer
         return _load_q4(ref, device, with_tokenizer, trust_remote_code)
     kwargs = _weights_kwargs(ref, allow_pickle)
     want = torch_dtype(dtype)
-    location = _dense_location(ref, trust_remote_code)
+    location = dense_location(ref, trust_remote_code)
     if forward != "transformers":
         reason = own_forward_reason(location)
         if reason is None:
@@ -187,7 +187,7 @@ def _load_q4(ref: ModelRef, device: str, with_tokenizer: bool, trust_remote_code
         raise BadInput(f"--dtype q4 needs a GGUF file with Q4_0/Q4_1 weights; {ref.name} is not one "
                        "(quantizing safetensors on load is not built yet)")
     # The dense copy (made once, in a child process) gives config.json and the tokenizer files.
-    path = Path(_dense_location(ref, trust_remote_code))
+    path = Path(dense_location(ref, trust_remote_code))
     dtype = TORCH_DTYPES[QUANT_COMPUTE]
     model = load_gguf_q4(str(Path(ref.location) / ref.gguf_file), json.loads((path / "config.json").read_text()),
                          dtype)
@@ -350,6 +350,17 @@ def _build_llama(config: dict, rows, nrows, dtype: torch.dtype, device):
 
 
 Q4_TYPES = ("Q4_0", "Q4_1")
+
+
+def runs_packed(ref: ModelRef) -> bool:
+    """Whether `ref` is a Llama GGUF whose layer matrices are Q4_0/Q4_1 (what --dtype q4 runs)."""
+    if not ref.gguf_file:
+        return False
+    from specmemo.models.gguf_file import GGUFFile
+
+    f = GGUFFile(Path(ref.location) / ref.gguf_file)
+    first = f.tensors.get("blk.0.attn_q.weight")
+    return f.metadata.get("general.architecture") == "llama" and first is not None and first.kind in Q4_TYPES
 
 
 @torch.no_grad()

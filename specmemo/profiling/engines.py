@@ -3,8 +3,9 @@
 specmemo: our engine with the given drafter; specmemo-ar: our engine with no draft; hf-ar:
 `model.generate` on the whole conversation each turn (as most people call it); hf-ar-cached:
 `model.generate` with the previous turn's `past_key_values`, so turn 2 prefills only its new
-tokens, as our engine does; hf-lookup: `prompt_lookup_num_tokens`; hf-assisted: `assistant_model`.
-Every engine is greedy, stops at the same end-of-turn tokens, and sees the same token sequence.
+tokens, as our engine does; hf-lookup: `prompt_lookup_num_tokens`; hf-assisted: `assistant_model`;
+llama.cpp: llama-cpp-python on the target's GGUF file (an optional extra), reusing its cache across
+turns by common prefix. Every engine is greedy, stops at the same end-of-turn tokens, and sees the same token sequence.
 Each turn's seconds cover its prefill and its decoding, for every engine.
 """
 
@@ -14,7 +15,9 @@ import torch
 
 from specmemo.decoding.events import collect
 
-ENGINES = ("specmemo", "specmemo-ar", "hf-ar", "hf-ar-cached", "hf-lookup", "hf-assisted")
+ENGINES = ("specmemo", "specmemo-ar", "hf-ar", "hf-ar-cached", "hf-lookup", "hf-assisted", "llama.cpp")
+LLAMA_CPP_MISSING = ("the llama.cpp engine needs llama-cpp-python: pip install 'specmemo[llama]' "
+                     "(it builds llama.cpp from source, a few minutes)")
 PROMPT_LOOKUP_TOKENS = 10  # transformers' documented example value
 
 
@@ -82,3 +85,30 @@ class HFEngine:
         if self.mode == "hf-ar-cached":
             self.past, out = out.past_key_values, out.sequences
         return TurnResult(out[0, len(input_ids):].tolist(), seconds)
+
+
+class LlamaCppEngine:
+    """llama.cpp through llama-cpp-python on the same GGUF file, fed our token ids (its vocabulary
+    is the file's, as ours is). Greedy (top-k 1, no repetition penalty); it keeps the evaluated
+    tokens and re-evaluates only what follows the common prefix, so turn 2 prefills its new tokens."""
+
+    def __init__(self, gguf_path: str, context: int, threads: int):
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=gguf_path, n_ctx=context, n_threads=threads, n_threads_batch=threads,
+                         verbose=False)
+
+    def new_conversation(self):
+        self.llm.reset()
+
+    def generate(self, input_ids: list[int], max_new: int, stops: set[int]) -> TurnResult:
+        import time
+
+        out = []
+        start = time.perf_counter()
+        for tok in self.llm.generate(input_ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0,
+                                     reset=False):
+            out.append(int(tok))
+            if tok in stops or len(out) >= max_new:
+                break
+        return TurnResult(out, time.perf_counter() - start)

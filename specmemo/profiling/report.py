@@ -54,7 +54,9 @@ def add_margins(base: dict, runs: dict, divergences: dict[str, list[dict]], toke
     from specmemo.models.resolve import resolve
     from specmemo.profiling.worker import conversation_ids
 
-    model = load_model(resolve(base["target"]), base["dtype"], with_tokenizer=False,
+    from specmemo.profiling.worker import baseline_dtype
+
+    model = load_model(resolve(base["target"]), baseline_dtype(base["dtype"]), with_tokenizer=False,
                        forward="transformers").model
     convs = {c["question_id"]: c for c in base["conversations"]}
     ref = {o["question_id"]: o["turns"] for o in runs["hf-ar"]["outputs"]}
@@ -105,6 +107,14 @@ def build_report(facts: dict, base: dict, runs: dict, tokenizer) -> dict:
         notes.append(HF_AR_NOTE)
     if base.get("draft_dtype") and base["draft"] == base["target"]:
         notes.append(STAND_IN_NOTE.format(dtype=base["draft_dtype"]))
+    from specmemo.profiling.worker import baseline_dtype
+
+    if baseline_dtype(base["dtype"]) != base["dtype"]:
+        notes.append(f"specmemo runs {base['dtype']} weights; the transformers baselines run "
+                     f"{baseline_dtype(base['dtype'])} (they cannot run packed weights), so their text may differ.")
+    if "llama.cpp" in runs:
+        notes.append("llama.cpp runs the same GGUF with its own kernels and numerics: its greedy text is "
+                     "not expected to be identical; the identical-turns column measures agreement.")
     return {
         "machine": facts,
         "target": base["target"],

@@ -60,6 +60,15 @@ def profile(target: str, draft: str, out: Path, *, prompts: str | None = None, t
     unknown = [e for e in engines if e not in ENGINES]
     if unknown:
         raise BadInput(f"unknown engine(s) {', '.join(unknown)}; choose from {', '.join(ENGINES)}")
+    if "llama.cpp" in engines:
+        if not t_ref.gguf_file:
+            raise BadInput(f"the llama.cpp engine runs a GGUF file; {target} is not one")
+        import importlib.util
+
+        from specmemo.profiling.engines import LLAMA_CPP_MISSING
+
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise BadInput(LLAMA_CPP_MISSING)
     if "hf-assisted" in engines and d_ref is None:
         raise BadInput("hf-assisted needs a draft model, not ngram")
     if "hf-ar" not in engines:

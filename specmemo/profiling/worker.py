@@ -65,14 +65,55 @@ def build_engine(cfg) -> Built:
         return Built(SpecmemoEngine(rt), rt.tokenizer, stop_ids(rt.tokenizer, rt.target.model),
                      rt.report.plan.generation_bytes, weights, meter.above_baseline(), rt.report.plan.total_bytes,
                      rt.target.forward_path)
-    target = load_model(resolve(cfg["target"]), cfg["dtype"], forward="transformers")
+    if name == "llama.cpp":
+        return _llama_cpp(cfg, meter)
+    # transformers runs dense weights only: with quantized specmemo weights, its baselines run fp32.
+    dtype = baseline_dtype(cfg["dtype"])
+    target = load_model(resolve(cfg["target"]), dtype, forward="transformers")
     assistant = None
     if name == "hf-assisted":
-        assistant = load_model(resolve(cfg["draft"]), cfg.get("draft_dtype") or cfg["dtype"], with_tokenizer=False,
+        assistant = load_model(resolve(cfg["draft"]), baseline_dtype(cfg.get("draft_dtype") or cfg["dtype"]),
+                               with_tokenizer=False,
                                forward="transformers").model
     weights = weights_nbytes(target.model) + (weights_nbytes(assistant) if assistant is not None else 0)
     return Built(HFEngine(target.model, name, assistant), target.tokenizer, stop_ids(target.tokenizer, target.model),
                  None, weights, meter.above_baseline(), None)
+
+
+def baseline_dtype(dtype: str) -> str:
+    """The dtype a transformers baseline runs for a specmemo dtype: itself, or fp32 for q4/q8."""
+    from specmemo.budget.footprint import is_quantized
+
+    return "fp32" if is_quantized(dtype) else dtype
+
+
+def _llama_cpp(cfg, meter) -> Built:
+    import os
+    from pathlib import Path
+
+    from types import SimpleNamespace
+
+    from specmemo.models.load import dense_location, load_tokenizer
+    from specmemo.models.resolve import resolve
+    from specmemo.models.text import stop_ids
+    from specmemo.profiling.engines import LlamaCppEngine
+
+    ref = resolve(cfg["target"])
+    path = Path(ref.location) / ref.gguf_file
+    tokenizer = load_tokenizer(ref)
+    # The same end-of-turn tokens as the other engines: the tokenizer's and the generation config's.
+    gen = Path(dense_location(ref, False)) / "generation_config.json"
+    config = SimpleNamespace(generation_config=SimpleNamespace(**json.loads(gen.read_text()) if gen.is_file() else {}))
+    engine = LlamaCppEngine(str(path), cfg["context"], len(os.sched_getaffinity(0)))
+    weights = sum(t.row_bytes * t.rows for t in _gguf_tensors(path))
+    return Built(engine, tokenizer, stop_ids(tokenizer, config), None, weights, meter.above_baseline(), None,
+                 "llama.cpp")
+
+
+def _gguf_tensors(path):
+    from specmemo.models.gguf_file import GGUFFile
+
+    return GGUFFile(path).tensors.values()
 
 
 def main(config_path: str, result_path: str) -> None:
