@@ -1,9 +1,9 @@
 """Greedy speculative output equals plain greedy output, token for token, on real prompts.
 
-SmolLM2-135M-Instruct (fp32) as the target, the first turn of each MT-Bench question in its
+SmolLM2-135M-Instruct (fp32 by default; --dtype q4 or bf16) as the target, the first turn of each MT-Bench question in its
 chat template, 64 new tokens. Drafters: none (the reference), ngram, the same weights in bf16 as
 a stand-in draft model, and a random tiny draft with the same vocabulary (rejected almost always).
-Usage: python bench/greedy_equivalence.py [--limit N] [--max-new-tokens 64] [--prompts FILE]
+Usage: python bench/greedy_equivalence.py [--limit N] [--max-new-tokens 64] [--prompts FILE] [--dtype q4]
 Exit status 1 if any output differs.
 """
 
@@ -33,10 +33,11 @@ def _greedy(engine, prompt_ids, max_new):
     return collect(engine.generate(prompt_ids, max_new))
 
 
-def check_greedy_equivalence(prompts_file, limit, max_new: int, workdir: Path, progress: bool = False) -> dict:
+def check_greedy_equivalence(prompts_file, limit, max_new: int, workdir: Path, progress: bool = False,
+                             dtype: str = "fp32") -> dict:
     """Returns {drafter: {prompts, identical, new_tokens, drafted, accepted, mismatches}}."""
     target_ref = resolve(TARGET)
-    target = load_model(target_ref, "fp32", fast_layout=True)
+    target = load_model(target_ref, dtype, fast_layout=True)
     random_dir = save_random_model(llama_config(target_ref.arch.vocab_size), workdir / "random-draft", seed=1)
     drafts = {
         "none": ("none", None, None),
@@ -50,7 +51,7 @@ def check_greedy_equivalence(prompts_file, limit, max_new: int, workdir: Path, p
     engines = {}
     for name, (kind, ref, dtype) in drafts.items():
         draft = load_model(ref, dtype, with_tokenizer=False, fast_layout=True) if ref else None
-        report = fit(target_ref.arch, ref.arch if ref else None, kind, budget=1 << 40, context=context, dtype="fp32",
+        report = fit(target_ref.arch, ref.arch if ref else None, kind, budget=1 << 40, context=context, dtype=dtype,
                      draft_dtype=dtype, sampling=False)
         engines[name] = assemble(report, target, draft, SamplingConfig()).engine
     out = {name: {"prompts": 0, "identical": 0, "new_tokens": 0, "drafted": 0, "accepted": 0, "mismatches": []}
@@ -86,9 +87,11 @@ def main():
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--prompts", default=str(MT_BENCH) if MT_BENCH.exists() else None)
+    ap.add_argument("--dtype", default="fp32", help="the target's weights: fp32, bf16 or q4")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        report = check_greedy_equivalence(args.prompts, args.limit, args.max_new_tokens, Path(tmp), progress=True)
+        report = check_greedy_equivalence(args.prompts, args.limit, args.max_new_tokens, Path(tmp), progress=True,
+                                          dtype=args.dtype)
     print("| drafter | prompts | identical | new tokens | drafted | accepted | acceptance |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, row in report.items():

@@ -232,7 +232,7 @@ def profile(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-m", help="New tokens per turn, for every engine.")] = 128,
     budget: BudgetOpt = None,
     engines: Annotated[Optional[str], typer.Option("--engines", help="Comma-separated: specmemo, specmemo-ar, hf-ar, hf-ar-cached, hf-lookup, hf-assisted, llama.cpp (needs the llama extra).")] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="fp32, bf16 or fp16.")] = "fp32",
+    dtype: Annotated[str, typer.Option("--dtype", help="fp32, bf16, fp16, or q4 (a 4-bit GGUF target run packed; the transformers baselines then run fp32).")] = "fp32",
     kv_dtype: KvDtypeOpt = None,
     draft_dtype: DraftDtypeOpt = None,
     save_profile: Annotated[bool, typer.Option("--save-profile", help="Record measured α and c in profiles/pairs/ for `plan`.")] = False,

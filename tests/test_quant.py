@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from pathlib import Path
+
 from specmemo.budget.arch import Arch
 from specmemo.budget.plan import PlanRequest, make_plan
 from specmemo.memory.allocator import allocate_target
@@ -17,6 +19,7 @@ from specmemo.models.llama import LlamaConfig, LlamaModel
 from specmemo.models.quant import Int4Weight, q4_blocks, rope_rows
 
 Q = gguf.GGMLQuantizationType
+ROOT = Path(__file__).resolve().parent.parent
 CONFIG = {"model_type": "llama", "vocab_size": 96, "hidden_size": 64, "intermediate_size": 128,
           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
           "rope_theta": 10000.0, "tie_word_embeddings": True, "max_position_embeddings": 256}
@@ -48,7 +51,7 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(path, layer_kind=Q.Q4_1, arch="llama", seed=0):
+def write_tiny_gguf(path, layer_kind=Q.Q4_1, arch="llama", seed=0, f64_norm=False):
     """A tiny Llama GGUF and the HF-layout fp32 weights it dequantizes to."""
     rng = np.random.default_rng(seed)
     E, I, V, H, Hkv = 64, 128, 96, 4, 2
@@ -65,6 +68,9 @@ def write_tiny_gguf(path, layer_kind=Q.Q4_1, arch="llama", seed=0):
     hf = {}
 
     def add(name, w, kind, hf_name, heads=None):
+        if f64_norm and name == "blk.1.ffn_norm.weight":  # a type gguf-py cannot dequantize
+            writer.add_tensor(name, w.astype(np.float64))
+            return
         stored = _permute(w, heads) if heads else w
         raw = gguf.quants.quantize(stored, kind)
         writer.add_tensor(name, raw, raw_dtype=kind)
@@ -146,6 +152,15 @@ def test_layer_matrices_of_another_type_are_dequantized_with_one_warning(tmp_pat
     assert (logits_of(model, ids) - logits_of(dense_model(hf), ids)).abs().max() < 1e-3
 
 
+def test_a_tensor_type_that_cannot_load_is_refused_naming_it(tmp_path):
+    from specmemo.errors import UnknownModel
+    from specmemo.models.load import load_gguf_q4
+
+    write_tiny_gguf(tmp_path / "f64.gguf", f64_norm=True)
+    with pytest.raises(UnknownModel, match="tensor blk.1.ffn_norm.weight has type F64, which specmemo cannot load"):
+        load_gguf_q4(str(tmp_path / "f64.gguf"), CONFIG, torch.float32)
+
+
 def test_a_gguf_of_another_architecture_is_refused_in_one_line(tmp_path):
     from specmemo.errors import UnknownModel
     from specmemo.models.load import load_gguf_q4
@@ -164,3 +179,73 @@ def test_q4_needs_a_gguf_file(tmp_path):
     save_random_model(llama_config(96), tmp_path / "m")
     with pytest.raises(BadInput, match="--dtype q4 needs a GGUF file with Q4_0/Q4_1 weights"):
         load_model(resolve(str(tmp_path / "m")), "q4", with_tokenizer=False)
+
+
+def test_profile_names_the_missing_llama_cpp_extra_in_one_line(cli, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+    r = cli("profile", "--limit", "1", "--engines", "specmemo-ar,llama.cpp", "--out", "/tmp/unused-profile")
+    assert r.exit_code == 1
+    assert r.output.strip().splitlines()[-1].startswith("error: the llama.cpp engine needs llama-cpp-python: pip install")
+
+
+def test_llama_cpp_runs_in_a_profile_beside_q4(tmp_path):
+    """Needs the optional llama extra (never in CI): one short q4 profile with llama.cpp."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("llama_cpp")
+    r = subprocess.run([sys.executable, "-m", "specmemo", "profile", "--limit", "1", "--turns", "2",
+                        "--max-new-tokens", "8", "--dtype", "q4", "--engines", "specmemo-ar,llama.cpp",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = {row["engine"]: row for row in json.loads((tmp_path / "report.json").read_text())["runs"]}
+    assert rows["llama.cpp"]["turns"] == 2 and rows["llama.cpp"]["tokens_per_s"] > 0
+    assert rows["specmemo-ar"]["weights_bytes"] < 130 * 2**20   # packed, not 538 MB of fp32
+    assert rows["hf-ar"]["forward"] == "transformers"
+
+
+@pytest.mark.parametrize("drafter", ["ngram", "model"])
+def test_greedy_speculation_on_packed_weights_equals_plain_decoding(tmp_path, drafter):
+    from specmemo.decoding.drafters import ModelDrafter, NgramDrafter, NoDrafter
+    from specmemo.decoding.engine import Engine
+    from specmemo.decoding.events import collect
+    from specmemo.decoding.sampling import SamplingConfig
+    from specmemo.memory.allocator import allocate_draft
+    from specmemo.models.load import load_gguf_q4
+
+    write_tiny_gguf(tmp_path / "t.gguf", Q.Q4_1)
+    model = load_gguf_q4(str(tmp_path / "t.gguf"), CONFIG, torch.bfloat16)
+    arch = Arch.from_config(CONFIG, name="tiny")
+    prompt = ([5, 17, 3, 44, 9, 61, 2, 33, 70] * 5)[:40]
+
+    def engine(kind):
+        plan = make_plan(PlanRequest(target=arch, draft=arch if kind == "model" else None, drafter=kind, context=200,
+                                     draft_len=0 if kind == "none" else 4, draft_window=200, dtype="bf16"))
+        store = allocate_target(plan, torch.bfloat16, "cpu")
+        d = {"none": lambda: NoDrafter("cpu"), "ngram": lambda: NgramDrafter("cpu"),
+             "model": lambda: ModelDrafter(model, allocate_draft(plan, torch.bfloat16, "cpu"), SamplingConfig(), 200)}
+        return Engine(model, store, d[kind](), SamplingConfig(), draft_len=plan.request.draft_len, prefill_chunk=16,
+                      context=200)
+
+    plain, _ = collect(engine("none").generate(prompt, 60))
+    out, stats = collect(engine(drafter).generate(prompt, 60))
+    assert out == plain and stats.drafted_tokens > 0
+
+
+def test_greedy_speculation_on_the_q4_default_model_equals_plain_decoding(tmp_path):
+    """The real SmolLM2-135M in packed q4 (bf16 activations), shipped prompts: every drafter's
+    greedy output equals plain decoding. Before rows were computed exactly as one-token steps
+    (contiguous residual, sqrt norms, per-row attention), model drafts diverged within 64 tokens."""
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from bench.greedy_equivalence import check_greedy_equivalence
+
+    report = check_greedy_equivalence(str(ROOT / "prompts" / "default.jsonl"), 4, 48, tmp_path, dtype="q4")
+    for name, row in report.items():
+        assert row["identical"] == row["prompts"] == 4, (name, row["mismatches"])
+    assert report["smollm2-bf16-draft"]["accepted"] > 0 and report["random-tiny-draft"]["drafted"] > 0

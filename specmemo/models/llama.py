@@ -23,6 +23,7 @@ from specmemo.memory.attention import attention_mask
 from specmemo.memory.kvstore import KVStore
 
 FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+CAUSAL_ROWS = object()  # a mask marker: causal, each query attended on its own (see LlamaModel.attention)
 
 
 @dataclass(frozen=True)
@@ -100,9 +101,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x: [..., E]. Statistics in fp32 whatever the dtype, as transformers does."""
+    """x: [..., E]. Statistics in fp32 whatever the dtype, as transformers does. Divided by a
+    sqrt rather than multiplied by rsqrt: sqrt and division are correctly rounded in scalar and
+    vector code alike, while rsqrt's vector and scalar paths (n rows vs one) can differ by an ulp,
+    which in bf16 flipped greedy tokens between verification and plain decoding."""
     xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    xf = xf / torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
 
 
@@ -145,6 +149,11 @@ class LlamaModel:
         self.embed = self.head if cfg.tie_embeddings else torch.empty(E, V, dtype=dtype, device=device)
         self.inv_freq = rope_inv_freq(cfg).to(device)               # [D/2] fp32
         self.scale = cfg.head_dim ** -0.5
+        # Half-precision attention is not row-invariant: a query attended among n > 1 (masked) can
+        # round differently than the same query alone, and that flips greedy choices between a
+        # verification and plain decoding. Up to this many new tokens (verification-sized), each
+        # causal query then attends exactly as a one-token step would (see `attention`).
+        self.row_exact_tokens = 16 if dtype in (torch.bfloat16, torch.float16) else 0
 
     def tensors(self) -> list[torch.Tensor]:
         own = [self.norm, self.head] + ([] if self.cfg.tie_embeddings else [self.embed]) + [self.inv_freq]
@@ -157,7 +166,9 @@ class LlamaModel:
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """ids: [B, n] -> [B, n, E], gathered from the transposed table."""
-        return self.embed.index_select(1, ids.reshape(-1)).t().reshape(*ids.shape, -1)
+        # Contiguous: a transposed residual stream reduces in another order in RMSNorm than a
+        # one-token step does, and half-precision rounding then parts verification from decoding.
+        return self.embed.index_select(1, ids.reshape(-1)).t().contiguous().reshape(*ids.shape, -1)
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [n] -> cos, sin [1, 1, n, D] in the compute dtype."""
@@ -186,8 +197,14 @@ class LlamaModel:
         keys, values = write(index, k, v)                             # [B, Hkv, S, D]
         if keys.dtype != q.dtype:  # a narrower KV store (--kv-dtype): widen one layer at a time
             keys, values = keys.to(q.dtype), values.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
-                                             enable_gqa=Hkv != H)      # [B, H, n, D]
+        if mask is CAUSAL_ROWS:  # query i sees keys[:S - n + i + 1], unmasked, as a one-token step does
+            S = keys.shape[2]
+            out = torch.cat([F.scaled_dot_product_attention(q[:, :, i : i + 1], keys[:, :, : S - n + i + 1],
+                                                            values[:, :, : S - n + i + 1], scale=self.scale,
+                                                            enable_gqa=Hkv != H) for i in range(n)], dim=2)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
+                                                 enable_gqa=Hkv != H)  # [B, H, n, D]
         return out.transpose(1, 2).reshape(B, n, H * D) @ layer.w_o
 
     def mlp(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
@@ -226,10 +243,13 @@ class LlamaModel:
         n = ids.shape[1]
         if positions is None:
             positions = torch.arange(store.length, store.length + n, device=ids.device)
-        if mask is None:
+        if mask is None and not store.window and 1 < n <= self.row_exact_tokens:
+            mask = CAUSAL_ROWS
+        elif mask is None:
             mask = attention_mask(store, n)
-        logits = self._stack(ids, positions, None if mask is None else self.additive(mask), store.write,
-                             logits_to_keep)
+        if isinstance(mask, torch.Tensor):
+            mask = self.additive(mask)
+        logits = self._stack(ids, positions, mask, store.write, logits_to_keep)
         store.advance()
         return logits
 

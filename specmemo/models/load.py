@@ -396,7 +396,10 @@ def load_gguf_q4(gguf_path: str, config: dict, dtype: torch.dtype):
         """Rows r0..r1 of a tensor as float32 [r1 − r0, cols]."""
         if t.kind not in ("F32", "F16", "BF16"):
             dequantized.add(t.kind)
-        values = gguf.quants.dequantize(f.read_rows(t, r0, r1), gguf.GGMLQuantizationType(t.type_id))
+        try:
+            values = gguf.quants.dequantize(f.read_rows(t, r0, r1), gguf.GGMLQuantizationType(t.type_id))
+        except NotImplementedError:
+            raise UnknownModel(f"{f.path.name}: tensor {t.name} has type {t.kind}, which specmemo cannot load") from None
         return torch.from_numpy(np.array(values, dtype=np.float32)).reshape(r1 - r0, t.shape[0])
 
     def vector(name: str) -> torch.Tensor:

@@ -106,8 +106,10 @@ class LlamaCppEngine:
 
         out = []
         start = time.perf_counter()
+        # reset=True is what reuses the cache: llama-cpp-python then keeps the longest common prefix
+        # of the evaluated tokens and evaluates the rest (reset=False would append everything).
         for tok in self.llm.generate(input_ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0,
-                                     reset=False):
+                                     reset=True):
             out.append(int(tok))
             if tok in stops or len(out) >= max_new:
                 break
