@@ -82,14 +82,17 @@ def plan(
     On a CPU the budget is the whole process's resident memory (the plan counts the interpreter
     and libraries as process_baseline); on CUDA, device memory including the CUDA context.
     Exits 0 when the request fits, 3 when it does not (2: a usage error). A plan the engine cannot
-    run yet (batch > 1, int8/fp8) is still planned, and marked "not runnable yet".
+    run yet (batch > 1, q8, int8/fp8) is still planned, and marked "not runnable yet".
     """
+    from specmemo.budget.devices import load_device
     from specmemo.budget.fit import fit
     from specmemo.budget.units import parse_size
     from specmemo.models.resolve import resolve_pair
+    from specmemo.pipeline import default_weights
     from specmemo.render.plan_table import render_plan
 
     t, d, drafter = resolve_pair(target, draft)
+    dtype = dtype or default_weights(load_device(device), t)  # as generate and chat decide it
     report = fit(
         t.arch, d.arch if d else None, drafter, device=device, budget=parse_size(budget) if budget else None,
         context=context, draft_len=draft_len, draft_window=draft_window, dtype=dtype, kv_dtype=kv_dtype,

@@ -56,6 +56,13 @@ def cap_cuda_memory(report: PlanReport) -> None:
         cuda_cap_fraction(report.budget_bytes, report.device.overhead_bytes, total), 0)
 
 
+def default_weights(dev, ref) -> str | None:
+    """The dtype to run when none is asked for: q4 for a 4-bit GGUF where the device profile
+    measured packed 4-bit faster than dense (bench/q4_kernels.py); else None, the device's default.
+    `plan`, `generate` and `chat` all decide here."""
+    return "q4" if dev.packed_q4 and runs_packed(ref) else None
+
+
 def step_forward(model: LoadedModel, cuda_graphs: bool):
     """The forward the engine calls: on a GPU our decoder's small steps replay CUDA graphs."""
     if cuda_graphs and model.device.type == "cuda" and model.forward_path == "specmemo":
@@ -121,8 +128,7 @@ def open_pipeline(target: str, draft: str, *, device: str = "cpu", budget: int |
     if kind == "cpu":
         tame_glibc_malloc()
     t_ref, d_ref, drafter = refs or resolve_pair(target, draft)
-    if dtype is None and dev.packed_q4 and runs_packed(t_ref):
-        dtype = "q4"  # the device profile measured packed 4-bit faster than dense (bench/q4_kernels.py)
+    dtype = dtype or default_weights(dev, t_ref)
     report = fit(t_ref.arch, d_ref.arch if d_ref else None, drafter, device=profile, budget=budget,
                  context=context, draft_len=draft_len, draft_window=draft_window, dtype=dtype, kv_dtype=kv_dtype,
                  draft_dtype=draft_dtype, prefill_chunk=prefill_chunk, sampling=not sampling.greedy, shrink=True,

@@ -32,9 +32,9 @@ def first_divergences(runs: dict) -> dict[str, list[dict]]:
     return out
 
 
-def identical_turns(runs: dict, name: str) -> tuple[int, int]:
-    """(turns, turns whose tokens equal hf-ar's) for one engine."""
-    ref = {o["question_id"]: o["turns"] for o in runs["hf-ar"]["outputs"]}
+def identical_turns(runs: dict, name: str, reference: str = "hf-ar") -> tuple[int, int]:
+    """(turns, turns whose tokens equal the reference engine's) for one engine."""
+    ref = {o["question_id"]: o["turns"] for o in runs[reference]["outputs"]}
     pairs = [(mine, theirs) for o in runs[name]["outputs"] for mine, theirs in zip(o["turns"], ref[o["question_id"]])]
     return len(pairs), sum(mine == theirs for mine, theirs in pairs)
 
@@ -73,6 +73,8 @@ def add_margins(base: dict, runs: dict, divergences: dict[str, list[dict]], toke
 
 
 def build_report(facts: dict, base: dict, runs: dict, tokenizer) -> dict:
+    from specmemo.budget.footprint import compute_dtype
+
     divergences = first_divergences(runs)
     add_margins(base, runs, divergences, tokenizer)
     hf = runs["hf-ar"]
@@ -83,6 +85,9 @@ def build_report(facts: dict, base: dict, runs: dict, tokenizer) -> dict:
         rows.append({
             "turns": turns,
             "turns_identical_to_hf_ar": same,
+            # The exactness check that holds in every dtype: speculation equals plain decoding.
+            "turns_identical_to_specmemo_ar": identical_turns(runs, name, "specmemo-ar")[1]
+            if name == "specmemo" and "specmemo-ar" in runs else None,
             "engine": name,
             "forward": r.get("forward", "transformers"),
             "tokens_per_s": r["tokens_per_s"],
@@ -120,7 +125,7 @@ def build_report(facts: dict, base: dict, runs: dict, tokenizer) -> dict:
         "target": base["target"],
         "draft": base["draft"],
         "dtype": base["dtype"],
-        "kv_dtype": base.get("kv_dtype") or base["dtype"],
+        "kv_dtype": base.get("kv_dtype") or compute_dtype(base["dtype"]),
         "draft_dtype": base.get("draft_dtype"),
         "prompts": {"count": len(base["conversations"]), "turns": base["turns"],
                     "max_new_tokens": base["max_new_tokens"], "context": base["context"]},
@@ -152,10 +157,14 @@ def markdown(report: dict, plots: list[str]) -> str:
         acc = "" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.2f}"
         mean = "" if r["mean_accepted_per_step"] is None else f"{r['mean_accepted_per_step']:.2f}"
         ident = f"{r['turns_identical_to_hf_ar']}/{r['turns']}"
+        if r.get("turns_identical_to_specmemo_ar") is not None:
+            ident += f" (specmemo-ar: {r['turns_identical_to_specmemo_ar']}/{r['turns']})"
         vs_cached = f"{r['tokens_per_s'] / cached:.2f}" if cached else ""
         lines.append(f"| {r['engine']} | {r['forward']} | {r['tokens_per_s']:.2f} | {r['speedup_vs_hf_ar']:.2f} | {vs_cached} | "
                      f"{r['bandwidth_fraction']:.0%} | {_mib(r['generation_peak_bytes'])} | "
                      f"{_mib(r['predicted_generation_bytes'])} | {acc} | {mean} | {ident} |")
+    from specmemo.profiling.worker import baseline_dtype
+
     diverged = [(r["engine"], d) for r in report["runs"] for d in r["divergences"]]
     if diverged:
         lines += ["", "## Divergences from hf-ar", "",
@@ -163,6 +172,9 @@ def markdown(report: dict, plots: list[str]) -> str:
         for name, d in diverged:
             margin = d.get("top2_margin")
             verdict = ("numerics (< 1e-4)" if d.get("numerics") else
+                       "expected: another engine's numerics" if name == "llama.cpp" else
+                       f"expected: {report['dtype']} weights vs hf-ar's {baseline_dtype(report['dtype'])}"
+                       if baseline_dtype(report["dtype"]) != report["dtype"] else
                        f"expected: KV in {report['kv_dtype']}" if report.get("kv_dtype", report["dtype"]) != report["dtype"]
                        else "BUG: margin too large for numerics")
             lines.append(f"| {name} | {d['conversation']} | {d['turn']} | {d['position']} | "
