@@ -249,3 +249,15 @@ def test_greedy_speculation_on_the_q4_default_model_equals_plain_decoding(tmp_pa
     for name, row in report.items():
         assert row["identical"] == row["prompts"] == 4, (name, row["mismatches"])
     assert report["smollm2-bf16-draft"]["accepted"] > 0 and report["random-tiny-draft"]["drafted"] > 0
+
+
+def test_the_default_model_plans_and_runs_packed_q4_on_a_cpu(cli):
+    """The CPU profile measured packed 4-bit faster (packed_q4), so a Q4_1 GGUF defaults to q4 in
+    plan (and generate/chat, which decide in the same place); --dtype fp32 is the dense reference."""
+    import json
+
+    args = ["plan", "--target", "smollm2-135m-instruct", "--draft", "ngram", "--context", "512", "--json"]
+    default, fp32 = json.loads(cli(*args).stdout), json.loads(cli(*args, "--dtype", "fp32").stdout)
+    assert default["dtype"] == "q4" and default["runnable"] and default["kv_dtype"] == "bf16"
+    assert default["components"]["target_weights"] == 123_048_576   # see test_footprint
+    assert fp32["dtype"] == "fp32" and fp32["components"]["target_weights"] > 4 * default["components"]["target_weights"]
