@@ -92,7 +92,7 @@ def plan(
     from specmemo.render.plan_table import render_plan
 
     t, d, drafter = resolve_pair(target, draft)
-    dtype = dtype or default_weights(load_device(device), t)  # as generate and chat decide it
+    dtype, draft_dtype = default_weights(load_device(device), t, d, dtype, draft_dtype)  # as generate and chat do
     report = fit(
         t.arch, d.arch if d else None, drafter, device=device, budget=parse_size(budget) if budget else None,
         context=context, draft_len=draft_len, draft_window=draft_window, dtype=dtype, kv_dtype=kv_dtype,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specmemo.budget.devices import load_device
+from specmemo.budget.devices import default_dtype, load_device
 from specmemo.budget.fit import PlanReport, fit
 from specmemo.budget.plan import DEFAULT_PREFILL_CHUNK
 from specmemo.decoding.drafters import ModelDrafter, NgramDrafter, NoDrafter
@@ -56,11 +56,16 @@ def cap_cuda_memory(report: PlanReport) -> None:
         cuda_cap_fraction(report.budget_bytes, report.device.overhead_bytes, total), 0)
 
 
-def default_weights(dev, ref) -> str | None:
-    """The dtype to run when none is asked for: q4 for a 4-bit GGUF where the device profile
-    measured packed 4-bit faster than dense (bench/q4_kernels.py); else None, the device's default.
-    `plan`, `generate` and `chat` all decide here."""
-    return "q4" if dev.packed_q4 and runs_packed(ref) else None
+def default_weights(dev, t_ref, d_ref, dtype: str | None, draft_dtype: str | None) -> tuple[str | None, str | None]:
+    """The dtypes to run when none is asked for: q4 for a 4-bit GGUF target where the device
+    profile measured packed 4-bit faster than dense (bench/q4_kernels.py); a draft that cannot run
+    packed then gets the device's dense default. None: the device's default. `plan`, `generate`
+    and `chat` all decide here."""
+    if dtype is None and dev.packed_q4 and runs_packed(t_ref):
+        dtype = "q4"
+    if draft_dtype is None and d_ref is not None and dtype == "q4" and not runs_packed(d_ref):
+        draft_dtype = default_dtype(dev.kind)
+    return dtype, draft_dtype
 
 
 def step_forward(model: LoadedModel, cuda_graphs: bool):
@@ -128,7 +133,7 @@ def open_pipeline(target: str, draft: str, *, device: str = "cpu", budget: int |
     if kind == "cpu":
         tame_glibc_malloc()
     t_ref, d_ref, drafter = refs or resolve_pair(target, draft)
-    dtype = dtype or default_weights(dev, t_ref)
+    dtype, draft_dtype = default_weights(dev, t_ref, d_ref, dtype, draft_dtype)
     report = fit(t_ref.arch, d_ref.arch if d_ref else None, drafter, device=profile, budget=budget,
                  context=context, draft_len=draft_len, draft_window=draft_window, dtype=dtype, kv_dtype=kv_dtype,
                  draft_dtype=draft_dtype, prefill_chunk=prefill_chunk, sampling=not sampling.greedy, shrink=True,

@@ -94,12 +94,12 @@ def rss_watch(proc, samples: list, interval=0.02):
 
 
 def test_plan_budget_holds_the_whole_chat_process_through_six_turns_with_eviction(tmp_path):
-    # The plan's default dtype on a CPU is the one chat runs (fp32): no --dtype needed.
+    # The plan's default dtype on a CPU is the one chat runs (q4 for this 4-bit GGUF): no --dtype needed.
     plan = subprocess.run([*SPECMEMO, "plan", "--target", "smollm2-135m-instruct", "--draft", "ngram", "--context", "512",
                            "--json"], capture_output=True, text=True, check=True)
     out = json.loads(plan.stdout)
     budget = out["total_bytes"]
-    assert out["dtype"] == "fp32" and out["components"]["process_baseline"] > 0
+    assert out["dtype"] == "q4" and out["components"]["process_baseline"] > 0
     log = tmp_path / "log.jsonl"
     questions = [line for line in """
 Explain in detail how a bicycle works. Cover the frame, the wheels, the chain, the gears and the brakes, one paragraph each.

@@ -33,18 +33,23 @@ def repetitive(n, seed=0):
 
 def test_plan_counts_the_process_before_loading_and_defaults_to_the_devices_dtype(cli):
     out = json.loads(cli("plan", "--target", "smollm2-135m-instruct", "--context", "512", "--json").stdout)
-    assert out["dtype"] == "fp32"  # what chat and generate run on a CPU
+    assert out["dtype"] == "q4"  # what chat and generate run on a CPU for this 4-bit GGUF (test_quant.py)
+    dense = json.loads(cli("plan", "--target", "tinyllama-1.1b-chat", "--context", "512", "--json").stdout)
+    assert dense["dtype"] == "fp32"  # the CPU's default for anything that is not a 4-bit GGUF
     assert out["components"]["process_baseline"] >= 300 * 2**20
     assert sum(out["components"].values()) == out["total_bytes"]
 
 
 def test_refusal_names_the_dtype(cli):
     r = cli("plan", "--target", "smollm2-135m-instruct", "--context", "512", "--budget", "300MiB")
+    assert r.exit_code == 3 and "in q4 (KV bf16)" in r.stderr
+    r = cli("plan", "--target", "smollm2-135m-instruct", "--context", "512", "--budget", "300MiB", "--dtype", "fp32")
     assert r.exit_code == 3 and "in fp32" in r.stderr
 
 
 def test_half_precision_on_a_cpu_plans_its_kernel_scratch(cli):
-    fp32 = json.loads(cli("plan", "--target", "smollm2-135m-instruct", "--context", "512", "--json").stdout)
+    fp32 = json.loads(cli("plan", "--target", "smollm2-135m-instruct", "--context", "512", "--dtype", "fp32",
+                          "--json").stdout)
     bf16 = json.loads(cli("plan", "--target", "smollm2-135m-instruct", "--context", "512", "--dtype", "bf16",
                           "--json").stdout)
     assert bf16["components"]["kernel_scratch"] - fp32["components"]["kernel_scratch"] >= 20 * 2**20
