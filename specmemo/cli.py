@@ -28,7 +28,7 @@ TargetOpt = Annotated[str, typer.Option("--target", "-t", help="Alias (see profi
 DraftOpt = Annotated[str, typer.Option("--draft", "-d", help="Draft model (alias, directory, .gguf, hub id), or 'ngram' (lookup in the conversation, no weights), or 'none'.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="Device profile: cpu, cuda (both measured now) or a name in profiles/devices.")]
 BudgetOpt = Annotated[Optional[str], typer.Option("--budget", help="Memory budget, e.g. 8GiB, 800MB, 8G or bytes. Defaults to the device's memory.")]
-DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="Weight dtype: fp32, bf16, fp16, or q4/q8 (group-quantized, bf16 compute; planned, not run yet). Default: the device's (fp32 on a CPU, bf16 on CUDA).")]
+DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="Weight dtype: fp32, bf16, fp16, q4 (a GGUF's Q4_0/Q4_1 weights run packed, bf16 compute; CPU only) or q8 (planned, not run yet). Default: q4 for a 4-bit GGUF on a CPU, else the device's (fp32 on a CPU, bf16 on CUDA).")]
 ForwardOpt = Annotated[str, typer.Option("--forward", help="auto: specmemo's own decoder for the Llama family, else the transformers adapter; or force one: specmemo, transformers.")]
 GraphsOpt = Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help="On a GPU, replay the own decoder's decode and verify steps as CUDA graphs.")]
 KvDtypeOpt = Annotated[Optional[str], typer.Option("--kv-dtype", help="KV-cache dtype: fp32, bf16 or fp16 (narrower than --dtype halves KV memory). Default: --dtype.")]

@@ -181,12 +181,12 @@ def test_q4_needs_a_gguf_file(tmp_path):
         load_model(resolve(str(tmp_path / "m")), "q4", with_tokenizer=False)
 
 
-def test_profile_names_the_missing_llama_cpp_extra_in_one_line(cli, monkeypatch):
+def test_profile_names_the_missing_llama_cpp_extra_in_one_line(cli, monkeypatch, tmp_path):
     import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
-    r = cli("profile", "--limit", "1", "--engines", "specmemo-ar,llama.cpp", "--out", "/tmp/unused-profile")
+    r = cli("profile", "--limit", "1", "--engines", "specmemo-ar,llama.cpp", "--out", tmp_path / "profile")
     assert r.exit_code == 1
     assert r.output.strip().splitlines()[-1].startswith("error: the llama.cpp engine needs llama-cpp-python: pip install")
 

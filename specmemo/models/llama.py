@@ -195,15 +195,17 @@ class LlamaModel:
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         keys, values = write(index, k, v)                             # [B, Hkv, S, D]
-        if keys.dtype != q.dtype:  # a narrower KV store (--kv-dtype): widen one layer at a time
-            keys, values = keys.to(q.dtype), values.to(q.dtype)
         if mask is CAUSAL_ROWS:  # query i sees keys[:S - n + i + 1], as a one-token step does
+            # Each row widens its own key prefix, exactly as that step would (a slice of one
+            # widened copy has other strides, and a matmul may take another path on it).
             S = keys.shape[2]
             out = torch.cat([self.attend_one(q[:, :, i : i + 1], keys[:, :, : S - n + i + 1],
                                              values[:, :, : S - n + i + 1]) for i in range(n)], dim=2)
         elif n == 1 and mask is None and self.row_exact_tokens:
             out = self.attend_one(q, keys, values)
         else:
+            if keys.dtype != q.dtype:  # a narrower KV store (--kv-dtype): widen one layer at a time
+                keys, values = keys.to(q.dtype), values.to(q.dtype)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
                                                  enable_gqa=Hkv != H)  # [B, H, n, D]
         return out.transpose(1, 2).reshape(B, n, H * D) @ layer.w_o

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from specmemo.errors import BadInput, UnknownModel
+from specmemo.models.gguf_file import read_into
 from specmemo.memory.hf_adapter import attention_implementation, check_supported
 from specmemo.models.resolve import ModelRef
 
@@ -226,15 +227,9 @@ def _read_rows(entry, r0: int, r1: int) -> torch.Tensor:
     path, offset, file_dtype, shape = entry
     row = math.prod(shape[1:]) if len(shape) > 1 else 1
     out = torch.empty((r1 - r0, *shape[1:]) if len(shape) > 1 else shape, dtype=file_dtype)
-    with path.open("rb", buffering=0) as fh:
-        fh.seek(offset + r0 * row * out.element_size())
-        view = memoryview(out.view(torch.uint8).numpy()).cast("B") if out.numel() else memoryview(b"")
-        got = 0
-        while got < len(view):
-            n = fh.readinto(view[got:])
-            if not n:
-                raise ValueError(f"{path.name} ends inside a tensor")
-            got += n
+    if out.numel():
+        read_into(path, offset + r0 * row * out.element_size(), memoryview(out.view(torch.uint8).numpy()).cast("B"),
+                  "a tensor")
     return out
 
 
@@ -356,9 +351,9 @@ def runs_packed(ref: ModelRef) -> bool:
     """Whether `ref` is a Llama GGUF whose layer matrices are Q4_0/Q4_1 (what --dtype q4 runs)."""
     if not ref.gguf_file:
         return False
-    from specmemo.models.gguf_file import GGUFFile
+    from specmemo.models.gguf_file import open_gguf
 
-    f = GGUFFile(Path(ref.location) / ref.gguf_file)
+    f = open_gguf(Path(ref.location) / ref.gguf_file)
     first = f.tensors.get("blk.0.attn_q.weight")
     return f.metadata.get("general.architecture") == "llama" and first is not None and first.kind in Q4_TYPES
 
@@ -374,18 +369,18 @@ def load_gguf_q4(gguf_path: str, config: dict, dtype: torch.dtype):
     import numpy as np
     from rich.progress import Progress
 
-    from specmemo.models.gguf_file import GGUFFile
+    from specmemo.models.gguf_file import open_gguf
     from specmemo.models.llama import LlamaConfig, LlamaModel
     from specmemo.models.quant import GROUP, Int4Weight, q4_blocks, rope_rows
 
-    f = GGUFFile(gguf_path)
+    f = open_gguf(gguf_path)
     arch = f.metadata.get("general.architecture")
     if arch != "llama":
         raise UnknownModel(f"{f.path.name}: packed q4 runs GGUF architecture 'llama', not {arch!r}; "
                            "use --dtype fp32 or bf16")
     cfg = LlamaConfig.from_hf(config)
     model = LlamaModel(cfg, dtype, "cpu")  # dense buffers stay untouched (never resident) and are replaced
-    dequantized: set[str] = set()
+    unpacked: set[str] = set()  # tensor types of layer matrices that could not run packed
 
     def entry(name: str):
         if name not in f.tensors:
@@ -394,8 +389,6 @@ def load_gguf_q4(gguf_path: str, config: dict, dtype: torch.dtype):
 
     def rows_f32(t, r0: int, r1: int) -> torch.Tensor:
         """Rows r0..r1 of a tensor as float32 [r1 − r0, cols]."""
-        if t.kind not in ("F32", "F16", "BF16"):
-            dequantized.add(t.kind)
         try:
             values = gguf.quants.dequantize(f.read_rows(t, r0, r1), gguf.GGMLQuantizationType(t.type_id))
         except NotImplementedError:
@@ -414,6 +407,7 @@ def load_gguf_q4(gguf_path: str, config: dict, dtype: torch.dtype):
         perm = rope_rows(rows, heads) if heads else slice(None)
         if t.kind in Q4_TYPES:
             return tuple(part[perm] for part in q4_blocks(f.read_rows(t, 0, rows), t.kind, rows, cols))
+        unpacked.add(t.kind)
         return rows_f32(t, 0, rows)[perm]
 
     def fused(*parts):
@@ -451,10 +445,9 @@ def load_gguf_q4(gguf_path: str, config: dict, dtype: torch.dtype):
     model.norm = vector("output_norm.weight")
     model.embed = transposed("token_embd.weight")                                 # [E, V]
     model.head = model.embed if cfg.tie_embeddings else transposed("output.weight")
-    unpacked = [n for n in ("w_qkv", "w_o", "w_gate_up", "w_down") if isinstance(getattr(model.layers[0], n), torch.Tensor)]
     if unpacked:
         import sys
 
-        sys.stderr.write(f"warning: {f.path.name}: {', '.join(sorted(dequantized))} layer matrices are not run "
+        sys.stderr.write(f"warning: {f.path.name}: {', '.join(sorted(unpacked))} layer matrices are not run "
                          f"packed; dequantized to {str(dtype).split('.')[-1]}\n")
     return model

@@ -5,14 +5,13 @@ by bench/q4_kernels.py).
 The kernel's format: per output row n and group g of 32 inputs, w = (q − 8) · scale + zero with
 q in 0..15. GGUF Q4_1 blocks hold w = q · d + m, so scale = d and zero = m + 8d; Q4_0 holds
 w = (q − 8) · d, so zero = 0. Both map exactly (d and m are fp16 in the file; scale/zero are kept
-in the activation dtype). Q8_0 and other types are dequantized (see load_gguf_llama).
+in the activation dtype). Q8_0 and other types are dequantized (see models/load.load_gguf_q4).
 """
 
 import numpy as np
 import torch
 
 GROUP = 32
-_Q4_BLOCK = {"Q4_0": 18, "Q4_1": 20}  # bytes per block of 32 weights
 
 
 class Int4Weight:
@@ -52,7 +51,9 @@ class Int4Weight:
 def q4_blocks(raw: np.ndarray, kind: str, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GGUF Q4_0/Q4_1 data [rows, cols/32 · block bytes] -> (q [rows, cols] int32 in 0..15,
     scale, zero [rows, cols/32] fp32) with w = (q − 8)·scale + zero."""
-    size = _Q4_BLOCK[kind]
+    import gguf
+
+    _, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]]   # bytes per block of 32
     blocks = np.ascontiguousarray(raw).reshape(rows, cols // GROUP, size)
     d = torch.from_numpy(blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32))
     head = 4 if kind == "Q4_1" else 2

@@ -55,10 +55,10 @@ def _from_alias(name: str) -> ModelRef:
 
 def gguf_config(path: Path) -> dict:
     """The HF-style config fields of a GGUF file, from its metadata (file reads, no weights read)."""
-    from specmemo.models.gguf_file import GGUFFile
+    from specmemo.models.gguf_file import open_gguf
 
     try:
-        reader = GGUFFile(path)
+        reader = open_gguf(path)
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise UnknownModel(f"{path} is not a readable GGUF file ({e})") from None
 

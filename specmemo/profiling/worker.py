@@ -90,9 +90,9 @@ def baseline_dtype(dtype: str) -> str:
 def _llama_cpp(cfg, meter) -> Built:
     import os
     from pathlib import Path
-
     from types import SimpleNamespace
 
+    from specmemo.models.gguf_file import open_gguf
     from specmemo.models.load import dense_location, load_tokenizer
     from specmemo.models.resolve import resolve
     from specmemo.models.text import stop_ids
@@ -105,15 +105,9 @@ def _llama_cpp(cfg, meter) -> Built:
     gen = Path(dense_location(ref, False)) / "generation_config.json"
     config = SimpleNamespace(generation_config=SimpleNamespace(**json.loads(gen.read_text()) if gen.is_file() else {}))
     engine = LlamaCppEngine(str(path), cfg["context"], len(os.sched_getaffinity(0)))
-    weights = sum(t.row_bytes * t.rows for t in _gguf_tensors(path))
+    weights = sum(t.row_bytes * t.rows for t in open_gguf(path).tensors.values())
     return Built(engine, tokenizer, stop_ids(tokenizer, config), None, weights, meter.above_baseline(), None,
                  "llama.cpp")
-
-
-def _gguf_tensors(path):
-    from specmemo.models.gguf_file import GGUFFile
-
-    return GGUFFile(path).tensors.values()
 
 
 def main(config_path: str, result_path: str) -> None:
