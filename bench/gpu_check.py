@@ -86,6 +86,8 @@ def specmemo_engines(case: dict, device: str, used0: int | None) -> dict:
     from specmemo.models.load import LoadedModel, own_from_transformers, wrap
     from specmemo.models.resolve import resolve
     from specmemo.models.synthetic import random_model
+    from specmemo.budget.plan import GRAPH_ROWS
+    from specmemo.models import graphs as graphs_mod
     from specmemo.pipeline import assemble, cap_cuda_memory
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[case["dtype"]]
@@ -99,9 +101,12 @@ def specmemo_engines(case: dict, device: str, used0: int | None) -> dict:
         out["cuda_init_bytes"] = used1 - used0 - reserved(device)
 
     # (engine, drafter, KV dtype, forward, CUDA graphs); specmemo-ar (graphed) is the reference.
+    # "unpadded": graphed, but a target step at its own width (1 row), as before fixed-width steps:
+    # what the fixed width costs a one-token step.
     configs = [("specmemo", "model", None, "specmemo", True), ("specmemo-ngram", "ngram", None, "specmemo", True),
                ("specmemo-ar", "none", None, "specmemo", True), ("specmemo-ngram-eager", "ngram", None, "specmemo", False),
-               ("specmemo-ar-eager", "none", None, "specmemo", False)]
+               ("specmemo-ar-eager", "none", None, "specmemo", False),
+               ("specmemo-ar-unpadded", "none", None, "specmemo", "unpadded")]
     if case.get("kv_variant"):
         configs.append((f"specmemo-ar-kv-{case['kv_variant']}", "none", case["kv_variant"], "specmemo", True))
     configs.append(("specmemo-ar-hf-forward", "none", None, "transformers", False))
@@ -148,6 +153,8 @@ def specmemo_engines(case: dict, device: str, used0: int | None) -> dict:
             "total_bytes": report.plan.total_bytes, "generation_bytes": report.plan.generation_bytes,
             "context": report.plan.request.context, "draft_len": report.plan.request.draft_len,
             "weights_measured_bytes": target.model.nbytes() if forward == "specmemo" else None}
+        graphs_mod.ROWS = 1 if graphs == "unpadded" else GRAPH_ROWS
+        graphs = bool(graphs)
         try:
             if device == "cuda":
                 cap_cuda_memory(report)
@@ -165,7 +172,8 @@ def specmemo_engines(case: dict, device: str, used0: int | None) -> dict:
             sync(device)
             wall = time.perf_counter() - t0
             out["engines"][name] = {
-                "forward": forward + (" + CUDA graphs" if graphs and forward == "specmemo" and device == "cuda" else ""),
+                "forward": forward + (" + CUDA graphs" if graphs and forward == "specmemo" and device == "cuda" else "")
+                + (f", {rows}-row steps" if (rows := getattr(rt.engine.forward, "rows", None)) else ""),
                 "kv_dtype": kv or case["dtype"], "assemble_s": assemble_s,
                 "graphs_captured": getattr(rt.engine.forward, "captures", 0)
                 + getattr(getattr(rt.engine.drafter, "forward", None), "captures", 0),

@@ -68,12 +68,15 @@ def default_weights(dev, t_ref, d_ref, dtype: str | None, draft_dtype: str | Non
     return dtype, draft_dtype
 
 
-def step_forward(model: LoadedModel, cuda_graphs: bool):
-    """The forward the engine calls: on a GPU our decoder's small steps replay CUDA graphs."""
-    if cuda_graphs and model.device.type == "cuda" and model.forward_path == "specmemo":
-        from specmemo.models.graphs import GraphedForward
+def step_forward(model: LoadedModel, cuda_graphs: bool, verify_tokens: int | None = None):
+    """The forward the engine calls. On a GPU our decoder's small steps replay CUDA graphs, and a
+    target's (verify_tokens: its widest verification) run at one fixed width of at least
+    graphs.ROWS, graphed or not, so plain decoding and speculation round alike (models/graphs.py)."""
+    if model.device.type == "cuda" and model.forward_path == "specmemo" and (cuda_graphs or verify_tokens):
+        from specmemo.models.graphs import ROWS, GraphedForward
 
-        return GraphedForward(model.forward)
+        rows = None if verify_tokens is None else max(ROWS, verify_tokens)
+        return GraphedForward(model.forward, capture=cuda_graphs, rows=rows)
     return model.forward
 
 
@@ -105,7 +108,7 @@ def assemble(report: PlanReport, target: LoadedModel, draft: LoadedModel | None,
     req = report.plan.request
     store = allocator.allocate_target(report.plan, torch_dtype(req.kv), device)
     drafter = make_drafter(report, draft, sampling, device, generator, cuda_graphs)
-    engine = Engine(step_forward(target, cuda_graphs), store, drafter, sampling, draft_len=req.draft_len,
+    engine = Engine(step_forward(target, cuda_graphs, req.draft_len + 1), store, drafter, sampling, draft_len=req.draft_len,
                     prefill_chunk=req.prefill_chunk, context=req.context, generator=generator)
     for forward, kv in [(engine.forward, store), (getattr(drafter, "forward", None), getattr(drafter, "store", None))]:
         if hasattr(forward, "warm"):  # CUDA graphs: captured now, inside the measured generation memory

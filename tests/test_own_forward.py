@@ -42,7 +42,8 @@ def hf_model(make, seed=0):
 def store_for(model, context=200):
     req = PlanRequest(target=arch_of(model), draft=None, drafter="none", context=context, draft_len=0,
                       draft_window=0, dtype="fp32")
-    return allocate_target(make_plan(req), torch.float32, "cpu")
+    weight = next(model.parameters())
+    return allocate_target(make_plan(req), weight.dtype, weight.device)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -113,6 +114,31 @@ def test_the_fixed_shape_step_for_cuda_graphs_matches_the_eager_forward(variant)
     static.trim(30)  # rejected candidates: the next step overwrites their slots
     eager.trim(30)
     assert torch.allclose(graphed(static, ids[:, 35:37], 2), own(eager, ids[:, 35:37], 2), atol=1e-4)
+
+
+def fixed_width_rows_vs_one_token_steps(dtype, device="cpu", capture=False):
+    """Six tokens as one padded step and as six one-token steps: (logits, logits, stores equal)."""
+    from specmemo.models.graphs import ROWS, GraphedForward
+
+    model = hf_model(VARIANTS["llama-gqa"]).to(device, dtype)
+    own = own_model(model)
+    ids = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(4)).to(device)
+    wide_store, one_store = store_for(model), store_for(model)
+    graphed = GraphedForward(own, capture=capture, rows=ROWS)
+    for store in (wide_store, one_store):
+        graphed(store, ids[:, :20], 20)                 # the same eager prefill
+    wide = graphed(wide_store, ids[:, 20:26], 6)
+    one = torch.cat([graphed(one_store, ids[:, i : i + 1], 1) for i in range(20, 26)], dim=1)
+    return wide, one, torch.equal(wide_store.keys[:, :, :, :26], one_store.keys[:, :, :, :26])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_target_step_at_fixed_width_rounds_each_row_as_a_one_token_step(dtype):
+    """The padded step (models/graphs.py): a verified row is bit-identical to the same token run
+    alone, so speculation cannot part from plain decoding by rounding (unpadded fp32 differs by
+    an ulp here), and the padding rows' duplicate K/V writes leave the store as one-token steps do."""
+    wide, one, same_kv = fixed_width_rows_vs_one_token_steps(dtype)
+    assert torch.equal(wide, one) and same_kv
 
 
 @pytest.mark.parametrize("drafter,draft", [("ngram", None), ("model", DRAFT)])

@@ -70,9 +70,9 @@ def make_engine(target, drafter="none", draft=None, *, context=300, k=4, window=
     gen = sampling.generator(device) if seed is None else torch.Generator(device).manual_seed(seed)
     fwd = own_model if own or graphed else as_forward
     if graphed:
-        from specmemo.models.graphs import GraphedForward
+        from specmemo.models.graphs import ROWS, GraphedForward
 
-        fwd = lambda m: GraphedForward(own_model(m), capture=device == "cuda")
+        fwd = lambda m: GraphedForward(own_model(m), capture=device == "cuda", rows=ROWS if m is target else None)
     if drafter == "model":
         d = ModelDrafter(fwd(draft), allocator.allocate_draft(plan, next(draft.parameters()).dtype, device), sampling,
                          req.draft_window, gen)

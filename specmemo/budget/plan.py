@@ -120,6 +120,9 @@ def validate(req: PlanRequest) -> None:
         raise BadInput(f"draft window must be ≥ 1, got {req.draft_window}")
 
 
+GRAPH_ROWS = 16  # a target's fixed step width under CUDA graphs: the widest verification it serves
+
+
 def make_plan(req: PlanRequest) -> Plan:
     validate(req)
     t, d, B, k = req.target, req.draft, req.batch, req.draft_len
@@ -128,6 +131,8 @@ def make_plan(req: PlanRequest) -> Plan:
     # Only one forward runs at a time, so the workspace is the largest of: a prefill chunk,
     # a verification of k+1 candidates, and (with a draft model) a draft step.
     step = fp.forward_workspace_bytes(t, req.dtype, min(k + 1, N), N, B, req.kv)
+    # A graphed target step runs at a fixed width (models/graphs.py), over every capacity slot.
+    graph_step = fp.forward_workspace_bytes(t, req.dtype, max(GRAPH_ROWS, k + 1), N, B, req.kv)
     workspaces = [fp.forward_workspace_bytes(t, req.dtype, min(req.prefill_chunk, N), N, B, req.kv), step]
     if d:
         workspaces.append(fp.forward_workspace_bytes(d, req.ddtype, min(req.prefill_chunk, W), W + k + 1, B,
@@ -147,7 +152,7 @@ def make_plan(req: PlanRequest) -> Plan:
         + (req.half_scratch_bytes if fp.is_half(req.dtype) or (d and fp.is_half(req.ddtype)) else 0),
         # CUDA graphs (models/graphs.py): the capture stream's cuBLAS workspace, and the graphs'
         # private pool, which holds the largest captured step's scratch beside the eager cache.
-        "cuda_graphs": req.graph_bytes + step if req.graph_bytes else 0,
+        "cuda_graphs": req.graph_bytes + graph_step if req.graph_bytes else 0,
         "sampling": fp.sampling_bytes(t, k, B, req.sampling),
         "runtime_overhead": req.overhead_bytes,
     }

@@ -6,18 +6,31 @@ forward. A CUDA graph replays a captured forward's ~1,000 kernels with one launc
 
 A graph needs fixed shapes and addresses, so graphed steps use LlamaModel.forward_static: K/V
 written by index into the store's preallocated tensors, attention over every capacity slot
-under a mask built on the device from the positions. One graph per (store, n) for n ≤
-`max_tokens` (a decode step is n = 1, a verification n = k'+1), captured on first use into one
-shared memory pool; prefill chunks and ring-window stores run eagerly. Exactness is unchanged:
-the same engine decodes with and without drafts through the same graphed path.
+under a mask built on the device from the positions. One graph per (store, width): a target
+has one width (below); a draft one per n ≤ `max_tokens`. Captured when the pipeline is assembled
+(or on first use) into one shared memory pool; prefill chunks and ring-window stores run eagerly.
+
+Exactness: a GPU's kernels are not row-invariant across shapes. cuBLAS picks another kernel for
+a 6-row matmul than for a 1-row one, so a verified row rounds differently than the same token in a
+one-token step, and in half precision that flipped greedy choices (measured on an H200: 10 of 128
+tokens agreed between Llama-2-7B fp16 speculation and plain decoding). So a target's steps run at
+one fixed width, `rows`: n ≤ rows new tokens are padded to rows by repeating the last token at the
+last position. Every matmul, norm and attention then has one shape, and a row's result depends
+only on its own token, position and visible keys. The padding rows recompute the last row exactly
+and write the same K/V into its slot, so the duplicate write is harmless. Measured on the H200:
+every engine then agreed 128/128 with plain decoding; a one-token step at 16 rows costs 1.3-1.4x
+one at 1 row, almost all of it from 1 row to 2 (bench/results/gpu_row_widths_h200_2026-11-27.txt).
+With graphs off (capture=False) the same fixed-width step runs eagerly.
 """
 
 from dataclasses import dataclass
 
 import torch
 
+from specmemo.budget.plan import GRAPH_ROWS as ROWS  # one-token steps pay this width too
 from specmemo.errors import BudgetExceeded
 from specmemo.memory.kvstore import KVStore
+
 
 
 _SIDE_STREAM = None
@@ -43,13 +56,15 @@ class _Captured:
 
 class GraphedForward:
     """forward(store, ids [1, n], logits_to_keep) like the model's, replaying CUDA graphs for
-    n ≤ max_tokens on full-layout stores. capture=False runs forward_static without graphs (so the
-    fixed-shape path is testable on a CPU)."""
+    n ≤ max_tokens on full-layout stores. rows: run every step of n ≤ rows tokens at that one width
+    (a target's; see the module docstring), None: at its own n (a draft's rounding does not touch
+    the output). capture=False runs forward_static without graphs (the fixed-shape path on a CPU)."""
 
     name = "specmemo"
 
-    def __init__(self, model, max_tokens: int = 16, capture: bool = True):
-        self.model, self.max_tokens, self.capture = model, max_tokens, capture
+    def __init__(self, model, max_tokens: int = 16, capture: bool = True, rows: int | None = None):
+        self.model, self.capture, self.rows = model, capture, rows
+        self.max_tokens = max(max_tokens, rows or 0)
         self.steps: dict[tuple[int, int], _Captured] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.captures = 0   # graphs captured so far (reported; each costs a warm-up and a capture)
@@ -64,16 +79,21 @@ class GraphedForward:
         start = store.length
         if start + n > store.capacity:
             raise BudgetExceeded(f"KV store full: {start} + {n} tokens > capacity {store.capacity}")
+        positions = torch.arange(start, start + n)
+        if self.rows and n < self.rows:  # pad: the last token again, at the last position
+            pad = self.rows - n
+            ids = torch.cat([ids, ids[:, -1:].expand(1, pad)], dim=1)
+            positions = torch.cat([positions, positions[-1:].expand(pad)])
         step = self._step(store, ids, start)
         step.ids.copy_(ids)
-        step.positions.copy_(torch.arange(start, start + n))
+        step.positions.copy_(positions)
         if step.graph is None:
             step.logits = self.model.forward_static(store, step.ids, step.positions)
         else:
             step.graph.replay()
         store.length += n
         # A copy: the static output is overwritten by the next replay of any graph sharing the pool.
-        return step.logits[:, -logits_to_keep:].clone()
+        return step.logits[:, n - logits_to_keep : n].clone()
 
     def warm(self, store: KVStore, max_tokens: int) -> None:
         """Capture the steps of 1..max_tokens tokens now (at allocation), not mid-generation.
@@ -81,8 +101,9 @@ class GraphedForward:
         masked, and every slot is rewritten by its real step before a query can see it."""
         if store.window or not self.capture:
             return
-        for n in range(1, min(max_tokens, self.max_tokens) + 1):
-            if store.length + n <= store.capacity:
+        widths = [self.rows] if self.rows else range(1, min(max_tokens, self.max_tokens) + 1)
+        for n in widths:
+            if store.length + (1 if self.rows else n) <= store.capacity:
                 ids = torch.zeros(1, n, dtype=torch.long, device=store.keys.device)
                 self._step(store, ids, store.length)
 
@@ -104,7 +125,9 @@ class GraphedForward:
 
     def _prepare(self, store: KVStore, ids: torch.Tensor, start: int) -> _Captured:
         n = ids.shape[1]
-        step = _Captured(store, None, ids.clone(), torch.arange(start, start + n, device=ids.device), None)
+        # Capture-time positions stay inside the store (a padded step may start at its last slot).
+        positions = torch.arange(start, start + n, device=ids.device).clamp_(max=store.capacity - 1)
+        step = _Captured(store, None, ids.clone(), positions, None)
         if not self.capture:
             return step
         # Warm up on a side stream (lazy kernel loading, cuBLAS workspaces), then capture. Both
