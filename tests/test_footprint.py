@@ -63,6 +63,14 @@ def test_workspace():
     assert fp.forward_workspace_bytes(TIED, "fp32", 1, 1000) == 7872 * 4
 
 
+def test_half_precision_attends_through_two_fp32_buffers_of_one_layer():
+    # K and V of one layer (3 KV heads × 64) over 1,000 slots, in fp32; q4 computes in bf16
+    for dtype in ("bf16", "fp16", "q4"):
+        assert fp.fp32_attention_bytes(TIED, dtype, None, 1000) == 2 * 3 * 64 * 1000 * 4
+    assert fp.fp32_attention_bytes(TIED, "bf16", "fp32", 1000) == 0   # an fp32 cache is read as is
+    assert fp.fp32_attention_bytes(TIED, "fp32", "bf16", 1000) == 0   # fp32 compute widens through SDPA
+
+
 def test_quantized_weight_bytes_count_groups_and_keep_vectors_in_the_compute_dtype():
     # SmolLM2-135M in q4: per layer q 576×18 groups, k and v 192×18, o 576×18, gate and up 1536×18,
     # down 576×48 = 110,592 groups; ×30 layers = 3,317,760 groups of 20 bytes (16 packed + scale

@@ -110,6 +110,14 @@ def kv_upcast_bytes(arch: Arch, dtype: str, kv_dtype: str | None, keys: int, bat
     return batch * 2 * arch.num_kv_heads * arch.head_dim * keys * dtype_bytes(dtype)
 
 
+def fp32_attention_bytes(arch: Arch, dtype: str, kv_dtype: str | None, keys: int, batch: int = 1) -> int:
+    """Half-precision compute attends in fp32 (LlamaModel.widen): two buffers of one layer's K and
+    V over `keys` slots, kept for the run. None when the KV cache is already fp32."""
+    if not is_half(dtype) or dtype_bytes(kv_dtype or dtype) >= 4:
+        return 0
+    return batch * 2 * arch.num_kv_heads * arch.head_dim * keys * 4
+
+
 def forward_workspace_bytes(arch: Arch, dtype: str, tokens: int, keys: int, batch: int = 1,
                             kv_dtype: str | None = None) -> int:
     """Peak scratch of one forward over `tokens` new tokens attending to `keys` keys."""

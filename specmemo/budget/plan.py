@@ -153,6 +153,10 @@ def make_plan(req: PlanRequest) -> Plan:
         # CUDA graphs (models/graphs.py): the capture stream's cuBLAS workspace, and the graphs'
         # private pool, which holds the largest captured step's scratch beside the eager cache.
         "cuda_graphs": req.graph_bytes + graph_step if req.graph_bytes else 0,
+        # A GPU target's steps attend through SDPA at a fixed width (models/graphs.py); a draft
+        # may run eagerly anywhere.
+        "fp32_attention": (fp.fp32_attention_bytes(t, req.dtype, req.kv, N, B) if req.device_kind == "cpu" else 0)
+        + (fp.fp32_attention_bytes(d, req.ddtype, req.draft_kv, W + k + 1, B) if d else 0),
         "sampling": fp.sampling_bytes(t, k, B, req.sampling),
         "runtime_overhead": req.overhead_bytes,
     }

@@ -154,6 +154,7 @@ class LlamaModel:
         # verification and plain decoding. Up to this many new tokens (verification-sized), each
         # causal query then attends exactly as a one-token step would (see `attention`).
         self.row_exact_tokens = 16 if dtype in (torch.bfloat16, torch.float16) else 0
+        self._widened: dict = {}   # fp32 copies of one layer's K/V for that attention (see `widen`)
 
     def tensors(self) -> list[torch.Tensor]:
         own = [self.norm, self.head] + ([] if self.cfg.tie_embeddings else [self.embed]) + [self.inv_freq]
@@ -195,14 +196,12 @@ class LlamaModel:
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         keys, values = write(index, k, v)                             # [B, Hkv, S, D]
-        if mask is CAUSAL_ROWS:  # query i sees keys[:S - n + i + 1], as a one-token step does
-            # Each row widens its own key prefix, exactly as that step would (a slice of one
-            # widened copy has other strides, and a matmul may take another path on it).
+        if mask is CAUSAL_ROWS or (n == 1 and mask is None and self.row_exact_tokens):
+            # Query i sees keys[:S - n + i + 1], attended exactly as a one-token step would.
+            keys, values = self.widen(keys, values)
             S = keys.shape[2]
             out = torch.cat([self.attend_one(q[:, :, i : i + 1], keys[:, :, : S - n + i + 1],
                                              values[:, :, : S - n + i + 1]) for i in range(n)], dim=2)
-        elif n == 1 and mask is None and self.row_exact_tokens:
-            out = self.attend_one(q, keys, values)
         else:
             if keys.dtype != q.dtype:  # a narrower KV store (--kv-dtype): widen one layer at a time
                 keys, values = keys.to(q.dtype), values.to(q.dtype)
@@ -210,16 +209,36 @@ class LlamaModel:
                                                  enable_gqa=Hkv != H)  # [B, H, n, D]
         return out.transpose(1, 2).reshape(B, n, H * D) @ layer.w_o
 
+    def widen(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer's keys and values [B, Hkv, S, D] (views of the store) in fp32, copied into two
+        buffers laid out like the store and kept for every layer and step (planned as the KV
+        upcast): a fresh 0.8 MB tensor per layer cost 160 µs in page faults where the copy takes
+        11. A verification's rows then attend over slices with the strides a one-token step's
+        have (a matmul may take another path on other strides, and round otherwise)."""
+        if keys.dtype == torch.float32 and values.dtype == torch.float32:
+            return keys, values
+        B, Hkv, S, D = keys.shape
+        slots = keys.stride(1) // D
+        layout = (Hkv * slots * D, slots * D, D, 1)
+        if keys.stride() != layout or values.stride() != layout:  # not a store view: a one-off copy
+            return keys.float(), values.float()
+        spec = (B, Hkv, slots, D, keys.device)
+        if self._widened.get("spec") != spec:
+            self._widened = {"spec": spec, "bufs": [torch.empty(B, Hkv, slots, D, device=keys.device)
+                                                    for _ in range(2)]}
+        kb, vb = self._widened["bufs"]
+        return kb[:, :, :S].copy_(keys), vb[:, :, :S].copy_(values)
+
     def attend_one(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """One query per head over S keys, in fp32: q [B, H, 1, D], keys/values [B, Hkv, S, D] ->
-        [B, H, 1, D] in q's dtype. For half precision: torch's CPU flash kernel took 172 µs per
-        bf16 call at S = 300 (1,063 at 2,000) where this takes 63 (224), and both one-token steps
-        and verified rows go through it, so they round alike."""
+        """One query per head over S keys, in fp32: q [B, H, 1, D], keys/values [B, Hkv, S, D]
+        fp32 (see `widen`) -> [B, H, 1, D] in q's dtype. For half precision: torch's CPU flash
+        kernel took 172 µs per bf16 call at S = 300 (1,063 at 2,000) where this takes 63 (224),
+        and both one-token steps and verified rows go through it, so they round alike."""
         B, H, _, D = q.shape
         Hkv = keys.shape[1]
         qg = q.reshape(B, Hkv, H // Hkv, D).float()                    # [B, Hkv, H/Hkv, D]: a group's queries
-        scores = (qg @ keys.float().transpose(-1, -2)) * self.scale    # [B, Hkv, H/Hkv, S]
-        out = torch.softmax(scores, dim=-1) @ values.float()           # [B, Hkv, H/Hkv, D]
+        scores = (qg @ keys.transpose(-1, -2)) * self.scale            # [B, Hkv, H/Hkv, S]
+        out = torch.softmax(scores, dim=-1) @ values                   # [B, Hkv, H/Hkv, D]
         return out.to(q.dtype).reshape(B, H, 1, D)
 
     def mlp(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ _EXPLAIN = {
     "workspace": "largest forward: prefill chunk, verify or draft step × allocator factor",
     "kernel_scratch": "fixed kernel scratch: first forward, verification, half-precision kernels",
     "cuda_graphs": "CUDA graphs: capture stream workspace and the graphs' private memory pool",
+    "fp32_attention": "half precision attends in fp32: one layer's K and V widened, kept for the run",
     "sampling": "p, q and top-p sort buffers for k+1 rows",
     "runtime_overhead": "device runtime reserve",
 }
