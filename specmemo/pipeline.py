@@ -109,7 +109,7 @@ def assemble(report: PlanReport, target: LoadedModel, draft: LoadedModel | None,
     store = allocator.allocate_target(report.plan, torch_dtype(req.kv), device)
     drafter = make_drafter(report, draft, sampling, device, generator, cuda_graphs)
     engine = Engine(step_forward(target, cuda_graphs, req.draft_len + 1), store, drafter, sampling, draft_len=req.draft_len,
-                    prefill_chunk=req.prefill_chunk, context=req.context, generator=generator)
+                    prefill_chunk=req.prefill_chunk, context=req.context, generator=generator, pair=report.pair)
     for forward, kv in [(engine.forward, store), (getattr(drafter, "forward", None), getattr(drafter, "store", None))]:
         if hasattr(forward, "warm"):  # CUDA graphs: captured now, inside the measured generation memory
             forward.warm(kv, req.draft_len + 1)

@@ -31,6 +31,12 @@ class Device:
     half_scratch_bytes: int = 0  # measured: extra scratch of bf16/fp16 kernels on this device
     graph_bytes: int = 0       # measured: fixed cost of CUDA-graph capture (0: no graphs on this device)
     packed_q4: bool = False    # measured faster: a GGUF with 4-bit layers runs packed (q4) by default
+    # measured: the target's forward time for n = 1.. tokens over one token's, per weight dtype
+    # (`cost_curve_<dtype>` keys; bench/cost_curve.py). A device-wide fallback for pair profiles.
+    cost_curves: tuple = ()    # ((dtype, (1.0, t(2)/t(1), ...)), ...)
+
+    def cost_curve(self, dtype: str) -> tuple[float, ...]:
+        return dict(self.cost_curves).get(dtype, ())
 
 
 def default_dtype(kind: str) -> str:
@@ -106,4 +112,6 @@ def load_device(name: str) -> Device:
         half_scratch_bytes=int(data.get("half_scratch_bytes", 0)),
         graph_bytes=int(data.get("graph_bytes", 0)),
         packed_q4=bool(data.get("packed_q4", False)),
+        cost_curves=tuple((key.removeprefix("cost_curve_"), tuple(float(x) for x in value))
+                          for key, value in data.items() if key.startswith("cost_curve_")),
     )

@@ -13,7 +13,8 @@ from specmemo.budget.plan import (
     DEFAULT_DRAFT_LEN, DEFAULT_DRAFT_WINDOW, DEFAULT_PREFILL_CHUNK, Plan, PlanRequest, make_plan,
 )
 from specmemo.budget.search import Fit, fit_at_context, lower_bound, max_context, speedup_budget
-from specmemo.budget.speedup import PairProfile, pair_profile, predicted_speedup
+from specmemo.budget import footprint as fp
+from specmemo.budget.speedup import PairProfile, pair_profile
 from specmemo.budget.units import format_bytes
 from specmemo.errors import BadInput, BudgetExceeded
 
@@ -39,7 +40,7 @@ class PlanReport:
 
     @property
     def predicted_speedup(self) -> float:
-        return predicted_speedup(self.pair.alpha, self.pair.c, self.plan.request.draft_len)
+        return self.pair.speedup(self.plan.request.draft_len)
 
     def to_json(self) -> dict:
         req = self.plan.request
@@ -72,6 +73,9 @@ class PlanReport:
             "alpha": self.pair.alpha,
             "c": self.pair.c,
             "speedup_source": self.pair.source,
+            "c_source": self.pair.c_source,
+            "cost_curve": list(self.pair.curve),
+            "cost_curve_source": self.pair.curve_source,
             "components": dict(self.plan.components),
         }
 
@@ -139,10 +143,12 @@ def fit(target: Arch, draft: Arch | None, drafter: str, *, device: str = "cpu", 
             raise BudgetExceeded(f"{refused.refusal()}. Plan: {refused.breakdown()}", plan=asked)
         req, shrunk = smaller, True
     plan = asked if not shrunk else make_plan(req)
-    pair = pair_profile(target.name, draft.name if draft else drafter, drafter)
+    ratio = fp.weight_bytes(draft, req.ddtype) / fp.weight_bytes(target, req.dtype) if draft else None
+    pair = pair_profile(target.name, draft.name if draft else drafter, drafter, req.dtype,
+                        dev.cost_curve(req.dtype), ratio)
     return PlanReport(
         target_name=target.name, draft_name=draft.name if draft else drafter, drafter=drafter, device=dev,
         budget_bytes=budget_bytes, plan=plan, lower_bound=lower_bound(req),
-        speedup_budget=speedup_budget(req, pair.alpha, pair.c), max_context=largest, fit=hint, pair=pair,
+        speedup_budget=speedup_budget(req, pair), max_context=largest, fit=hint, pair=pair,
         shrunk=shrunk,
     )

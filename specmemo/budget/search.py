@@ -7,7 +7,7 @@ the largest fitting value of each is found by bisection.
 from dataclasses import dataclass
 
 from specmemo.budget.plan import Plan, PlanRequest, make_plan
-from specmemo.budget.speedup import KEEP_FRACTION, MAX_DRAFT_LEN, predicted_speedup
+from specmemo.budget.speedup import KEEP_FRACTION, MAX_DRAFT_LEN, PairProfile
 
 
 def _largest(lo: int, hi: int, fits) -> int | None:
@@ -59,10 +59,10 @@ def lower_bound(req: PlanRequest) -> Plan:
     return make_plan(req.with_(draft_len=k, draft_window=1, prefill_chunk=1))
 
 
-def speedup_budget(req: PlanRequest, alpha: float, c: float) -> Plan:
+def speedup_budget(req: PlanRequest, pair: PairProfile) -> Plan:
     """The least memory that keeps ≥ 96% of the best predicted speedup over k ∈ [1, 16]."""
     if req.drafter == "none":
         return make_plan(req)
-    best = max(predicted_speedup(alpha, c, k) for k in range(1, MAX_DRAFT_LEN + 1))
-    k = next(k for k in range(1, MAX_DRAFT_LEN + 1) if predicted_speedup(alpha, c, k) >= KEEP_FRACTION * best)
+    best = max(pair.speedup(k) for k in range(1, MAX_DRAFT_LEN + 1))
+    k = next(k for k in range(1, MAX_DRAFT_LEN + 1) if pair.speedup(k) >= KEEP_FRACTION * best)
     return make_plan(req.with_(draft_len=k))

@@ -1,10 +1,16 @@
-"""The standard speculative-decoding speedup model (Leviathan et al. 2023, eq. 1 and thm 3.8).
+"""The speculative-decoding speedup model, with the verification's measured cost.
 
-With per-token acceptance α, draft length k, and c = cost of one draft step / cost of one target
-step, the expected tokens per target step are (1 − α^(k+1)) / (1 − α), and a step costs k·c + 1
-target-step units, so
+With per-token acceptance α and draft length k, a step commits (1 − α^(k+1)) / (1 − α) tokens
+on average (Leviathan et al. 2023, eq. 1). Leviathan et al. price the step at k·c + 1 target-step
+units, assuming the target verifies k + 1 tokens as fast as one. On a CPU it does not: a 6-token
+forward of SmolLM2-135M costs 1.3–2.7× a one-token one depending on the dtype
+(bench/cost_curve.py). With the measured cost curve C(n) = t(n)/t(1) (Sequoia's t(n)):
 
-    speedup(k) = (1 − α^(k+1)) / ((1 − α)(k·c + 1)).
+    speedup(k) = (1 − α^(k+1)) / ((1 − α) · (C(k+1) + k·c)).
+
+c = one draft step's time over one target step's. Each input has a source: a pair profile that
+`specmemo profile --save-profile` measured on this machine, a device profile's curve, or an
+estimate (c from the draft's and target's weight bytes: a step streams its weights).
 """
 
 import tomllib
@@ -17,8 +23,8 @@ from specmemo.paths import profiles_dir
 # typically accepts 0.6–0.8 of tokens (Leviathan et al. report 0.5–0.9); we take the cautious end.
 # N-gram lookup in chat accepts less often but costs nothing (c ≈ 0; its index lookup is
 # microseconds against a target step of tens of milliseconds).
-DEFAULT_MODEL_ALPHA, DEFAULT_MODEL_C = 0.6, 0.05
-DEFAULT_NGRAM_ALPHA, DEFAULT_NGRAM_C = 0.35, 0.0
+DEFAULT_MODEL_ALPHA = 0.6
+DEFAULT_NGRAM_ALPHA = 0.35
 MAX_DRAFT_LEN = 16
 KEEP_FRACTION = 0.96  # the speedup budget keeps ≥ 96% of the best predicted speedup
 
@@ -27,7 +33,13 @@ KEEP_FRACTION = 0.96  # the speedup budget keeps ≥ 96% of the best predicted s
 class PairProfile:
     alpha: float
     c: float
-    source: str  # "measured: <file>" or "default"
+    source: str                     # where α came from: "measured: <file>" or "default"
+    curve: tuple[float, ...] = ()   # C(n) for n = 1..len; () is flat (every n costs one step)
+    c_source: str = "default"
+    curve_source: str = "flat: none measured"
+
+    def speedup(self, k: int) -> float:
+        return predicted_speedup(self.alpha, self.c, k, self.curve)
 
 
 def expected_tokens_per_step(alpha: float, k: int) -> float:
@@ -36,21 +48,55 @@ def expected_tokens_per_step(alpha: float, k: int) -> float:
     return (1 - alpha ** (k + 1)) / (1 - alpha)
 
 
-def predicted_speedup(alpha: float, c: float, k: int) -> float:
+def step_cost(curve: tuple[float, ...], n: int) -> float:
+    """C(n): a forward over n tokens in one-token forwards. Past the measured points, the last
+    point's slope carries on."""
+    if not curve or n <= 1:
+        return 1.0
+    if n <= len(curve):
+        return curve[n - 1]
+    slope = (curve[-1] - curve[0]) / (len(curve) - 1) if len(curve) > 1 else 0.0
+    return curve[-1] + slope * (n - len(curve))
+
+
+def predicted_speedup(alpha: float, c: float, k: int, curve: tuple[float, ...] = ()) -> float:
     """1.0 for k = 0 (plain decoding)."""
-    return expected_tokens_per_step(alpha, k) / (k * c + 1)
+    return expected_tokens_per_step(alpha, k) / (step_cost(curve, k + 1) + k * c)
+
+
+def best_draft_len(alpha: float, c: float, curve: tuple[float, ...], max_k: int) -> int:
+    """The k in 1..max_k with the highest predicted speedup (the first of equals)."""
+    return max(range(1, max(1, max_k) + 1), key=lambda k: (predicted_speedup(alpha, c, k, curve), -k))
 
 
 def pair_file(target: str, draft: str) -> Path:
     return profiles_dir() / "pairs" / f"{target}__{draft}.toml".replace("/", "_")
 
 
-def pair_profile(target: str, draft: str, drafter_kind: str) -> PairProfile:
-    """Measured α and c from profiles/pairs/ if `specmemo profile --save-profile` wrote one."""
+def pair_profile(target: str, draft: str, drafter_kind: str, dtype: str = "fp32",
+                 device_curve: tuple[float, ...] = (), weight_ratio: float | None = None) -> PairProfile:
+    """α, c and the cost curve for this pair: measured ones from profiles/pairs/ (written by
+    `specmemo profile --save-profile`), else the device profile's curve for `dtype`, c from the
+    draft's and target's weight bytes (weight_ratio; 0 for n-gram lookup) and a default α."""
+    data, name = {}, ""
     path = pair_file(target, draft)
     if path.exists():
-        data = tomllib.loads(path.read_text())
-        return PairProfile(float(data["alpha"]), float(data["c"]), f"measured: {path.name}")
-    if drafter_kind == "ngram":
-        return PairProfile(DEFAULT_NGRAM_ALPHA, DEFAULT_NGRAM_C, "default")
-    return PairProfile(DEFAULT_MODEL_ALPHA, DEFAULT_MODEL_C, "default")
+        data, name = tomllib.loads(path.read_text()), path.name
+    if "alpha" in data:
+        alpha, source = float(data["alpha"]), f"measured: {name}"
+    else:
+        alpha, source = (DEFAULT_NGRAM_ALPHA if drafter_kind == "ngram" else DEFAULT_MODEL_ALPHA), "default"
+    if "c" in data:
+        c, c_source = float(data["c"]), f"measured: {name}"
+    elif drafter_kind == "model" and weight_ratio is not None:
+        c, c_source = weight_ratio, "estimated: draft weight bytes / target weight bytes"
+    else:
+        c, c_source = 0.0, "n-gram lookup: microseconds against a target step" if drafter_kind == "ngram" else "none"
+    if f"cost_curve_{dtype}" in data:
+        curve = tuple(float(x) for x in data[f"cost_curve_{dtype}"])
+        curve_source = f"measured: {name}" + (f" on {data['host']}" if "host" in data else "")
+    elif device_curve:
+        curve, curve_source = tuple(device_curve), f"device profile ({dtype})"
+    else:
+        curve, curve_source = (), "flat: none measured"
+    return PairProfile(alpha, c, source, curve, c_source, curve_source)

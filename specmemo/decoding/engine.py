@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from specmemo.budget.speedup import DEFAULT_MODEL_ALPHA, PairProfile, best_draft_len
 from specmemo.decoding.events import Finished, GenerationStats, Prefilled, Step
 from specmemo.decoding.sampling import SamplingConfig
 from specmemo.decoding.verify import verify_greedy, verify_sampling
@@ -26,14 +27,43 @@ from specmemo.memory.malloc import trim_heap
 from specmemo.memory.kvstore import KVStore
 
 
+class DraftLength:
+    """The draft length for the next step: the k ≤ max_k with the best predicted speedup
+    (budget/speedup.py) at the running acceptance, under the pair's cost of a draft step (c) and of
+    verifying k + 1 tokens (the measured cost curve). α is estimated per drafted token, as the
+    speedup model has it: a step that accepted a of d drafts saw a acceptances and, if a < d, one
+    rejection; counts decay by `decay` per step, so α follows the conversation, and start from
+    the pair's α worth `prior` observations."""
+
+    def __init__(self, pair: PairProfile, max_k: int, decay: float = 0.9, prior: float = 2.0):
+        self.pair, self.max_k, self.decay = pair, max_k, decay
+        self.accepted, self.rejected = prior * pair.alpha, prior * (1 - pair.alpha)
+
+    @property
+    def alpha(self) -> float:
+        return self.accepted / (self.accepted + self.rejected)
+
+    def first(self) -> int:
+        return best_draft_len(self.alpha, self.pair.c, self.pair.curve, self.max_k) if self.max_k else 0
+
+    def after(self, step: Step) -> int:
+        if step.drafted:
+            self.accepted = self.decay * self.accepted + step.accepted
+            self.rejected = self.decay * self.rejected + (step.accepted < step.drafted)
+        return self.first()
+
+
 class Engine:
     def __init__(self, forward, store: KVStore, drafter, sampling: SamplingConfig, *,
-                 draft_len: int, prefill_chunk: int, context: int, generator=None):
+                 draft_len: int, prefill_chunk: int, context: int, generator=None, pair: PairProfile | None = None):
         """forward(store, ids [1, n], logits_to_keep) -> fp32 logits: our decoder (models/llama.py)
-        or a transformers model behind memory/hf_adapter.AdapterForward."""
+        or a transformers model behind memory/hf_adapter.AdapterForward. draft_len: the most
+        drafts a step may verify (the plan's k); pair: α, c and the cost curve that choose each
+        step's length (None: a flat curve, free drafts, so every step drafts draft_len)."""
         self.forward, self.store, self.drafter, self.sampling = forward, store, drafter, sampling
         self.max_draft_len = 0 if drafter.name == "none" else draft_len
-        self.draft_len = self.max_draft_len
+        self.lengths = DraftLength(pair or PairProfile(DEFAULT_MODEL_ALPHA, 0.0, "default"), self.max_draft_len)
+        self.draft_len = self.lengths.first()
         self.prefill_chunk, self.context = prefill_chunk, context
         self.generator = generator
         self.device = store.keys.device
@@ -102,13 +132,6 @@ class Engine:
         self.store.trim(len(self.tokens) - 1)
         self.drafter.rollback(len(self.tokens) - 1)
 
-    def _adapt(self, step: Step) -> None:
-        """Longer drafts while everything is accepted, shorter after a rejection (HF's heuristic)."""
-        if step.drafted and step.accepted == step.drafted:
-            self.draft_len = min(self.max_draft_len, self.draft_len + 2)
-        elif step.drafted:
-            self.draft_len = max(1, self.draft_len - 1)
-
     def generate(self, new_tokens: list[int], max_new_tokens: int, stop_ids: set[int] = frozenset(),
                  should_stop: Callable[[], bool] = lambda: False) -> Iterator:
         """Yield Prefilled, then Step events, then Finished(stats). decode_seconds excludes the prefill."""
@@ -140,7 +163,7 @@ class Engine:
             # candidates stay inside the planned context (the store's capacity).
             step, drafting = self._step(min(self.draft_len, budget - 1))
             stats.draft_seconds += drafting
-            self._adapt(step)
+            self.draft_len = self.lengths.after(step)
             tokens = step.tokens[:budget]
             for i, t in enumerate(tokens):
                 if t in stop_ids:

@@ -194,8 +194,10 @@ def write_outputs(report: dict, runs: dict, out: Path) -> None:
     atomic_write_text(out / "report.md", markdown(report, plots))
 
 
-def save_pair_profile(target: str, draft: str, runs: dict) -> Path:
-    """Measured α (per drafted token) and c (draft cost per token / target cost per step)."""
+def save_pair_profile(target: str, draft: str, runs: dict, dtype: str | None = None,
+                      curve: list[float] | None = None, host: str = "") -> Path:
+    """Measured α (per drafted token), c (draft cost per token / target cost per step) and, when
+    given, the target's verification cost curve for `dtype` on `host`."""
     spec, ar = runs.get("specmemo"), runs.get("specmemo-ar")
     if not spec or not ar or not spec["drafted_tokens"]:
         raise ValueError("--save-profile needs the specmemo and specmemo-ar engines, with drafting")
@@ -203,6 +205,9 @@ def save_pair_profile(target: str, draft: str, runs: dict) -> Path:
     target_step = ar["seconds"] / ar["new_tokens"]
     c = (spec["draft_seconds"] / spec["drafted_tokens"]) / target_step
     path = pair_file(target, draft)
-    atomic_write_text(path, f"# Measured by specmemo profile on {len(spec['outputs'])} conversations.\n"
-                            f"alpha = {alpha:.4f}\nc = {c:.4f}\n")
+    text = f"# Measured by specmemo profile on {len(spec['outputs'])} conversations.\nalpha = {alpha:.4f}\nc = {c:.4f}\n"
+    if curve:
+        text += (f"# The target's forward over n = 1..{len(curve)} tokens in one-token forwards ({dtype}).\n"
+                 f"host = {json.dumps(host)}\ncost_curve_{dtype} = {json.dumps(curve)}\n")
+    atomic_write_text(path, text)
     return path

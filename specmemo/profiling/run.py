@@ -42,6 +42,15 @@ def run_worker(cfg: dict, workdir: Path, progress: Progress, task) -> dict:
     return json.loads(result.read_text())
 
 
+def measured_cost_curve(ref, dtype: str) -> list[float]:
+    """The target's verification cost curve on this machine, with a progress bar."""
+    from specmemo.profiling.cost_curve import cost_curve, forward_times
+
+    with Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
+        task = bar.add_task("cost curve", total=16)
+        return cost_curve(forward_times(ref, dtype, 16, progress=lambda n, total: bar.update(task, completed=n)))
+
+
 def profile(target: str, draft: str, out: Path, *, prompts: str | None = None, turns: int = 2, limit: int | None = None,
             max_new_tokens: int = 128, budget: int | None = None, engines: list[str] | None = None,
             dtype: str = "fp32", kv_dtype: str | None = None, draft_dtype: str | None = None,
@@ -93,5 +102,8 @@ def profile(target: str, draft: str, out: Path, *, prompts: str | None = None, t
     report = build_report(facts, base, runs, tokenizer)
     write_outputs(report, runs, out)
     if save_profile:
-        report["saved_profile"] = str(save_pair_profile(t_ref.name, d_ref.name if d_ref else drafter, runs))
+        curve = measured_cost_curve(t_ref, dtype)
+        report["cost_curve"] = curve
+        report["saved_profile"] = str(save_pair_profile(t_ref.name, d_ref.name if d_ref else drafter, runs, dtype,
+                                                        curve, facts.get("cpu", "")))
     return report

@@ -1,0 +1,47 @@
+"""The verification cost curve: the target's forward time for n = 1..16 tokens at once.
+
+Measured on the machine at hand (hosts differ: MKL's small-M fp32 GEMM is steep in n, oneDNN's
+bf16 one nearly flat, torch's int4 kernel in between), by `specmemo profile --save-profile` for
+the pair profile and by bench/cost_curve.py for the device profile. `plan` and the engine's
+draft length read it as C(n) = t(n)/t(1) (budget/speedup.py).
+"""
+
+import time
+
+import torch
+
+from specmemo.budget.fit import fit
+from specmemo.memory.allocator import allocate_target
+from specmemo.models.load import load_model
+from specmemo.models.resolve import ModelRef
+
+CACHED = 512      # tokens already in the store: a mid-conversation step
+
+
+@torch.inference_mode()
+def forward_times(ref: ModelRef, dtype: str, max_tokens: int = 16, repeats: int = 15,
+                  progress=None) -> dict[int, float]:
+    """Median seconds of one target forward over n new tokens, n = 1..max_tokens, with CACHED
+    tokens in the store. progress(done, total) after each n."""
+    model = load_model(ref, dtype, with_tokenizer=False, forward="specmemo").model
+    report = fit(ref.arch, None, "none", context=CACHED + max_tokens, dtype=dtype, sampling=False, budget=1 << 40)
+    store = allocate_target(report.plan, model.dtype, model.device)
+    ids = torch.randint(0, ref.arch.vocab_size, (1, CACHED + max_tokens), generator=torch.Generator().manual_seed(0))
+    model(store, ids[:, :CACHED].to(model.device), 1)
+    out = {}
+    for n in [1, *range(1, max_tokens + 1)]:  # the first n = 1 warms up
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(store, ids[:, CACHED : CACHED + n].to(model.device), n)
+            times.append(time.perf_counter() - t0)
+            store.trim(CACHED)
+        out[n] = sorted(times)[repeats // 2]
+        if progress:
+            progress(n, max_tokens)
+    return out
+
+
+def cost_curve(times: dict[int, float]) -> list[float]:
+    """[C(1) = 1, C(2), ...]: each n's time over one token's, two decimals."""
+    return [round(times[n] / times[1], 2) for n in sorted(times)]
