@@ -34,6 +34,7 @@ class Device:
     # measured: the target's forward time for n = 1.. tokens over one token's, per weight dtype
     # (`cost_curve_<dtype>` keys; bench/cost_curve.py). A device-wide fallback for pair profiles.
     cost_curves: tuple = ()    # ((dtype, (1.0, t(2)/t(1), ...)), ...)
+    out_major_dtypes: tuple = ()  # measured: dense dtypes whose matrices decode faster [out, in] (models/layout.py)
 
     def cost_curve(self, dtype: str) -> tuple[float, ...]:
         return dict(self.cost_curves).get(dtype, ())
@@ -112,6 +113,7 @@ def load_device(name: str) -> Device:
         half_scratch_bytes=int(data.get("half_scratch_bytes", 0)),
         graph_bytes=int(data.get("graph_bytes", 0)),
         packed_q4=bool(data.get("packed_q4", False)),
+        out_major_dtypes=tuple(data.get("out_major_dtypes", ())),
         cost_curves=tuple((key.removeprefix("cost_curve_"), tuple(float(x) for x in value))
                           for key, value in data.items() if key.startswith("cost_curve_")),
     )

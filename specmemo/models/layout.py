@@ -11,6 +11,21 @@ stay one matrix.
 import torch
 from torch import nn
 
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def out_major(dtype: torch.dtype, device) -> bool:
+    """Whether our decoder stores `dtype` matrices [out, in] and multiplies by their transposed
+    view (torch's Linear layout) rather than [in, out] contiguous: on a CPU, as the device profile
+    measured (`out_major_dtypes`, bench/weight_layout.py; on the Zen 4 host fp16 [in, out] took 316
+    ms per pass against 9.6, and bf16 [in, out] was neither faster nor row-exact); elsewhere never
+    (the layout the GPU check measured)."""
+    if torch.device(device).type != "cpu":
+        return False
+    from specmemo.budget.devices import load_device
+
+    return _DTYPE_NAMES.get(dtype, "") in load_device("cpu").out_major_dtypes
+
 
 class TransposedLinear(nn.Module):
     def __init__(self, weight_t: nn.Parameter, bias: torch.Tensor | None):

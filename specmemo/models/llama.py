@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from specmemo.memory.attention import attention_mask
 from specmemo.memory.kvstore import KVStore
+from specmemo.models.layout import out_major as layout_out_major
 
 FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 CAUSAL_ROWS = object()  # a mask marker: causal, each query attended on its own (see LlamaModel.attention)
@@ -113,19 +114,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 class Layer:
     """One decoder block's weights, in decoding layout (see the module docstring)."""
 
-    def __init__(self, cfg: LlamaConfig, dtype: torch.dtype, device):
+    def __init__(self, cfg: LlamaConfig, dtype: torch.dtype, device, out_major: bool = False):
         E, I, D = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
         qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * D
         empty = lambda *shape: torch.empty(shape, dtype=dtype, device=device)
+        matrix = lambda n_in, n_out: empty(n_out, n_in).t() if out_major else empty(n_in, n_out)
         self.attn_norm = empty(E)
-        self.w_qkv = empty(E, qkv)                     # [E, (H + 2·Hkv)·D]
+        self.w_qkv = matrix(E, qkv)                    # [E, (H + 2·Hkv)·D]
         self.b_qkv = empty(qkv) if cfg.qkv_bias else None
         self.q_norm = empty(D) if cfg.qk_norm else None
         self.k_norm = empty(D) if cfg.qk_norm else None
-        self.w_o = empty(cfg.num_heads * D, E)         # [H·D, E]
+        self.w_o = matrix(cfg.num_heads * D, E)        # [H·D, E]
         self.mlp_norm = empty(E)
-        self.w_gate_up = empty(E, 2 * I)               # [E, 2·I]: gate columns, then up columns
-        self.w_down = empty(I, E)                      # [I, E]
+        self.w_gate_up = matrix(E, 2 * I)              # [E, 2·I]: gate columns, then up columns
+        self.w_down = matrix(I, E)                     # [I, E]
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor it holds (a packed matrix, models/quant.py, contributes its parts)."""
@@ -140,13 +142,18 @@ class LlamaModel:
 
     name = "specmemo"
 
-    def __init__(self, cfg: LlamaConfig, dtype: torch.dtype = torch.float32, device="cpu"):
+    def __init__(self, cfg: LlamaConfig, dtype: torch.dtype = torch.float32, device="cpu",
+                 out_major: bool | None = None):
+        """out_major: store each matrix [out, in] and multiply by its transposed view (torch's
+        Linear layout) instead of [in, out] contiguous; None: as the device profile measured
+        for this dtype (layout.out_major)."""
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
+        self.out_major = layout_out_major(dtype, self.device) if out_major is None else out_major
         E, V = cfg.hidden_size, cfg.vocab_size
-        self.layers = [Layer(cfg, dtype, device) for _ in range(cfg.num_layers)]
+        self.layers = [Layer(cfg, dtype, device, self.out_major) for _ in range(cfg.num_layers)]
         self.norm = torch.empty(E, dtype=dtype, device=device)
-        self.head = torch.empty(E, V, dtype=dtype, device=device)   # [E, V]; the embedding when tied
-        self.embed = self.head if cfg.tie_embeddings else torch.empty(E, V, dtype=dtype, device=device)
+        self.head = self.matrix(E, V)                                 # [E, V]; the embedding when tied
+        self.embed = self.head if cfg.tie_embeddings else self.matrix(E, V)
         self.inv_freq = rope_inv_freq(cfg).to(device)               # [D/2] fp32
         self.scale = cfg.head_dim ** -0.5
         # Half-precision attention is not row-invariant: a query attended among n > 1 (masked) can
@@ -155,6 +162,18 @@ class LlamaModel:
         # causal query then attends exactly as a one-token step would (see `attention`).
         self.row_exact_tokens = 16 if dtype in (torch.bfloat16, torch.float16) else 0
         self._widened: dict = {}   # fp32 copies of one layer's K/V for that attention (see `widen`)
+        self._rowwise: frozenset[str] | None = None   # probed on first use (see `rowwise`)
+
+    def matrix(self, n_in: int, n_out: int) -> torch.Tensor:
+        """An empty [n_in, n_out] operand for `x @ w`, in this model's layout."""
+        if self.out_major:
+            return torch.empty(n_out, n_in, dtype=self.dtype, device=self.device).t()
+        return torch.empty(n_in, n_out, dtype=self.dtype, device=self.device)
+
+    def place(self, w: torch.Tensor) -> torch.Tensor:
+        """A [out, in] matrix (as files store it) as this model's [in, out] operand."""
+        w = w.to(self.dtype)
+        return w.contiguous().t() if self.out_major else w.t().contiguous()
 
     def tensors(self) -> list[torch.Tensor]:
         own = [self.norm, self.head] + ([] if self.cfg.tie_embeddings else [self.embed]) + [self.inv_freq]
@@ -169,6 +188,8 @@ class LlamaModel:
         """ids: [B, n] -> [B, n, E], gathered from the transposed table."""
         # Contiguous: a transposed residual stream reduces in another order in RMSNorm than a
         # one-token step does, and half-precision rounding then parts verification from decoding.
+        if self.out_major:  # the table's rows are its storage rows: gather them directly
+            return self.embed.t().index_select(0, ids.reshape(-1)).reshape(*ids.shape, -1)
         return self.embed.index_select(1, ids.reshape(-1)).t().contiguous().reshape(*ids.shape, -1)
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,7 +205,7 @@ class LlamaModel:
         cfg = self.cfg
         B, n, _ = x.shape
         H, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        qkv = x @ layer.w_qkv                                         # [B, n, (H + 2·Hkv)·D]
+        qkv = self.product(x, layer.w_qkv, "qkv")                     # [B, n, (H + 2·Hkv)·D]
         if layer.b_qkv is not None:
             qkv = qkv + layer.b_qkv
         q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), dim=-1)
@@ -207,7 +228,7 @@ class LlamaModel:
                 keys, values = keys.to(q.dtype), values.to(q.dtype)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
                                                  enable_gqa=Hkv != H)  # [B, H, n, D]
-        return out.transpose(1, 2).reshape(B, n, H * D) @ layer.w_o
+        return self.product(out.transpose(1, 2).reshape(B, n, H * D), layer.w_o, "o")
 
     def widen(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A layer's keys and values [B, Hkv, S, D] (views of the store) in fp32, copied into two
@@ -241,10 +262,48 @@ class LlamaModel:
         out = torch.softmax(scores, dim=-1) @ values                   # [B, Hkv, H/Hkv, D]
         return out.to(q.dtype).reshape(B, H, 1, D)
 
+    def product(self, x: torch.Tensor, w, kind: str) -> torch.Tensor:
+        """x [B, n, in] @ w [in, out]. For a verification-sized n in half precision on a CPU, a
+        matrix kind whose kernel rounds a row differently among others than alone (see
+        `rowwise`) is multiplied one row at a time, as one-token steps do."""
+        n = x.shape[1]
+        if 1 < n <= self.row_exact_tokens and kind in self.rowwise:
+            # [B, in] rows: the 2-D product a one-token step's [B, 1, in] folds into (a [B, 1, in]
+            # slice of a wider tensor went through a batched matmul that copied the weight).
+            return torch.stack([x[:, i] @ w for i in range(n)], dim=1)
+        return x @ w
+
+    @property
+    def rowwise(self) -> frozenset[str]:
+        """The matrix kinds this machine's kernels do not multiply row-exactly, found once by
+        probing the loaded weights: ten random inputs of 2 or 6 rows (two for the LM head), each
+        product against its rows multiplied alone. (On the Zen 4 host, bf16 with 1,536 inputs, the down
+        projection, rounded differently in about half of such probes; int4, fp16 and bf16 with
+        576 inputs never did.) Only half precision on a CPU: a GPU target runs at a fixed width
+        (models/graphs.py), and fp32 is left to its precision (see README)."""
+        if self._rowwise is None:
+            found = set()
+            if self.row_exact_tokens and self.device.type == "cpu":
+                layer = self.layers[0]
+                kinds = {"qkv": layer.w_qkv, "o": layer.w_o, "gate_up": layer.w_gate_up, "down": layer.w_down,
+                         "head": self.head}
+                gen = torch.Generator(self.device).manual_seed(0)
+                for kind, w in kinds.items():
+                    # Two widths, varied values: each new width costs the CPU kernel library a
+                    # cached primitive (0.7 MB measured), and a kernel that is not row-exact shows
+                    # it in about half the inputs.
+                    for rows in (2, 6) * (1 if kind == "head" else 5):
+                        x = torch.randn(1, rows, w.shape[0], generator=gen, device=self.device).to(self.dtype)
+                        if not torch.equal(x @ w, torch.stack([x[:, i] @ w for i in range(rows)], dim=1)):
+                            found.add(kind)
+                            break
+            self._rowwise = frozenset(found)
+        return self._rowwise
+
     def mlp(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
         """x: [B, n, E] (normed) -> [B, n, E]: SwiGLU."""
-        gate, up = (x @ layer.w_gate_up).chunk(2, dim=-1)            # [B, n, I] each
-        return (F.silu(gate) * up) @ layer.w_down
+        gate, up = self.product(x, layer.w_gate_up, "gate_up").chunk(2, dim=-1)   # [B, n, I] each
+        return self.product(F.silu(gate) * up, layer.w_down, "down")
 
     # -- the forward pass -----------------------------------------------------------------------
 
@@ -258,7 +317,7 @@ class LlamaModel:
             h = h + self.attention(layer, i, rms_norm(h, layer.attn_norm, eps), write, cos, sin, mask)
             h = h + self.mlp(layer, rms_norm(h, layer.mlp_norm, eps))
         h = rms_norm(h[:, -logits_to_keep:], self.norm, eps)
-        return (h @ self.head).float()                                # [B, keep, V]
+        return self.product(h, self.head, "head").float()             # [B, keep, V]
 
     def additive(self, mask: torch.Tensor) -> torch.Tensor:
         """Boolean mask (True = attend) -> 0 / −inf in the compute dtype. Built once per forward:

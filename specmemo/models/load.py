@@ -417,14 +417,14 @@ def load_gguf_q4(gguf_path: str, config: dict, dtype: torch.dtype):
             return Int4Weight.from_q4(*(torch.cat(x) for x in zip(*parts)), dtype)
         dense = [(p[0] - 8) * p[1].repeat_interleave(GROUP, 1) + p[2].repeat_interleave(GROUP, 1)
                  if isinstance(p, tuple) else p for p in parts]
-        return torch.cat(dense).t().contiguous().to(dtype)
+        return model.place(torch.cat(dense))
 
     def transposed(name: str) -> torch.Tensor:
-        """[rows, cols] in the file -> [cols, rows] in `dtype`, _BLOCK_ROWS rows at a time (an
-        embedding is the largest tensor: never whole in fp32)."""
+        """[rows, cols] in the file -> the [cols, rows] operand in `dtype` (model.matrix's
+        layout), _BLOCK_ROWS rows at a time (an embedding is the largest tensor: never whole in fp32)."""
         t = entry(name)
         cols, rows = t.shape
-        out = torch.empty(cols, rows, dtype=dtype)
+        out = model.matrix(cols, rows)
         for r0 in range(0, rows, _BLOCK_ROWS):
             r1 = min(rows, r0 + _BLOCK_ROWS)
             out[:, r0:r1].copy_(rows_f32(t, r0, r1).t())
@@ -443,7 +443,7 @@ def load_gguf_q4(gguf_path: str, config: dict, dtype: torch.dtype):
             layer.w_down = fused(matrix(pre + "ffn_down.weight"))
             progress.advance(task)
     model.norm = vector("output_norm.weight")
-    model.embed = transposed("token_embd.weight")                                 # [E, V]
+    model.embed = transposed("token_embd.weight")                                 # [E, V] operand
     model.head = model.embed if cfg.tie_embeddings else transposed("output.weight")
     if unpacked:
         import sys
