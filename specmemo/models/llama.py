@@ -193,10 +193,10 @@ class LlamaModel:
         return self.embed.index_select(1, ids.reshape(-1)).t().contiguous().reshape(*ids.shape, -1)
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [n] -> cos, sin [1, 1, n, D] in the compute dtype."""
+        """positions: [n] -> cos, sin [1, n, 1, D] in the compute dtype (heads broadcast)."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(self.dtype)[None, None], emb.sin().to(self.dtype)[None, None]
+        return emb.cos().to(self.dtype)[None, :, None], emb.sin().to(self.dtype)[None, :, None]
 
     def attention(self, layer: Layer, index: int, x: torch.Tensor, write, cos, sin,
                   mask: torch.Tensor | None) -> torch.Tensor:
@@ -208,21 +208,22 @@ class LlamaModel:
         qkv = self.product(x, layer.w_qkv, "qkv")                     # [B, n, (H + 2·Hkv)·D]
         if layer.b_qkv is not None:
             qkv = qkv + layer.b_qkv
-        q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), dim=-1)
-        q = q.view(B, n, H, D).transpose(1, 2)                        # [B, H, n, D]
-        k = k.view(B, n, Hkv, D).transpose(1, 2)                      # [B, Hkv, n, D]
-        v = v.view(B, n, Hkv, D).transpose(1, 2)
-        if layer.q_norm is not None:
-            q, k = rms_norm(q, layer.q_norm, cfg.rms_eps), rms_norm(k, layer.k_norm, cfg.rms_eps)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        keys, values = write(index, k, v)                             # [B, Hkv, S, D]
+        qkv = qkv.view(B, n, H + 2 * Hkv, D)                          # [B, n, heads, D]: q, k, v heads
+        qk, v = qkv[:, :, : H + Hkv], qkv[:, :, H + Hkv :]
+        if layer.q_norm is not None:  # Qwen3: q and k normed per head, before RoPE
+            qk = torch.cat([rms_norm(qk[:, :, :H], layer.q_norm, cfg.rms_eps),
+                            rms_norm(qk[:, :, H:], layer.k_norm, cfg.rms_eps)], dim=2)
+        qk = qk * cos + rotate_half(qk) * sin                         # RoPE on q and k heads in one pass
+        q = qk[:, :, :H].transpose(1, 2)                              # [B, H, n, D]
+        k = qk[:, :, H:].transpose(1, 2)                              # [B, Hkv, n, D]
+        keys, values = write(index, k, v.transpose(1, 2))             # [B, Hkv, S, D]
         if mask is CAUSAL_ROWS or (n == 1 and mask is None and self.row_exact_tokens):
             # Query i sees keys[:S - n + i + 1], attended exactly as a one-token step would.
             keys, values = self.widen(keys, values)
             S = keys.shape[2]
-            out = torch.cat([self.attend_one(q[:, :, i : i + 1], keys[:, :, : S - n + i + 1],
-                                             values[:, :, : S - n + i + 1]) for i in range(n)], dim=2)
+            rows = [self.attend_one(q[:, :, i : i + 1], keys[:, :, : S - n + i + 1], values[:, :, : S - n + i + 1])
+                    for i in range(n)]
+            out = rows[0] if n == 1 else torch.cat(rows, dim=2)
         else:
             if keys.dtype != q.dtype:  # a narrower KV store (--kv-dtype): widen one layer at a time
                 keys, values = keys.to(q.dtype), values.to(q.dtype)
