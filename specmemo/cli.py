@@ -238,7 +238,7 @@ def profile(
     dtype: Annotated[str, typer.Option("--dtype", help="fp32, bf16, fp16, or q4 (a 4-bit GGUF target run packed; the transformers baselines then run fp32).")] = "fp32",
     kv_dtype: KvDtypeOpt = None,
     draft_dtype: DraftDtypeOpt = None,
-    save_profile: Annotated[bool, typer.Option("--save-profile", help="Record measured α and c in profiles/pairs/ for `plan`.")] = False,
+    save_profile: Annotated[bool, typer.Option("--save-profile", help="Record measured α, c and the target's verification cost curve (its forward over 1..16 tokens, timed after the runs) in profiles/pairs/, for `plan` and the engine's draft length.")] = False,
 ):
     """Profile speed, memory and acceptance against Hugging Face generate, each engine in its own process.
 

@@ -32,7 +32,6 @@ from specmemo.errors import BudgetExceeded
 from specmemo.memory.kvstore import KVStore
 
 
-
 _SIDE_STREAM = None
 
 

@@ -114,11 +114,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 class Layer:
     """One decoder block's weights, in decoding layout (see the module docstring)."""
 
-    def __init__(self, cfg: LlamaConfig, dtype: torch.dtype, device, out_major: bool = False):
+    def __init__(self, cfg: LlamaConfig, dtype: torch.dtype, device, matrix):
+        """matrix(n_in, n_out): an empty [n_in, n_out] operand in the model's layout (LlamaModel.matrix)."""
         E, I, D = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
         qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * D
         empty = lambda *shape: torch.empty(shape, dtype=dtype, device=device)
-        matrix = lambda n_in, n_out: empty(n_out, n_in).t() if out_major else empty(n_in, n_out)
         self.attn_norm = empty(E)
         self.w_qkv = matrix(E, qkv)                    # [E, (H + 2·Hkv)·D]
         self.b_qkv = empty(qkv) if cfg.qkv_bias else None
@@ -150,7 +150,7 @@ class LlamaModel:
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
         self.out_major = layout_out_major(dtype, self.device) if out_major is None else out_major
         E, V = cfg.hidden_size, cfg.vocab_size
-        self.layers = [Layer(cfg, dtype, device, self.out_major) for _ in range(cfg.num_layers)]
+        self.layers = [Layer(cfg, dtype, device, self.matrix) for _ in range(cfg.num_layers)]
         self.norm = torch.empty(E, dtype=dtype, device=device)
         self.head = self.matrix(E, V)                                 # [E, V]; the embedding when tied
         self.embed = self.head if cfg.tie_embeddings else self.matrix(E, V)
@@ -233,8 +233,8 @@ class LlamaModel:
 
     def widen(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A layer's keys and values [B, Hkv, S, D] (views of the store) in fp32, copied into two
-        buffers laid out like the store and kept for every layer and step (planned as the KV
-        upcast): a fresh 0.8 MB tensor per layer cost 160 µs in page faults where the copy takes
+        buffers laid out like the store and kept for every layer and step (the plan's
+        fp32_attention): a fresh 0.8 MB tensor per layer cost 160 µs in page faults where the copy takes
         11. A verification's rows then attend over slices with the strides a one-token step's
         have (a matmul may take another path on other strides, and round otherwise)."""
         if keys.dtype == torch.float32 and values.dtype == torch.float32:

@@ -7,14 +7,27 @@ import time
 import psutil
 
 
+# /proc/cpuinfo flags that decide kernel choices here (bf16 and int4 GEMM paths), as people name them.
+_VECTOR_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX-BF16"}
+
+
 def cpu_name() -> str:
+    """The CPU as figures should name it: model name, family/model and vector extensions, e.g.
+    "AMD EPYC (family 25 model 17; AVX2, AVX-512, AVX512-BF16)"; hosts of one name differ."""
+    fields = {}
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+            if not line.strip():
+                break  # the first processor is enough
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return platform.processor() or platform.machine()
+    name = fields.get("model name") or platform.machine()
+    flags = set(fields.get("flags", "").split())
+    vector = ", ".join(label for flag, label in _VECTOR_FLAGS.items() if flag in flags) or "no AVX2"
+    family = f"family {fields['cpu family']} model {fields['model']}; " if "cpu family" in fields else ""
+    return f"{name} ({family}{vector})"
 
 
 def gpu_name() -> str | None:
