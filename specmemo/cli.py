@@ -1,4 +1,4 @@
-"""The `specmemo` command: plan, generate, chat, profile.
+"""The `specmemo` command: plan, generate, chat, profile, train-draft.
 
 Commands stay thin: they parse options, call one library function, and render its result.
 torch and transformers are imported inside the commands that need them, so `plan` is instant.
@@ -25,7 +25,7 @@ app = typer.Typer(
 err = Console(stderr=True, highlight=False)
 
 TargetOpt = Annotated[str, typer.Option("--target", "-t", help="Alias (see profiles/models), HF directory, .gguf file or hub id.")]
-DraftOpt = Annotated[str, typer.Option("--draft", "-d", help="Draft model (alias, directory, .gguf, hub id), or 'ngram' (lookup in the conversation, no weights), or 'none'.")]
+DraftOpt = Annotated[str, typer.Option("--draft", "-d", help="Draft model (alias, directory, .gguf, hub id), or 'head' (the target's trained draft head, see train-draft), 'ngram' (lookup in the conversation, no weights), 'none', or 'auto' (whichever of head and ngram measured fastest here, see profile --save-profile).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="Device profile: cpu, cuda (both measured now) or a name in profiles/devices.")]
 BudgetOpt = Annotated[Optional[str], typer.Option("--budget", help="Memory budget, e.g. 8GiB, 800MB, 8G or bytes. Defaults to the device's memory.")]
 DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="Weight dtype: fp32, bf16, fp16, q4 (a GGUF's Q4_0/Q4_1 weights run packed, bf16 compute; CPU only) or q8 (planned, not run yet). Default: q4 for a 4-bit GGUF on a CPU, else the device's (fp32 on a CPU, bf16 on CUDA).")]
@@ -111,7 +111,7 @@ def plan(
 @domain_errors
 def generate(
     target: TargetOpt = "smollm2-135m-instruct",
-    draft: DraftOpt = "ngram",
+    draft: DraftOpt = "auto",
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt text; '-' reads standard input.")] = ...,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the target's chat template.")] = False,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-m", help="Most tokens to generate.")] = 128,
@@ -177,7 +177,7 @@ def generate(
 @domain_errors
 def chat(
     target: TargetOpt = "smollm2-135m-instruct",
-    draft: DraftOpt = "ngram",
+    draft: DraftOpt = "auto",
     budget: BudgetOpt = None,
     device: DeviceOpt = "cpu",
     system: Annotated[Optional[str], typer.Option("--system", help="System prompt. Default: the model's own.")] = None,
@@ -196,8 +196,8 @@ def chat(
 ):
     """Chat in the terminal with speculative decoding, within a memory budget.
 
-    With no options: SmolLM2-135M-Instruct, n-gram drafting, and a budget of the memory available
-    now. The budget bounds the whole process: every turn's peak is checked against it. Type /help,
+    With no options: SmolLM2-135M-Instruct, the drafter measured fastest on this machine (its draft
+    head or n-gram lookup, see --draft auto), and a budget of the memory available now. The budget bounds the whole process: every turn's peak is checked against it. Type /help,
     /stats, /save FILE, /reset or /exit. Ctrl-C stops a reply (or a long prefill); Ctrl-D quits.
     When stdin is not a terminal, each line is one turn.
     """
@@ -257,6 +257,32 @@ def profile(
     Console().print((out / "report.md").read_text(), markup=False, highlight=False)
     if report.get("saved_profile"):
         err.print(f"saved the measured pair profile to {report['saved_profile']}")
+
+
+@app.command("train-draft")
+@domain_errors
+def train_draft(
+    target: TargetOpt = "smollm2-135m-instruct",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write the head (safetensors). Default: specmemo/heads/<target>.safetensors, the one `--draft head` uses.")] = None,
+    work: Annotated[Path, typer.Option("--work", help="Directory for the corpus of the target's replies (reused by a later run with the same corpus settings).")] = Path("out/train-draft"),
+    prompts: Annotated[int, typer.Option("--prompts", help="Training prompts the target answers (composed from templates; none from any benchmark).")] = 1600,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest reply per prompt.")] = 160,
+    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the corpus.")] = 3,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+):
+    """Train a draft head for the target on its own replies (CPU, about half an hour for the default model).
+
+    The target answers training prompts greedily in its native weights; the head learns to
+    predict the target's next hidden state and token, several steps ahead. The head and its
+    card (recipe, data, time, held-out acceptance) are written atomically to --out.
+    """
+    from specmemo.models.resolve import HEADS_DIR
+    from specmemo.training.draft_head import HeadRecipe, run
+
+    recipe = HeadRecipe(target=target, prompts=prompts, max_new_tokens=max_new_tokens, epochs=epochs, seed=seed)
+    if prompts <= recipe.holdout:
+        raise typer.BadParameter(f"--prompts must exceed the {recipe.holdout} held out for evaluation")
+    run(recipe, out or HEADS_DIR / f"{target}.safetensors", work, console=err)
 
 
 def main():

@@ -40,6 +40,7 @@ class GenerateResult:
     dtype: str
     kv_dtype: str
     forward: str
+    drafter: str                  # what drafted: model, head, ngram or none (--draft auto picks one)
     accepted_histogram: dict[int, int] = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -102,5 +103,5 @@ def generate(target: str, draft: str, prompt: str, *, chat: bool = False, max_ne
         draft_len=plan.request.draft_len, draft_window=plan.request.draft_window,
         acceptance_rate=stats.acceptance_rate, stop_reason=stats.stop_reason,
         seconds=stats.prefill_seconds + stats.decode_seconds, dtype=plan.request.dtype, kv_dtype=plan.request.kv,
-        forward=rt.target.forward_path, accepted_histogram=dict(sorted(stats.accepted_histogram.items())),
+        forward=rt.target.forward_path, drafter=rt.report.drafter, accepted_histogram=dict(sorted(stats.accepted_histogram.items())),
     )

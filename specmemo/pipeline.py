@@ -12,7 +12,7 @@ import torch
 from specmemo.budget.devices import default_dtype, load_device
 from specmemo.budget.fit import PlanReport, fit
 from specmemo.budget.plan import DEFAULT_PREFILL_CHUNK
-from specmemo.decoding.drafters import ModelDrafter, NgramDrafter, NoDrafter
+from specmemo.decoding.drafters import HeadDrafter, ModelDrafter, NgramDrafter, NoDrafter
 from specmemo.decoding.engine import Engine
 from specmemo.decoding.sampling import SamplingConfig
 from specmemo.errors import BadInput, BudgetExceeded, UnknownDevice
@@ -80,12 +80,21 @@ def step_forward(model: LoadedModel, cuda_graphs: bool, verify_tokens: int | Non
     return model.forward
 
 
-def make_drafter(report: PlanReport, draft: LoadedModel | None, sampling: SamplingConfig, device, generator,
-                 cuda_graphs: bool = True):
+def make_drafter(report: PlanReport, target: LoadedModel, draft: LoadedModel | None, sampling: SamplingConfig,
+                 device, generator, cuda_graphs: bool = True):
     if report.drafter == "none":
         return NoDrafter(device)
     if report.drafter == "ngram":
         return NgramDrafter(device)
+    if report.drafter == "head":
+        if target.forward_path != "specmemo":
+            raise BadInput("--draft head needs specmemo's own decoder (--forward specmemo)")
+        from specmemo.models.draft_head import load_head
+        from specmemo.models.resolve import shipped_head
+
+        head, card = load_head(shipped_head(target.ref.name))
+        return HeadDrafter(target.model, head.to(device), sampling, generator,
+                           ranks=card.get("evaluation", {}).get("ranks"))
     req = report.plan.request
     store = allocator.allocate_draft(report.plan, torch_dtype(req.draft_kv), device)
     return ModelDrafter(step_forward(draft, cuda_graphs), store, sampling, req.draft_window, generator,
@@ -107,7 +116,7 @@ def assemble(report: PlanReport, target: LoadedModel, draft: LoadedModel | None,
         torch.manual_seed(sampling.seed)
     req = report.plan.request
     store = allocator.allocate_target(report.plan, torch_dtype(req.kv), device)
-    drafter = make_drafter(report, draft, sampling, device, generator, cuda_graphs)
+    drafter = make_drafter(report, target, draft, sampling, device, generator, cuda_graphs)
     engine = Engine(step_forward(target, cuda_graphs, req.draft_len + 1), store, drafter, sampling, draft_len=req.draft_len,
                     prefill_chunk=req.prefill_chunk, context=req.context, generator=generator, pair=report.pair)
     for forward, kv in [(engine.forward, store), (getattr(drafter, "forward", None), getattr(drafter, "store", None))]:

@@ -16,13 +16,18 @@ def generate(*args, stdin=None):
                           capture_output=True, text=True, input=stdin, timeout=300)
 
 
-def test_json_output_has_every_field_and_ngram_equals_plain():
+def json_runs(drafters, prompt, max_new):
+    """generate --json once per drafter: {drafter: its JSON}."""
     runs = {}
-    for drafter in ("none", "ngram"):
-        r = generate("--draft", drafter, "--prompt", "Write a haiku about rain.", "--chat",
-                     "--max-new-tokens", 48, "--json")
+    for drafter in drafters:
+        r = generate("--draft", drafter, "--prompt", prompt, "--chat", "--max-new-tokens", max_new, "--json")
         assert r.returncode == 0, r.stderr
         runs[drafter] = json.loads(r.stdout)
+    return runs
+
+
+def test_json_output_has_every_field_and_ngram_equals_plain():
+    runs = json_runs(("none", "ngram"), "Write a haiku about rain.", 48)
     out = runs["ngram"]
     for key in ("text", "token_ids", "new_tokens", "drafted_tokens", "accepted_tokens", "steps", "tokens_per_s",
                 "generation_peak_bytes", "predicted_generation_bytes", "weights_bytes", "load_peak_bytes",
@@ -84,3 +89,31 @@ def test_budget_refusal_shows_the_plan_breakdown():
     r = generate("--prompt", "Hi", "--budget", "100MB")
     assert r.returncode == 3
     assert "target_weights" in r.stderr and "target_kv" in r.stderr
+
+
+def test_the_shipped_draft_head_drafts_and_leaves_the_output_unchanged():
+    runs = json_runs(("none", "head"), "Explain how a rainbow forms.", 64)
+    head = runs["head"]
+    assert head["token_ids"] == runs["none"]["token_ids"]          # greedy: exactly the target's tokens
+    assert head["drafted_tokens"] >= head["accepted_tokens"] > 0  # and the head's drafts were accepted
+    assert head["drafter"] == "head" and runs["none"]["drafter"] == "none"
+
+
+def test_train_draft_writes_a_head_and_its_card(tmp_path):
+    def train(out):
+        args = ["--prompts", 104, "--max-new-tokens", 6, "--epochs", 1, "--out", out, "--work", tmp_path / "work"]
+        return subprocess.run([sys.executable, "-m", "specmemo", "train-draft", *map(str, args)],
+                              capture_output=True, text=True, timeout=600)
+
+    r = train(tmp_path / "head.safetensors")
+    assert r.returncode == 0, r.stderr
+    from specmemo.models.draft_head import load_head
+
+    head, card = load_head(tmp_path / "head.safetensors")
+    assert card["recipe"]["prompts"] == 104 and card["corpus_tokens"] > 0
+    assert 0 <= card["evaluation"]["first"] <= 1 and len(card["evaluation"]["ranks"]) == 4
+    assert (tmp_path / "head.md").read_text().startswith("# Draft head for smollm2-135m-instruct")
+    assert (tmp_path / "work" / "corpus.safetensors").exists()
+    # A second run with the same corpus settings reuses the corpus instead of generating it again.
+    again = train(tmp_path / "head2.safetensors")
+    assert again.returncode == 0 and "reusing" in again.stderr

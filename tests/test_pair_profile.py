@@ -7,12 +7,20 @@ from specmemo.paths import REPO_ROOT
 from specmemo.profiling.report import save_pair_profile
 
 
-def test_saved_alpha_and_c_are_used_by_plan(tmp_path, monkeypatch, cli):
+def copy_profiles(tmp_path, monkeypatch, measured_pairs: bool = False):
+    """The repository's profiles in a temporary SPECMEMO_PROFILES, without the measured pair
+    profiles unless asked."""
     profiles = tmp_path / "profiles"
     shutil.copytree(REPO_ROOT / "profiles", profiles)
-    for measured in (profiles / "pairs").glob("*.toml"):
-        measured.unlink()
     monkeypatch.setenv("SPECMEMO_PROFILES", str(profiles))
+    if not measured_pairs:
+        for measured in (profiles / "pairs").glob("*.toml"):
+            measured.unlink()
+    return profiles
+
+
+def test_saved_alpha_and_c_are_used_by_plan(tmp_path, monkeypatch, cli):
+    profiles = copy_profiles(tmp_path, monkeypatch)
     args = ("plan", "--target", "smollm2-135m-instruct", "--draft", "ngram", "--context", "1000", "--json")
     before = json.loads(cli(*args).stdout)
     assert before["speedup_source"] == "default"
@@ -30,9 +38,7 @@ def test_saved_alpha_and_c_are_used_by_plan(tmp_path, monkeypatch, cli):
 
 
 def test_a_measured_cost_curve_lowers_the_prediction_and_names_its_source(tmp_path, monkeypatch, cli):
-    profiles = tmp_path / "profiles"
-    shutil.copytree(REPO_ROOT / "profiles", profiles)
-    monkeypatch.setenv("SPECMEMO_PROFILES", str(profiles))
+    copy_profiles(tmp_path, monkeypatch, measured_pairs=True)
     args = ("plan", "--target", "smollm2-135m-instruct", "--draft", "ngram", "--context", "1000", "--dtype", "q4",
             "--json")
     runs = {"specmemo": {"drafted_tokens": 100, "accepted_tokens": 80, "draft_seconds": 0.01, "outputs": [1]},
@@ -50,3 +56,38 @@ def test_a_measured_cost_curve_lowers_the_prediction_and_names_its_source(tmp_pa
     assert abs(measured["predicted_speedup"] - expected) < 1e-3
     # A steep curve keeps 96% of the best speedup with a shorter draft than free verification would.
     assert measured["speedup_budget_draft_len"] <= 3
+
+
+def test_a_head_pairs_measured_rank_acceptance_drives_the_tree_prediction(tmp_path, monkeypatch, cli):
+    """The draft head's card gives plan its held-out ranks; a profile run's measured ranks replace them."""
+    copy_profiles(tmp_path, monkeypatch)
+    args = ("plan", "--target", "smollm2-135m-instruct", "--draft", "head", "--context", "1000", "--dtype", "q4",
+            "--json")
+    before = json.loads(cli(*args).stdout)
+    assert before["tree_ranks_source"].startswith("the head's card")
+    assert before["components"]["draft_weights"] > 0
+    # A head step took 0.12 of a target step (the card's estimate is about that); acceptance fell to 0.3.
+    runs = {"specmemo": {"drafted_tokens": 100, "accepted_tokens": 30, "draft_seconds": 0.24, "outputs": [1],
+                         "rank_hits": [30, 10, 5, 0], "rank_visits": [100, 100, 100, 0], "tokens_per_s": 60.0},
+            "specmemo-ar": {"seconds": 2.0, "new_tokens": 100, "tokens_per_s": 50.0}}
+    path = save_pair_profile("smollm2-135m-instruct", "head", runs)
+    assert "ranks = [0.3, 0.1, 0.05]\n" in path.read_text() and "speedup = 1.2000" in path.read_text()
+    after = json.loads(cli(*args).stdout)
+    # The fourth rank was never offered: it stays the card's.
+    assert after["tree_ranks"] == [0.3, 0.1, 0.05, before["tree_ranks"][3]]
+    assert after["tree_ranks_source"].startswith("measured") and "card" in after["tree_ranks_source"]
+    assert after["predicted_speedup"] < before["predicted_speedup"]
+
+
+def test_auto_picks_the_drafter_that_measured_fastest(tmp_path, monkeypatch):
+    from specmemo.models.resolve import fastest_drafter, resolve_pair
+
+    profiles = copy_profiles(tmp_path, monkeypatch)
+    assert fastest_drafter("smollm2-135m-instruct") == "ngram"   # nothing measured: the weightless default
+    (profiles / "pairs" / "smollm2-135m-instruct__head.toml").write_text("alpha = 0.3\nspeedup = 0.93\n")
+    assert fastest_drafter("smollm2-135m-instruct") == "ngram"   # a drafter measured slower than none never wins
+    (profiles / "pairs" / "smollm2-135m-instruct__ngram.toml").write_text("alpha = 0.5\nspeedup = 1.2\n")
+    (profiles / "pairs" / "smollm2-135m-instruct__head.toml").write_text("alpha = 0.6\nspeedup = 1.3\n")
+    assert resolve_pair("smollm2-135m-instruct", "auto")[2] == "head"
+    (profiles / "pairs" / "smollm2-135m-instruct__ngram.toml").write_text("alpha = 0.5\nspeedup = 1.4\n")
+    assert resolve_pair("smollm2-135m-instruct", "auto")[2] == "ngram"

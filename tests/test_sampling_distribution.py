@@ -52,10 +52,15 @@ CONFIGS = [
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"T{c.temperature}-k{c.top_k}-p{c.top_p}")
-@pytest.mark.parametrize("deterministic_draft", [False, True], ids=["model-draft", "ngram-draft"])
-def test_first_two_tokens_follow_the_target(cfg, deterministic_draft):
+@pytest.mark.parametrize("deterministic_draft,head_vocab", [(False, False), (True, False), (False, True)],
+                         ids=["model-draft", "ngram-draft", "head-draft"])
+def test_first_two_tokens_follow_the_target(cfg, deterministic_draft, head_vocab):
     gen = torch.Generator().manual_seed(1234)
     p0, q0, p1 = distributions(cfg)
+    if head_vocab:
+        # A draft head proposes from its own vocabulary only: q is zero on every other token.
+        q0 = q0 * (torch.arange(VOCAB) % 3 != 0)
+        q0 = q0 / q0.sum()
     if deterministic_draft:
         # An n-gram drafter proposes a fixed token: q is a point mass on it.
         drafts = torch.full((N,), int(torch.argsort(q0)[-2]))

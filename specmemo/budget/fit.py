@@ -76,6 +76,7 @@ class PlanReport:
             "c_source": self.pair.c_source,
             "cost_curve": list(self.pair.curve),
             "cost_curve_source": self.pair.curve_source,
+            **({"tree_ranks": list(self.pair.ranks), "tree_ranks_source": self.pair.ranks_source} if self.pair.ranks else {}),
             "components": dict(self.plan.components),
         }
 
@@ -118,8 +119,16 @@ def fit(target: Arch, draft: Arch | None, drafter: str, *, device: str = "cpu", 
     if drafter == "none" and draft_len:
         raise BadInput("--draft-len needs a drafter; with --draft none, k is 0")
     k = 0 if drafter == "none" else (draft_len if draft_len is not None else DEFAULT_DRAFT_LEN)
+    head, card = None, None
+    if drafter == "head":
+        from specmemo.models.resolve import head_header, shipped_head
+
+        path = shipped_head(target.name)
+        if path is None:
+            raise BadInput(f"no draft head ships for {target.name}; train one with `specmemo train-draft`")
+        head, card = head_header(path)
     req = PlanRequest(
-        target=target, draft=draft, drafter=drafter, context=1, draft_len=k,
+        target=target, draft=draft, drafter=drafter, context=1, draft_len=k, head=head,
         draft_window=draft_window or DEFAULT_DRAFT_WINDOW, dtype=dtype or default_dtype(dev.kind),
         kv_dtype=kv_dtype, draft_dtype=draft_dtype, batch=batch, prefill_chunk=prefill_chunk,
         baseline_bytes=max(dev.baseline_bytes, baseline_bytes or 0),
@@ -143,9 +152,11 @@ def fit(target: Arch, draft: Arch | None, drafter: str, *, device: str = "cpu", 
             raise BudgetExceeded(f"{refused.refusal()}. Plan: {refused.breakdown()}", plan=asked)
         req, shrunk = smaller, True
     plan = asked if not shrunk else make_plan(req)
-    ratio = fp.weight_bytes(draft, req.ddtype) / fp.weight_bytes(target, req.dtype) if draft else None
+    # c estimated from bytes streamed per step: a draft model's weights, or a head's (with its rows).
+    step_bytes = fp.weight_bytes(draft, req.ddtype) if draft else fp.draft_head_bytes(*head) if head else None
+    ratio = step_bytes / fp.weight_bytes(target, req.dtype) if step_bytes else None
     pair = pair_profile(target.name, draft.name if draft else drafter, drafter, req.dtype,
-                        dev.cost_curve(req.dtype), ratio)
+                        dev.cost_curve(req.dtype), ratio, card)
     return PlanReport(
         target_name=target.name, draft_name=draft.name if draft else drafter, drafter=drafter, device=dev,
         budget_bytes=budget_bytes, plan=plan, lower_bound=lower_bound(req),

@@ -79,6 +79,15 @@ def verify_kv_slots_bytes(arch: Arch, kv_dtype: str, k: int, batch: int = 1) -> 
     return kv_bytes(arch, kv_dtype, k + 1, batch)
 
 
+def draft_head_bytes(hidden: int, inner: int, vocab: int) -> int:
+    """A draft head (models/draft_head.py) as it runs: its fp32 weights (fused input [E, 2E],
+    SwiGLU [2I, E] and [E, I], three norms, its vocabulary's ids as int64) plus the fp32 copy of
+    the target's LM-head rows for that vocabulary [Vh, E]."""
+    E = hidden
+    weights = 4 * (2 * E * E + 3 * inner * E + 3 * E) + 8 * vocab
+    return weights + 4 * vocab * E
+
+
 def logits_bytes(arch: Arch, dtype: str, positions: int, batch: int = 1) -> int:
     """Logits for `positions` rows: the model's own output, plus the fp32 copy we verify on
     unless the model already computes in fp32."""

@@ -10,6 +10,7 @@ DEFAULT_DRAFT_LEN = 5          # gpt-fast and HF assisted generation both start 
 DEFAULT_DRAFT_WINDOW = 1024    # a draft rarely gains from older context; its KV need not grow with the chat
 DEFAULT_PREFILL_CHUNK = 256    # bounds prefill activations; large enough to keep matmuls efficient
 DRAFTERS_WITHOUT_WEIGHTS = ("ngram", "none")
+HEAD_LOGITS_BYTES = 4          # a draft head's logits over its vocabulary, fp32, one step at a time
 
 # Components that exist before generation starts; the rest is "generation memory".
 STATIC_COMPONENTS = ("process_baseline", "target_weights", "draft_weights", "runtime_overhead")
@@ -20,11 +21,11 @@ RUNNABLE_DTYPES = ("fp32", "bf16", "fp16", "q4")  # q4: GGUF Q4_0/Q4_1 on a CPU 
 
 @dataclass(frozen=True)
 class PlanRequest:
-    """What is being planned. `draft` is None for the ngram and none drafters."""
+    """What is being planned. `draft` is None for the head, ngram and none drafters."""
 
     target: Arch
     draft: Arch | None
-    drafter: str                 # "model", "ngram" or "none"
+    drafter: str                 # "model", "head", "ngram" or "none"
     context: int                 # N: tokens of conversation the target KV holds
     draft_len: int               # k
     draft_window: int            # W: tokens the draft KV holds (≤ N)
@@ -43,6 +44,7 @@ class PlanRequest:
     half_scratch_bytes: int = 0    # measured scratch of bf16/fp16 kernels (CPU: conversion buffers)
     graph_bytes: int = 0           # measured fixed cost of CUDA-graph capture (0: the device runs none)
     device_kind: str = "cpu"       # "cpu" or "cuda": what the engine can run differs
+    head: tuple[int, int, int] | None = None   # a draft head's (hidden, inner, vocab): models/draft_head.py
 
     def with_(self, **changes) -> "PlanRequest":
         return PlanRequest(**{**self.__dict__, **changes})
@@ -102,6 +104,8 @@ class Plan:
                 why.append(f"{flag} {value}: the engine runs {', '.join(RUNNABLE_DTYPES)}")
             elif fp.is_quantized(value) and req.device_kind != "cpu":
                 why.append(f"{flag} {value}: packed 4-bit weights run on a CPU so far")
+        if req.drafter == "head" and req.device_kind != "cpu":
+            why.append("--draft head: the draft head runs on a CPU so far")
         return why
 
 
@@ -140,13 +144,14 @@ def make_plan(req: PlanRequest) -> Plan:
     components = {
         "process_baseline": req.baseline_bytes,
         "target_weights": fp.weight_bytes(t, req.dtype),
-        "draft_weights": fp.weight_bytes(d, req.ddtype) if d else 0,
+        "draft_weights": fp.weight_bytes(d, req.ddtype) if d else fp.draft_head_bytes(*req.head) if req.head else 0,
         "target_kv": fp.kv_bytes(t, req.kv, N, B),
         "draft_kv": fp.kv_bytes(d, req.draft_kv, W, B) if d else 0,
         # The target's candidates land inside its context (see target_capacity); a draft
         # window holds W tokens plus one step's k + 1.
         "verify_kv_slots": fp.verify_kv_slots_bytes(d, req.draft_kv, k, B) if d else 0,
-        "logits": fp.logits_bytes(t, req.dtype, k + 1, B) + (fp.logits_bytes(d, req.ddtype, 1, B) if d else 0),
+        "logits": fp.logits_bytes(t, req.dtype, k + 1, B) + (fp.logits_bytes(d, req.ddtype, 1, B) if d else 0)
+        + (B * req.head[2] * HEAD_LOGITS_BYTES if req.head else 0),
         "workspace": max(workspaces) * req.workspace_pct // 100,
         "kernel_scratch": req.engine_bytes + (req.verify_bytes if k >= 1 else 0)
         + (req.half_scratch_bytes if fp.is_half(req.dtype) or (d and fp.is_half(req.ddtype)) else 0),

@@ -37,8 +37,14 @@ class PairProfile:
     curve: tuple[float, ...] = ()   # C(n) for n = 1..len; () is flat (every n costs one step)
     c_source: str = "default"
     curve_source: str = "flat: none measured"
+    ranks: tuple[float, ...] = ()   # a tree drafter's rank acceptance (see grow_tree); () drafts chains
+    ranks_source: str = ""
 
     def speedup(self, k: int) -> float:
+        """Predicted for a step of at most k drafts: a chain of k, or the best tree of ≤ k nodes."""
+        if self.ranks:
+            return tree_speedup(*grow_tree(list(self.ranks), len(best_tree(list(self.ranks), self.c, self.curve, k)) - 1),
+                                self.c, self.curve)
         return predicted_speedup(self.alpha, self.c, k, self.curve)
 
 
@@ -74,22 +80,27 @@ def pair_file(target: str, draft: str) -> Path:
 
 
 def pair_profile(target: str, draft: str, drafter_kind: str, dtype: str = "fp32",
-                 device_curve: tuple[float, ...] = (), weight_ratio: float | None = None) -> PairProfile:
+                 device_curve: tuple[float, ...] = (), weight_ratio: float | None = None,
+                 head_card: dict | None = None) -> PairProfile:
     """α, c and the cost curve for this pair: measured ones from profiles/pairs/ (written by
     `specmemo profile --save-profile`), else the device profile's curve for `dtype`, c from the
-    draft's and target's weight bytes (weight_ratio; 0 for n-gram lookup) and a default α."""
+    draft's and target's weight bytes (weight_ratio; 0 for n-gram lookup) and a default α. A
+    draft head's α and rank acceptance default to its card's held-out figures."""
     data, name = {}, ""
     path = pair_file(target, draft)
     if path.exists():
         data, name = tomllib.loads(path.read_text()), path.name
+    held_out = (head_card or {}).get("evaluation", {})
     if "alpha" in data:
         alpha, source = float(data["alpha"]), f"measured: {name}"
+    elif "first" in held_out:
+        alpha, source = float(held_out["first"]), "the head's card: held-out first-token acceptance"
     else:
         alpha, source = (DEFAULT_NGRAM_ALPHA if drafter_kind == "ngram" else DEFAULT_MODEL_ALPHA), "default"
     if "c" in data:
         c, c_source = float(data["c"]), f"measured: {name}"
-    elif drafter_kind == "model" and weight_ratio is not None:
-        c, c_source = weight_ratio, "estimated: draft weight bytes / target weight bytes"
+    elif drafter_kind in ("model", "head") and weight_ratio is not None:
+        c, c_source = weight_ratio, f"estimated: {drafter_kind} weight bytes / target weight bytes"
     else:
         c, c_source = 0.0, "n-gram lookup: microseconds against a target step" if drafter_kind == "ngram" else "none"
     if f"cost_curve_{dtype}" in data:
@@ -99,4 +110,45 @@ def pair_profile(target: str, draft: str, drafter_kind: str, dtype: str = "fp32"
         curve, curve_source = tuple(device_curve), f"device profile ({dtype})"
     else:
         curve, curve_source = (), "flat: none measured"
-    return PairProfile(alpha, c, source, curve, c_source, curve_source)
+    ranks, ranks_source = (), ""
+    if drafter_kind == "head":
+        if "ranks" in data:
+            # Ranks no measured tree offered come from the card.
+            measured = [float(x) for x in data["ranks"]]
+            ranks = tuple(measured + list(held_out.get("ranks", []))[len(measured):])
+            ranks_source = f"measured: {name}" + (" (later ranks: the head's card)" if len(ranks) > len(measured) else "")
+        elif "ranks" in held_out:
+            ranks, ranks_source = tuple(held_out["ranks"]), "the head's card: held-out ranks"
+    return PairProfile(alpha, c, source, curve, c_source, curve_source, ranks, ranks_source)
+
+
+def grow_tree(ranks: list[float], nodes: int) -> tuple[list[int], list[float]]:
+    """The candidate tree of `nodes` draft nodes with the most expected accepted tokens when a
+    node's r-th ranked child is the target's token with probability ranks[r - 1] at any depth
+    (Sequoia's positional acceptance): grown best-first, each new node the one most likely to be
+    reached and accepted. Returns (parents, root first as -1; each node's probability)."""
+    parents, value, kids = [-1], [1.0], [0]
+    for _ in range(nodes):
+        gain = [value[i] * ranks[kids[i]] if kids[i] < len(ranks) else 0.0 for i in range(len(parents))]
+        best = max(range(len(parents)), key=gain.__getitem__)
+        if gain[best] <= 0:
+            break
+        parents.append(best)
+        value.append(gain[best])
+        kids.append(0)
+        kids[best] += 1
+    return parents, value
+
+
+def tree_speedup(parents: list[int], value: list[float], c: float, curve: tuple[float, ...]) -> float:
+    """Expected tokens per step (the accepted nodes plus the target's own) over the step's cost:
+    verifying every node with the root, plus one draft step per node that has children."""
+    expanded = len(set(parents[1:]))
+    return (1 + sum(value[1:])) / (step_cost(curve, len(parents)) + expanded * c)
+
+
+def best_tree(ranks: list[float], c: float, curve: tuple[float, ...], max_nodes: int) -> list[int]:
+    """Sequoia's rule on this machine's cost curve: of the best trees of 1..max_nodes nodes, the
+    one with the highest predicted speedup (parents, root first)."""
+    trees = [grow_tree(ranks, n) for n in range(1, max(1, max_nodes) + 1)]
+    return max(trees, key=lambda t: (tree_speedup(*t, c, curve), -len(t[0])))[0]

@@ -1,7 +1,8 @@
 """Drafters propose the next k tokens cheaply; the target verifies them in one forward.
 
-All three share one small interface:
+All four share one small interface:
     catch_up(tokens, chunk, stop)    prefill draft state for the committed tokens (False: interrupted)
+    observe(row)                     the target's last forward chose the newest token from this row
     propose(tokens, k) -> Proposal   tokens: the committed sequence so far
     rollback(length)                 forget draft state beyond `length` committed positions
     reset()
@@ -33,6 +34,9 @@ class NoDrafter:
 
     def propose(self, tokens: list[int], k: int) -> Proposal:
         return Proposal(self._empty, None)
+
+    def observe(self, row: int) -> None:
+        pass
 
     def rollback(self, length: int) -> None:
         pass
@@ -103,6 +107,9 @@ class ModelDrafter:
     def rollback(self, length: int) -> None:
         self.store.trim(length)
 
+    def observe(self, row: int) -> None:
+        pass
+
     def _feed(self, ids: list[int], chunk: int, should_stop=lambda: False) -> torch.Tensor | None:
         """Feed committed tokens not yet in the draft cache, at most `chunk` per forward (the
         plan's prefill chunk); return logits for the last one, None if stopped between chunks."""
@@ -146,3 +153,71 @@ class ModelDrafter:
                 logits = self.forward(self.store, ids, 1)[0, -1]
         q = torch.stack(qs) if qs else None
         return Proposal(torch.tensor(drafted, dtype=torch.long, device=logits.device), q)
+
+
+class HeadDrafter(NoDrafter):
+    """The target's trained draft head (models/draft_head.py): drafts from the hidden state the
+    target's last forward left at the row that chose the newest token, regressively, one small
+    block per draft token. No KV and nothing to roll back: each step starts from the target."""
+    name = "head"
+
+    def __init__(self, model, head, sampling: SamplingConfig, generator=None, ranks: list[float] | None = None):
+        """model: the target, our decoder (it keeps `last_hidden`); head: a loaded DraftHead;
+        ranks: how often the target's token was the head's r-th candidate (its card), the prior
+        for the engine's tree shape."""
+        from specmemo.models.draft_head import TargetParts
+
+        super().__init__(model.device)
+        self.device = model.device
+        self.model, self.head, self.sampling, self.generator = model, head, sampling, generator
+        self.parts = TargetParts(model, head.vocab)
+        self.vocab = head.vocab.to(model.device)
+        self.hidden: torch.Tensor | None = None   # [E] fp32: the target's state behind the newest token
+        self.rank_prior = list(ranks or [0.6, 0.1, 0.04])
+
+    def observe(self, row: int) -> None:
+        self.hidden = self.model.last_hidden[0, row].float()
+
+    def reset(self) -> None:
+        self.hidden = None
+
+    @torch.inference_mode()
+    def propose(self, tokens: list[int], k: int) -> Proposal:
+        if k <= 0 or self.hidden is None:
+            return Proposal(self._empty, None)
+        h, x = self.hidden, torch.tensor([tokens[-1]], device=self.device)
+        drafted, qs = [], []
+        for _ in range(k):
+            h = self.head.block(h, self.parts.embed(x)[0])                          # [E]
+            logits = self.parts.logits(h)                                         # [Vh]
+            if self.sampling.greedy:
+                x = self.vocab[logits.argmax()].reshape(1)
+            else:
+                full = torch.full((self.model.cfg.vocab_size,), float("-inf"), device=self.device)
+                full[self.vocab] = logits
+                q = self.sampling.probs(full[None])[0]                           # [V]: zero off the head's vocabulary
+                x = torch.multinomial(q, 1, generator=self.generator)
+                qs.append(q)
+            drafted.append(x)
+        return Proposal(torch.cat(drafted), torch.stack(qs) if qs else None)
+
+    @torch.inference_mode()
+    def propose_tree(self, tokens: list[int], shape):
+        """Fill a candidate tree's shape (memory/attention.CandidateTree): each node with children
+        runs one head step from its own predicted state, and its children are the head's top
+        candidates in rank order. Returns (tree, node tokens without the root); no nodes when the
+        head has no target state yet."""
+        if self.hidden is None or len(shape) < 2:
+            return shape, []
+        node_tokens = [tokens[-1]] + [0] * (len(shape) - 1)
+        states = {0: self.hidden}
+        for node in range(len(shape)):
+            kids = shape.children(node)
+            if not kids:
+                continue
+            x = torch.tensor([node_tokens[node]], device=self.device)
+            f = self.head.block(states[node], self.parts.embed(x)[0])           # [E]
+            top = self.parts.logits(f).topk(len(kids)).indices                   # [children]
+            for kid, i in zip(kids, top.tolist()):
+                node_tokens[kid], states[kid] = int(self.vocab[i]), f
+        return shape, node_tokens[1:]

@@ -18,10 +18,11 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from specmemo.budget.speedup import DEFAULT_MODEL_ALPHA, PairProfile, best_draft_len
+from specmemo.budget.speedup import DEFAULT_MODEL_ALPHA, PairProfile, best_draft_len, best_tree
 from specmemo.decoding.events import Finished, GenerationStats, Prefilled, Step
 from specmemo.decoding.sampling import SamplingConfig
-from specmemo.decoding.verify import verify_greedy, verify_sampling
+from specmemo.decoding.verify import verify_greedy, verify_sampling, verify_tree_greedy
+from specmemo.memory.attention import CandidateTree
 from specmemo.errors import BadInput
 from specmemo.memory.malloc import trim_heap
 from specmemo.memory.kvstore import KVStore
@@ -53,6 +54,50 @@ class DraftLength:
         return self.first()
 
 
+class TreeShape:
+    """The candidate tree for the next step, for a drafter that ranks its candidates (the draft
+    head): the best tree under the pair's c and cost curve (budget/speedup.best_tree) for the
+    running rank acceptance, i.e. how often the target's token was a node's r-th child. Counts
+    decay by `decay` per step and start from `prior` (the drafter's measured ranks, worth
+    `weight` observations)."""
+
+    def __init__(self, pair: PairProfile, max_nodes: int, prior: list[float], decay: float = 0.95,
+                 weight: float = 4.0):
+        self.pair, self.max_nodes, self.decay = pair, max_nodes, decay
+        self.hits = [weight * p for p in prior]
+        self.visits = [weight] * len(prior)   # per rank: nodes that offered that many candidates
+        self._cache: dict = {}
+
+    def ranks(self) -> list[float]:
+        return [h / v for h, v in zip(self.hits, self.visits)]
+
+    def best(self, max_nodes: int) -> CandidateTree:
+        key = (tuple(round(r, 2) for r in self.ranks()), min(max_nodes, self.max_nodes))
+        if key not in self._cache:
+            self._cache[key] = CandidateTree(best_tree(list(key[0]), self.pair.c, self.pair.curve, key[1]))
+        return self._cache[key]
+
+    def after(self, tree: CandidateTree, tokens: list[int], path: list[int], choice: int
+              ) -> tuple[tuple[int, int], ...]:
+        """Count, at each node of the accepted path that had children, which rank the target took
+        (-1: none) among how many offered; returns those pairs. A rank never offered keeps its prior."""
+        self.hits = [self.decay * h for h in self.hits]
+        self.visits = [self.decay * v for v in self.visits]
+        seen = []
+        for j, node in enumerate(path):
+            kids = tree.children(node)
+            if not kids:
+                continue
+            want = tokens[path[j + 1]] if j + 1 < len(path) else choice
+            rank = next((r for r, kid in enumerate(kids) if tokens[kid] == want), -1)
+            seen.append((rank, len(kids)))
+            for r in range(min(len(kids), len(self.visits))):
+                self.visits[r] += 1
+            if 0 <= rank < len(self.hits):
+                self.hits[rank] += 1
+        return tuple(seen)
+
+
 class Engine:
     def __init__(self, forward, store: KVStore, drafter, sampling: SamplingConfig, *,
                  draft_len: int, prefill_chunk: int, context: int, generator=None, pair: PairProfile | None = None):
@@ -62,8 +107,14 @@ class Engine:
         step's length (None: a flat curve, free drafts, so every step drafts draft_len)."""
         self.forward, self.store, self.drafter, self.sampling = forward, store, drafter, sampling
         self.max_draft_len = 0 if drafter.name == "none" else draft_len
-        self.lengths = DraftLength(pair or PairProfile(DEFAULT_MODEL_ALPHA, 0.0, "default"), self.max_draft_len)
+        pair = pair or PairProfile(DEFAULT_MODEL_ALPHA, 0.0, "default")
+        self.lengths = DraftLength(pair, self.max_draft_len)
         self.draft_len = self.lengths.first()
+        # A drafter that ranks candidates (the draft head) proposes a candidate tree in greedy
+        # decoding; its shape follows the measured rank acceptance (TreeShape).
+        ranks = (pair.ranks or getattr(drafter, "rank_prior", None)) if hasattr(drafter, "propose_tree") else None
+        self.shapes = TreeShape(pair, self.max_draft_len, list(ranks)) \
+            if ranks and sampling.greedy and self.max_draft_len else None
         self.prefill_chunk, self.context = prefill_chunk, context
         self.generator = generator
         self.device = store.keys.device
@@ -107,12 +158,30 @@ class Engine:
         if not self.drafter.catch_up(self.tokens, self.prefill_chunk, should_stop):
             return None, Prefilled(len(pending), time.perf_counter() - start)
         # The last token is now in the cache too; it stays there: S grows by the sampled token.
+        self.drafter.observe(-1)
         return logits[0], Prefilled(len(pending), time.perf_counter() - start)
 
     def _choose(self, logits: torch.Tensor) -> int:
         if self.sampling.greedy:
             return int(logits[-1].argmax())
         return int(torch.multinomial(self.sampling.probs(logits[-1:])[0], 1, generator=self.generator))
+
+    def _tree_step(self, max_nodes: int) -> tuple[Step, float]:
+        """One greedy step over a candidate tree: verify every node in one forward, keep the
+        branch the target agrees with (its K/V moved into place in the store), emit its tokens."""
+        t0 = time.perf_counter()
+        tree, drafted = self.drafter.propose_tree(self.tokens, self.shapes.best(max_nodes))
+        drafting = time.perf_counter() - t0
+        if not drafted:
+            return self._step(0)[0], drafting
+        tokens = [self.tokens[-1], *drafted]
+        start = self.store.length
+        logits = self.forward(self.store, torch.tensor([tokens], device=self.device), len(tokens), tree=tree)[0]
+        path, nxt = verify_tree_greedy(logits, tokens, tree)
+        self.store.keep_branch(start, path)
+        ranks = self.shapes.after(tree, tokens, path, nxt)
+        self.drafter.observe(path[-1])  # the last accepted node's row chose nxt
+        return Step([tokens[i] for i in path[1:]] + [nxt], len(drafted), len(path) - 1, ranks), drafting
 
     def _step(self, k: int) -> tuple[Step, float]:
         t0 = time.perf_counter()
@@ -125,6 +194,7 @@ class Engine:
             a, nxt = verify_greedy(logits, draft)
         else:
             a, nxt = verify_sampling(self.sampling.probs(logits), proposal.q, draft, self.generator)
+        self.drafter.observe(a)  # row a chose nxt
         return Step(draft[:a].tolist() + [nxt], drafted=int(draft.shape[0]), accepted=a), drafting
 
     def _commit(self, tokens: list[int]) -> None:
@@ -161,7 +231,10 @@ class Engine:
             budget = min(max_new_tokens - stats.new_tokens, self.room())
             # At most budget − 1 draft tokens: with the bonus token a step commits ≤ budget, so
             # candidates stay inside the planned context (the store's capacity).
-            step, drafting = self._step(min(self.draft_len, budget - 1))
+            if self.shapes and budget > 1:
+                step, drafting = self._tree_step(min(self.max_draft_len, budget - 1))
+            else:
+                step, drafting = self._step(min(self.draft_len, budget - 1))
             stats.draft_seconds += drafting
             self.draft_len = self.lengths.after(step)
             tokens = step.tokens[:budget]
@@ -169,7 +242,7 @@ class Engine:
                 if t in stop_ids:
                     tokens, reason = tokens[: i + 1], "stop_token"
                     break
-            step = Step(tokens, step.drafted, min(step.accepted, len(tokens)))
+            step = Step(tokens, step.drafted, min(step.accepted, len(tokens)), step.ranks)
             self._commit(tokens)
             stats.record(step)
             yield step

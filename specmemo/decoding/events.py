@@ -15,6 +15,8 @@ class Step:
     tokens: list[int]
     drafted: int
     accepted: int
+    # A tree step: at each node of the kept branch with children, (rank the target took or -1, children offered).
+    ranks: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass
@@ -28,6 +30,8 @@ class GenerationStats:
     decode_seconds: float = 0.0         # from the first new token on; prefill excluded
     draft_seconds: float = 0.0          # time spent proposing (the drafter's cost, for c)
     accepted_histogram: dict[int, int] = field(default_factory=dict)  # accepted -> steps that drafted
+    rank_hits: list[int] = field(default_factory=lambda: [0] * 4)    # tree steps: the target took rank r
+    rank_visits: list[int] = field(default_factory=lambda: [0] * 4)  # ... at nodes offering ≥ r candidates
     stop_reason: str = ""
 
     @property
@@ -50,6 +54,11 @@ class GenerationStats:
         self.accepted_tokens += step.accepted
         if step.drafted:  # steps where the drafter had nothing to propose are not rejections
             self.accepted_histogram[step.accepted] = self.accepted_histogram.get(step.accepted, 0) + 1
+        for taken, offered in step.ranks:
+            for r in range(min(offered, len(self.rank_visits))):
+                self.rank_visits[r] += 1
+            if 0 <= taken < len(self.rank_hits):
+                self.rank_hits[taken] += 1
 
 
 @dataclass(frozen=True)

@@ -40,3 +40,18 @@ def verify_sampling(
         residual = torch.clamp(p[a] - q_a, min=0)                          # recovered
         dist = residual if residual.sum() > 0 else p[a]
     return a, int(torch.multinomial(dist, 1, generator=generator))
+
+
+def verify_tree_greedy(target_logits: torch.Tensor, tokens: list[int], tree) -> tuple[list[int], int]:
+    """target_logits: [n, V] for the n nodes of a candidate tree (memory/attention.CandidateTree),
+    tokens: each node's token (the root's first). From the root, follow the child whose token is
+    the target's argmax while there is one. Returns (accepted path of node indices, root first;
+    the target's next token after it): exactly the tokens plain greedy decoding would produce."""
+    choice = target_logits.argmax(-1).tolist()
+    path = [0]
+    while True:
+        want = choice[path[-1]]
+        follow = next((c for c in tree.children(path[-1]) if tokens[c] == want), None)
+        if follow is None:
+            return path, want
+        path.append(follow)

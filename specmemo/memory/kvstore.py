@@ -109,6 +109,16 @@ class KVStore:
         self.length += self._pending
         self._pending = 0
 
+    def keep_branch(self, start: int, path: list[int]) -> None:
+        """After a candidate tree's verification wrote its nodes in tree order at start.. : move
+        the accepted branch (node indices, root first, each greater than the one before) to
+        consecutive slots start, start + 1, ... A copy of ≤ depth tokens per layer, in place;
+        the caller then trims past the branch. Full layout only."""
+        for j, node in enumerate(path):
+            if node != j:  # node > j: its source slot is never a destination already written
+                self.keys[:, :, :, start + j].copy_(self.keys[:, :, :, start + node])
+                self.values[:, :, :, start + j].copy_(self.values[:, :, :, start + node])
+
     def trim(self, length: int) -> None:
         """Forget every position ≥ length (rejected candidates): a pointer move."""
         if length >= self.length:

@@ -14,12 +14,13 @@ query / key-value heads, D = head_dim, E = hidden size, I = intermediate size, V
 """
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from specmemo.memory.attention import attention_mask
+from specmemo.memory.attention import CandidateTree, attention_mask
 from specmemo.memory.kvstore import KVStore
 from specmemo.models.layout import out_major as layout_out_major
 
@@ -111,6 +112,29 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
+SPLIT_INPUTS = 1024   # the widest inner dimension a split product multiplies at once (see exactness)
+
+
+def split_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [B, n, in] @ w [in, out] as a sum of products over ≤ SPLIT_INPUTS inputs each, added in
+    the compute dtype in a fixed order: rounds a row alike at every n where one product over all
+    inputs did not (see LlamaModel.exactness)."""
+    inputs = w.shape[0]
+    pieces = -(-inputs // SPLIT_INPUTS)
+    size = -(-inputs // pieces)
+    out = x[..., :size] @ w[:size]
+    for i in range(size, inputs, size):
+        out = out + x[..., i : i + size] @ w[i : i + size]
+    return out
+
+
+def row_exact(multiply, x: torch.Tensor, w) -> bool:
+    """multiply(x, w) for x [1, n, in] equals each row multiplied alone ([1, in], the 2-D product
+    a one-token step's [1, 1, in] folds into)."""
+    alone = [multiply(x[:, i], w) for i in range(x.shape[1])]
+    return torch.equal(multiply(x, w), torch.stack(alone, dim=1))
+
+
 class Layer:
     """One decoder block's weights, in decoding layout (see the module docstring)."""
 
@@ -162,7 +186,8 @@ class LlamaModel:
         # causal query then attends exactly as a one-token step would (see `attention`).
         self.row_exact_tokens = 16 if dtype in (torch.bfloat16, torch.float16) else 0
         self._widened: dict = {}   # fp32 copies of one layer's K/V for that attention (see `widen`)
-        self._rowwise: frozenset[str] | None = None   # probed on first use (see `rowwise`)
+        self._exactness: dict[str, str] | None = None   # probed on first use (see `exactness`)
+        self.last_hidden: torch.Tensor | None = None     # [B, keep, E] of the last forward (see _stack)
 
     def matrix(self, n_in: int, n_out: int) -> torch.Tensor:
         """An empty [n_in, n_out] operand for `x @ w`, in this model's layout."""
@@ -217,7 +242,9 @@ class LlamaModel:
         q = qk[:, :, :H].transpose(1, 2)                              # [B, H, n, D]
         k = qk[:, :, H:].transpose(1, 2)                              # [B, Hkv, n, D]
         keys, values = write(index, k, v.transpose(1, 2))             # [B, Hkv, S, D]
-        if mask is CAUSAL_ROWS or (n == 1 and mask is None and self.row_exact_tokens):
+        if isinstance(mask, CandidateTree):
+            out = self.attend_tree(q, keys, values, mask)
+        elif mask is CAUSAL_ROWS or (n == 1 and mask is None and self.row_exact_tokens):
             # Query i sees keys[:S - n + i + 1], attended exactly as a one-token step would.
             keys, values = self.widen(keys, values)
             S = keys.shape[2]
@@ -231,25 +258,43 @@ class LlamaModel:
                                                  enable_gqa=Hkv != H)  # [B, H, n, D]
         return self.product(out.transpose(1, 2).reshape(B, n, H * D), layer.w_o, "o")
 
-    def widen(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def widen(self, keys: torch.Tensor, values: torch.Tensor, copy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """A layer's keys and values [B, Hkv, S, D] (views of the store) in fp32, copied into two
         buffers laid out like the store and kept for every layer and step (the plan's
         fp32_attention): a fresh 0.8 MB tensor per layer cost 160 µs in page faults where the copy takes
         11. A verification's rows then attend over slices with the strides a one-token step's
         have (a matmul may take another path on other strides, and round otherwise)."""
-        if keys.dtype == torch.float32 and values.dtype == torch.float32:
-            return keys, values
+        if keys.dtype == torch.float32 and values.dtype == torch.float32 and not copy:
+            return keys, values   # copy: the caller writes into what it gets (attend_tree)
         B, Hkv, S, D = keys.shape
         slots = keys.stride(1) // D
         layout = (Hkv * slots * D, slots * D, D, 1)
         if keys.stride() != layout or values.stride() != layout:  # not a store view: a one-off copy
-            return keys.float(), values.float()
+            return keys.float().clone(), values.float().clone()
         spec = (B, Hkv, slots, D, keys.device)
         if self._widened.get("spec") != spec:
             self._widened = {"spec": spec, "bufs": [torch.empty(B, Hkv, slots, D, device=keys.device)
                                                     for _ in range(2)]}
         kb, vb = self._widened["bufs"]
         return kb[:, :, :S].copy_(keys), vb[:, :, :S].copy_(values)
+
+    def attend_tree(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                    tree: CandidateTree) -> torch.Tensor:
+        """Each node of a candidate tree attended exactly as a one-token step on its own branch
+        would: q [B, H, n, D]; keys/values [B, Hkv, S, D] (the prefix, then the n nodes in tree
+        order). The node's ancestors are copied behind the prefix in fp32 (≤ depth rows) so it
+        attends over one contiguous run of keys, as decoding that branch would."""
+        n = q.shape[2]
+        prefix = keys.shape[2] - n
+        new_k, new_v = keys[:, :, prefix:].float(), values[:, :, prefix:].float()     # [B, Hkv, n, D]
+        kb, vb = self.widen(keys, values, copy=True)
+        rows = []
+        for i, path in enumerate(tree.paths):
+            end = prefix + len(path)
+            kb[:, :, prefix:end] = new_k[:, :, path]
+            vb[:, :, prefix:end] = new_v[:, :, path]
+            rows.append(self.attend_one(q[:, :, i : i + 1], kb[:, :, :end], vb[:, :, :end]))
+        return torch.cat(rows, dim=2)
 
     def attend_one(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """One query per head over S keys, in fp32: q [B, H, 1, D], keys/values [B, Hkv, S, D]
@@ -264,42 +309,49 @@ class LlamaModel:
         return out.to(q.dtype).reshape(B, H, 1, D)
 
     def product(self, x: torch.Tensor, w, kind: str) -> torch.Tensor:
-        """x [B, n, in] @ w [in, out]. For a verification-sized n in half precision on a CPU, a
-        matrix kind whose kernel rounds a row differently among others than alone (see
-        `rowwise`) is multiplied one row at a time, as one-token steps do."""
-        n = x.shape[1]
-        if 1 < n <= self.row_exact_tokens and kind in self.rowwise:
+        """x [B, n, in] @ w [in, out], rounded per row as a one-token step rounds it (half precision
+        on a CPU, see `exactness`): a kind marked "split" is multiplied in slices of its inputs at
+        every width (one-token steps included); a kind marked "rows" one row at a time in
+        verification."""
+        how = self.exactness.get(kind)
+        if how == "split":
+            return split_product(x, w)
+        if how == "rows" and 1 < x.shape[1] <= self.row_exact_tokens:
             # [B, in] rows: the 2-D product a one-token step's [B, 1, in] folds into (a [B, 1, in]
             # slice of a wider tensor went through a batched matmul that copied the weight).
-            return torch.stack([x[:, i] @ w for i in range(n)], dim=1)
+            return torch.stack([x[:, i] @ w for i in range(x.shape[1])], dim=1)
         return x @ w
 
     @property
-    def rowwise(self) -> frozenset[str]:
-        """The matrix kinds this machine's kernels do not multiply row-exactly, found once by
-        probing the loaded weights: ten random inputs of 2 or 6 rows (two for the LM head), each
-        product against its rows multiplied alone. (On the Zen 4 host, bf16 with 1,536 inputs, the down
-        projection, rounded differently in about half of such probes; int4, fp16 and bf16 with
-        576 inputs never did.) Only half precision on a CPU: a GPU target runs at a fixed width
+    def exactness(self) -> dict[str, str]:
+        """How each matrix kind keeps a verified row equal to the same row alone, found once by
+        probing the loaded weights with random inputs of 2 and 6 rows, each product against its rows
+        multiplied alone: absent when the kernel is row-exact; "split" when it is not but the
+        product in slices of SPLIT_INPUTS inputs is; "rows" otherwise. On the Zen 4 host, bf16
+        with 1,536 inputs (the down projection) rounded differently in about half of the probes,
+        and never with ≤ 1,024 inputs (bench/weight_layout.py): split, its one-token step costs
+        1.3 ms more per token and a 6-token verification 10 less than row by row. int4 and fp16
+        never needed either. Only half precision on a CPU: a GPU target runs at a fixed width
         (models/graphs.py), and fp32 is left to its precision (see README)."""
-        if self._rowwise is None:
-            found = set()
+        if self._exactness is None:
+            found = {}
             if self.row_exact_tokens and self.device.type == "cpu":
                 layer = self.layers[0]
                 kinds = {"qkv": layer.w_qkv, "o": layer.w_o, "gate_up": layer.w_gate_up, "down": layer.w_down,
                          "head": self.head}
                 gen = torch.Generator(self.device).manual_seed(0)
                 for kind, w in kinds.items():
-                    # Two widths, varied values: each new width costs the CPU kernel library a
-                    # cached primitive (0.7 MB measured), and a kernel that is not row-exact shows
-                    # it in about half the inputs.
-                    for rows in (2, 6) * (1 if kind == "head" else 5):
-                        x = torch.randn(1, rows, w.shape[0], generator=gen, device=self.device).to(self.dtype)
-                        if not torch.equal(x @ w, torch.stack([x[:, i] @ w for i in range(rows)], dim=1)):
-                            found.add(kind)
-                            break
-            self._rowwise = frozenset(found)
-        return self._rowwise
+                    # Each new width costs the CPU kernel library a cached primitive (0.7 MB
+                    # measured): a few widths, varied values (a kernel that is not row-exact shows
+                    # it in about half the inputs).
+                    probes = [torch.randn(1, rows, w.shape[0], generator=gen, device=self.device).to(self.dtype)
+                              for rows in ((2, 6) if kind == "head" else (2, 6) * 5)]
+                    if not all(row_exact(operator.matmul, x, w) for x in probes):
+                        splits = isinstance(w, torch.Tensor) and w.shape[0] > SPLIT_INPUTS
+                        found[kind] = "split" if splits and all(row_exact(split_product, x, w) for x in probes) \
+                            else "rows"
+            self._exactness = found
+        return self._exactness
 
     def mlp(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
         """x: [B, n, E] (normed) -> [B, n, E]: SwiGLU."""
@@ -317,7 +369,9 @@ class LlamaModel:
         for i, layer in enumerate(self.layers):
             h = h + self.attention(layer, i, rms_norm(h, layer.attn_norm, eps), write, cos, sin, mask)
             h = h + self.mlp(layer, rms_norm(h, layer.mlp_norm, eps))
-        h = rms_norm(h[:, -logits_to_keep:], self.norm, eps)
+        # The kept rows' last hidden states, before the final norm: what a draft head reads.
+        self.last_hidden = h[:, -logits_to_keep:]                    # [B, keep, E]
+        h = rms_norm(self.last_hidden, self.norm, eps)
         return self.product(h, self.head, "head").float()             # [B, keep, V]
 
     def additive(self, mask: torch.Tensor) -> torch.Tensor:
@@ -328,13 +382,22 @@ class LlamaModel:
 
     @torch.inference_mode()
     def forward(self, store: KVStore, ids: torch.Tensor, logits_to_keep: int = 1,
-                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                tree: CandidateTree | None = None) -> torch.Tensor:
         """Run ids [B, n] at positions store.length.. (or `positions` [n]) and commit them to the store.
 
         mask: boolean [n, S] (True = attend) over the S keys attention sees after this write;
-        None builds the causal one (or the ring window's). Returns fp32 logits [B, logits_to_keep, V].
+        None builds the causal one (or the ring window's). tree: the n tokens are a candidate
+        tree (memory/attention.py), each at its depth's position, seeing its own branch; the store
+        then holds them in tree order until the engine keeps one branch (KVStore.keep_branch).
+        Returns fp32 logits [B, logits_to_keep, V].
         """
         n = ids.shape[1]
+        if tree is not None:
+            if store.window:
+                raise ValueError("a candidate tree needs the full store layout, not a ring window")
+            positions = tree.positions(store.length, ids.device)
+            mask = tree if self.row_exact_tokens else tree.mask(store.length, ids.device)
         if positions is None:
             positions = torch.arange(store.length, store.length + n, device=ids.device)
         if mask is None and not store.window and 1 < n <= self.row_exact_tokens:

@@ -142,13 +142,57 @@ def check_vocab(target: ModelRef, draft: ModelRef) -> None:
 
 
 DRAFTER_NAMES = ("ngram", "none")  # drafters without weights
+HEADS_DIR = Path(__file__).resolve().parent.parent / "heads"   # shipped draft heads: <target>.safetensors
+
+
+def shipped_head(target: str) -> Path | None:
+    """The draft head trained for this target (`specmemo train-draft`), if one ships."""
+    path = HEADS_DIR / f"{target}.safetensors"
+    return path if path.exists() else None
+
+
+def head_header(path: Path) -> tuple[tuple[int, int, int], dict]:
+    """A draft head file's (hidden, inner, vocab) and card, from its safetensors header (no torch)."""
+    import json
+    import struct
+
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    meta = header.get("__metadata__", {})
+    return (int(meta["hidden"]), int(meta["inner"]), header["vocab"]["shape"][0]), json.loads(meta.get("card", "{}"))
+
+
+def fastest_drafter(target: str) -> str:
+    """For `--draft auto`: of the weightless drafters and the shipped head, the one whose pair
+    profile (profiles/pairs/, written by `specmemo profile --save-profile` on this machine)
+    measured the highest speedup over plain decoding; n-gram lookup (no weights, never slower
+    than a step without drafts by more than its lookup) when nothing measured faster than 1.0×."""
+    import tomllib
+
+    measured = {}
+    for name in ("head", "ngram"):
+        path = profiles_dir() / "pairs" / f"{target}__{name}.toml"
+        if path.exists() and (name != "head" or shipped_head(target)):
+            speedup = tomllib.loads(path.read_text()).get("speedup")
+            if speedup is not None and float(speedup) > 1.0:
+                measured[name] = float(speedup)
+    return max(measured, key=measured.get) if measured else "ngram"
 
 
 def resolve_pair(target: str, draft: str) -> tuple[ModelRef, ModelRef | None, str]:
-    """(target, draft model or None, drafter kind: "model", "ngram" or "none")."""
+    """(target, draft model or None, drafter kind: "model", "head", "ngram" or "none").
+    draft "auto": the fastest measured drafter for this target (fastest_drafter)."""
     t = resolve(target)
+    if draft == "auto":
+        draft = fastest_drafter(t.name)
     if draft in DRAFTER_NAMES:
         return t, None, draft
+    if draft == "head":
+        if shipped_head(t.name) is None:
+            raise IncompatibleDraft(f"no draft head ships for {t.name}; train one with "
+                                    f"`specmemo train-draft --target {t.name}`")
+        return t, None, "head"
     d = resolve(draft)
     check_vocab(t, d)
     return t, d, "model"

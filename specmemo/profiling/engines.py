@@ -30,6 +30,8 @@ class TurnResult:
     steps: int = 0
     draft_seconds: float = 0.0
     histogram: dict = field(default_factory=dict)
+    rank_hits: list = field(default_factory=list)
+    rank_visits: list = field(default_factory=list)
 
 
 class SpecmemoEngine:
@@ -49,7 +51,8 @@ class SpecmemoEngine:
         tokens, stats = collect(self.engine.generate(input_ids[len(held):], max_new, stops))
         return TurnResult(tokens, stats.prefill_seconds + stats.decode_seconds, stats.drafted_tokens,
                           stats.accepted_tokens, stats.steps,
-                          stats.draft_seconds, dict(stats.accepted_histogram))
+                          stats.draft_seconds, dict(stats.accepted_histogram), list(stats.rank_hits),
+                          list(stats.rank_visits))
 
 
 class HFEngine:

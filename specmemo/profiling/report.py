@@ -16,6 +16,14 @@ STAND_IN_NOTE = ("The draft model is a stand-in: the target's own weights loaded
                  "Its acceptance is higher than a real small draft's would be.")
 
 
+
+def first_acceptance(histogram: dict) -> float | None:
+    """Of the steps that drafted, the share whose first draft token was accepted (greedy: the
+    draft's top-1 agreed with the target's)."""
+    steps = sum(histogram.values())
+    return 1 - histogram.get("0", histogram.get(0, 0)) / steps if steps else None
+
+
 def first_divergences(runs: dict) -> dict[str, list[dict]]:
     """For each engine, the first differing position of each (conversation, turn) against hf-ar."""
     ref = {o["question_id"]: o["turns"] for o in runs["hf-ar"]["outputs"]}
@@ -98,6 +106,7 @@ def build_report(facts: dict, base: dict, runs: dict, tokenizer) -> dict:
             "weights_bytes": r["weights_bytes"],
             "load_peak_bytes": r["load_peak_bytes"],
             "acceptance_rate": r["acceptance_rate"],
+            "first_acceptance": first_acceptance(r["accepted_histogram"]),
             "mean_accepted_per_step": r["mean_accepted_per_step"],
             # Fraction of the memory-bandwidth bound: every generated token reads every weight once
             # in plain decoding, so tokens/s × weight bytes / bandwidth is 1.0 at the bound.
@@ -149,20 +158,21 @@ def markdown(report: dict, plots: list[str]) -> str:
         f"{', GPU ' + m['gpu'] if m['gpu'] else ''}; torch {m['torch']}, transformers {m['transformers']}; "
         f"measured read bandwidth {m['read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s.",
         "",
-        "| engine | forward | tok/s | × hf-ar | × hf-ar-cached | of bandwidth bound | generation peak MiB | plan MiB | acceptance | accepted/step | turns identical to hf-ar |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| engine | forward | tok/s | × hf-ar | × hf-ar-cached | of bandwidth bound | generation peak MiB | plan MiB | acceptance | first-token acceptance | accepted/step | turns identical to hf-ar |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     cached = next((r["tokens_per_s"] for r in report["runs"] if r["engine"] == "hf-ar-cached"), None)
     for r in report["runs"]:
         acc = "" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.2f}"
         mean = "" if r["mean_accepted_per_step"] is None else f"{r['mean_accepted_per_step']:.2f}"
+        first = "" if r.get("first_acceptance") is None else f"{r['first_acceptance']:.2f}"
         ident = f"{r['turns_identical_to_hf_ar']}/{r['turns']}"
         if r.get("turns_identical_to_specmemo_ar") is not None:
             ident += f" (specmemo-ar: {r['turns_identical_to_specmemo_ar']}/{r['turns']})"
         vs_cached = f"{r['tokens_per_s'] / cached:.2f}" if cached else ""
         lines.append(f"| {r['engine']} | {r['forward']} | {r['tokens_per_s']:.2f} | {r['speedup_vs_hf_ar']:.2f} | {vs_cached} | "
                      f"{r['bandwidth_fraction']:.0%} | {_mib(r['generation_peak_bytes'])} | "
-                     f"{_mib(r['predicted_generation_bytes'])} | {acc} | {mean} | {ident} |")
+                     f"{_mib(r['predicted_generation_bytes'])} | {acc} | {first} | {mean} | {ident} |")
     from specmemo.profiling.worker import baseline_dtype
 
     diverged = [(r["engine"], d) for r in report["runs"] for d in r["divergences"]]
@@ -206,6 +216,13 @@ def save_pair_profile(target: str, draft: str, runs: dict, dtype: str | None = N
     c = (spec["draft_seconds"] / spec["drafted_tokens"]) / target_step
     path = pair_file(target, draft)
     text = f"# Measured by specmemo profile on {len(spec['outputs'])} conversations.\nalpha = {alpha:.4f}\nc = {c:.4f}\n"
+    # Only the ranks some node offered were measured (a chain offers rank 1 alone).
+    ranks = [round(h / v, 4) for h, v in zip(spec.get("rank_hits") or [], spec.get("rank_visits") or []) if v]
+    if ranks:
+        text += ("# Candidate trees: how often the target's token was a node's r-th candidate, where offered.\n"
+                 f"ranks = {json.dumps(ranks)}\n")
+    if spec.get("tokens_per_s") and ar.get("tokens_per_s"):
+        text += f"speedup = {spec['tokens_per_s'] / ar['tokens_per_s']:.4f}  # specmemo / specmemo-ar, measured\n"
     if curve:
         text += (f"# The target's forward over n = 1..{len(curve)} tokens in one-token forwards ({dtype}).\n"
                  f"host = {json.dumps(host)}\ncost_curve_{dtype} = {json.dumps(curve)}\n")

@@ -140,7 +140,8 @@ def main(config_path: str, result_path: str) -> None:
             turn_rows.append({"conversation": conv["question_id"], "turn": turn + 1, "prompt_tokens": len(ids),
                               "new_tokens": len(r.tokens), "seconds": r.seconds, "drafted": r.drafted,
                               "accepted": r.accepted, "steps": r.steps, "draft_seconds": r.draft_seconds,
-                              "histogram": r.histogram})
+                              "histogram": r.histogram, "rank_hits": r.rank_hits,
+                              "rank_visits": r.rank_visits})
             print("progress", flush=True)
         if ci == 0 and timeline:
             timeline.__exit__(None, None, None)
@@ -173,6 +174,8 @@ def main(config_path: str, result_path: str) -> None:
         "steps": steps,
         "draft_seconds": sum(t["draft_seconds"] for t in turn_rows),
         "accepted_histogram": histogram,
+        "rank_hits": [sum(col) for col in zip(*[t["rank_hits"] for t in turn_rows if t["rank_hits"]])],
+        "rank_visits": [sum(col) for col in zip(*[t["rank_visits"] for t in turn_rows if t["rank_visits"]])],
         "outputs_sha256": hashlib.sha256(json.dumps(outputs).encode()).hexdigest(),
         "outputs": outputs,
         "turns": turn_rows,

@@ -47,7 +47,9 @@ def render_plan(report, console: Console) -> None:
     console.print(
         f"predicted speedup at k={req.draft_len}: {report.predicted_speedup:.2f}× "
         f"(α={report.pair.alpha}: {report.pair.source}; c={report.pair.c:.4g}: {report.pair.c_source}; "
-        f"verification cost: {report.pair.curve_source})"
+        f"verification cost: {report.pair.curve_source}"
+        + (f"; candidate trees, rank acceptance {list(report.pair.ranks)}: {report.pair.ranks_source}"
+           if report.pair.ranks else "") + ")"
     )
     if report.max_context:
         console.print(f"largest context that fits this budget: {report.max_context:,} tokens")

@@ -1,0 +1,115 @@
+"""A trained draft head for one target (EAGLE / Clover style, small enough for a CPU).
+
+It drafts from the target's own state instead of a second model: given the target's last hidden
+state h (before the final norm) at the token that chose x, and x itself, it predicts the hidden
+state the target will have at x, and from it the next token, regressively over depth:
+
+    f_1 = block(h, embed(x))          next token d_1 = argmax over the head's vocabulary of f_1
+    f_2 = block(f_1, embed(d_1))      d_2 from f_2, and so on
+
+block: RMSNorm each input, one fused linear [2E -> E], then a SwiGLU MLP with a residual.
+The target's embedding, final norm and LM head are reused (frozen); the output covers only
+the `vocab` most frequent tokens of the target's own replies, so a draft step costs a few
+percent of a target step. No KV of its own: the head keeps one hidden state between steps.
+
+Shapes: E = the target's hidden size, I = the head's MLP width, Vh = the head's vocabulary.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specmemo.errors import BadInput
+
+def unit_rms(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x [..., E] scaled to unit RMS (a weightless RMSNorm, in fp32)."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+class DraftHead(nn.Module):
+    """The head's own weights (fp32). The target's pieces it reads are passed in (TargetParts)."""
+
+    def __init__(self, hidden: int, inner: int, vocab: torch.Tensor):
+        """hidden: E; inner: I; vocab: [Vh] token ids the head can propose (int64)."""
+        super().__init__()
+        self.norm_h = nn.Parameter(torch.ones(hidden))
+        self.norm_x = nn.Parameter(torch.ones(hidden))
+        self.fuse = nn.Linear(2 * hidden, hidden, bias=False)       # [E, 2E]
+        self.norm_m = nn.Parameter(torch.ones(hidden))
+        self.gate_up = nn.Linear(hidden, 2 * inner, bias=False)     # [2I, E]
+        self.down = nn.Linear(inner, hidden, bias=False)            # [E, I]
+        self.register_buffer("vocab", vocab.to(torch.int64))
+
+    def block(self, h: torch.Tensor, x_embed: torch.Tensor) -> torch.Tensor:
+        """h, x_embed [..., E] fp32 -> the predicted hidden state [..., E] at the token embedded."""
+        z = self.fuse(torch.cat([unit_rms(h) * self.norm_h, unit_rms(x_embed) * self.norm_x], dim=-1))
+        gate, up = self.gate_up(unit_rms(z) * self.norm_m).chunk(2, dim=-1)
+        return z + self.down(F.silu(gate) * up)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in [*self.parameters(), *self.buffers()])
+
+
+class TargetParts:
+    """What the head borrows from the target, in fp32: its head's rows for the head's vocabulary
+    [Vh, E] (a copy: the plan counts it) and its final norm. The embedding is gathered per token."""
+
+    def __init__(self, model, vocab: torch.Tensor):
+        """model: our decoder (models/llama.py), any dtype."""
+        self.model = model
+        rows = model.head.t()                                                               # [V, E]
+        self.rows = rows.index_select(0, vocab.to(rows.device)).float().contiguous()      # [Vh, E]
+        self.norm = model.norm.float()                                                      # [E]
+        self.eps = model.cfg.rms_eps
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [...] -> [..., E] fp32."""
+        return self.model.embed_tokens(ids.reshape(1, -1)).float().reshape(*ids.shape, -1)
+
+    def logits(self, f: torch.Tensor) -> torch.Tensor:
+        """f [..., E] -> logits over the head's vocabulary [..., Vh], as the target's head would give
+        them (its final RMSNorm, then its rows)."""
+        return (unit_rms(f, self.eps) * self.norm) @ self.rows.t()
+
+
+# -- files ---------------------------------------------------------------------------------------
+
+def save_head(path: Path, head: DraftHead, card: dict) -> None:
+    """safetensors with the card as metadata, written atomically (a temp file, then a rename)."""
+    import os
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous() for k, v in head.state_dict().items()}
+    meta = {"card": json.dumps(card), "hidden": str(head.fuse.out_features), "inner": str(head.down.in_features)}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.chmod(tmp, 0o644)   # a shipped file: readable like the rest of the clone
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_head(path: Path) -> tuple[DraftHead, dict]:
+    """(head, card) from a safetensors file written by save_head."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same one-line error
+        raise BadInput(f"{path}: not a draft head file ({e})") from None
+    if "hidden" not in meta or "vocab" not in tensors:
+        raise BadInput(f"{path}: not a draft head file (no head metadata)")
+    head = DraftHead(int(meta["hidden"]), int(meta["inner"]), tensors["vocab"])
+    head.load_state_dict(tensors)
+    head.requires_grad_(False)
+    return head, json.loads(meta.get("card", "{}"))

@@ -1,0 +1,1 @@
+"""Training what specmemo ships: the draft head (`specmemo train-draft`)."""

@@ -1,0 +1,319 @@
+"""Train a draft head (models/draft_head.py) for a target, on the target's own replies.
+
+Two stages, each resumable from its file in the work directory:
+  corpus  the target answers training prompts (training/prompts.py) greedily, in batches of
+          prompts of equal length; every reply token is kept with the hidden state that chose it.
+  train   the head learns, regressively over `depth` steps, the target's next hidden state and
+          next token from (hidden state, token), teacher-forced on those replies; the last
+          `holdout` prompts are never trained on and give the acceptance estimate.
+
+Notation as in the head: H_j is the target's hidden state (before its final norm) at the token
+whose logits chose reply token r_j. The head maps (H_j, r_j) to H_{j+1} and r_{j+1}.
+"""
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from specmemo.atomic import atomic_write_text
+from specmemo.errors import BadInput
+from specmemo.memory.kvstore import KVShape, KVStore
+from specmemo.models.draft_head import DraftHead, TargetParts, save_head, unit_rms
+
+
+@dataclass(frozen=True)
+class HeadRecipe:
+    """Everything that decides the trained weights (recorded in the head's card)."""
+    target: str = "smollm2-135m-instruct"
+    dtype: str = "q4"               # the target's weights while it writes the corpus: the ones chat runs
+    prompts: int = 1600
+    holdout: int = 100              # of those, the last ones: never trained on
+    max_new_tokens: int = 160
+    gen_batch: int = 16
+    vocab: int = 8192               # the head's output: the most frequent reply tokens
+    inner: int = 1536               # the head's MLP width
+    depth: int = 3                  # regressive steps trained
+    epochs: int = 3
+    batch: int = 256                # positions per optimizer step
+    lr: float = 2e-3
+    seed: int = 0
+
+
+# -- corpus --------------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def write_corpus(model, prompt_ids: list[list[int]], stop: set[int], max_new: int, batch: int,
+                 progress=None) -> list[dict]:
+    """Greedy replies of the target (our decoder) to each prompt: [{"reply": [m] int64,
+    "hidden": [m, E] in the compute dtype}], in prompt order. Prompts of equal length share a
+    batch (their positions agree, so the plain causal mask holds). progress(n) per finished prompt."""
+    cfg = model.cfg
+    by_length: dict[int, list[int]] = {}
+    for i, ids in enumerate(prompt_ids):
+        by_length.setdefault(len(ids), []).append(i)
+    out: list[dict | None] = [None] * len(prompt_ids)
+    for length, members in sorted(by_length.items()):
+        for b0 in range(0, len(members), batch):
+            rows = members[b0 : b0 + batch]
+            store = KVStore(KVShape(cfg.num_layers, len(rows), cfg.num_kv_heads, cfg.head_dim, length + max_new),
+                            model.dtype, model.device)
+            logits = model(store, torch.tensor([prompt_ids[r] for r in rows]), 1)       # [b, 1, V]
+            tokens, hidden = [], []
+            done = torch.zeros(len(rows), dtype=torch.bool)
+            ends = torch.full((len(rows),), max_new)
+            for step in range(max_new):
+                tok = logits[:, -1].argmax(-1)                                          # [b]
+                tokens.append(tok)
+                hidden.append(model.last_hidden[:, -1].clone())                          # [b, E]
+                finished = torch.tensor([int(t) in stop for t in tok]) & ~done
+                ends[finished] = step + 1
+                done |= finished
+                if bool(done.all()) or step + 1 == max_new:
+                    break
+                logits = model(store, tok[:, None], 1)
+            tokens, hidden = torch.stack(tokens, 1), torch.stack(hidden, 1)              # [b, m], [b, m, E]
+            for j, r in enumerate(rows):
+                m = int(ends[j])
+                out[r] = {"reply": tokens[j, :m].clone(), "hidden": hidden[j, :m].clone()}
+                if progress:
+                    progress(1)
+    return out
+
+
+def save_corpus(path: Path, corpus: list[dict], key: dict) -> None:
+    from safetensors.torch import save_file
+
+    import json
+    import os
+    import tempfile
+
+    tensors = {"reply": torch.cat([c["reply"] for c in corpus]).to(torch.int32),
+               "hidden": torch.cat([c["hidden"] for c in corpus]).contiguous(),
+               "lengths": torch.tensor([len(c["reply"]) for c in corpus], dtype=torch.int32)}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"recipe": json.dumps(key)})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def corpus_key(recipe: HeadRecipe, prompts: list[str]) -> dict:
+    """What decides the corpus: the recipe's generation fields and the prompts themselves (a
+    saved corpus is reused only when all match)."""
+    import hashlib
+
+    fields = {k: v for k, v in asdict(recipe).items() if k in ("target", "dtype", "max_new_tokens", "gen_batch")}
+    return {**fields, "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
+
+
+def load_corpus(path: Path, key: dict) -> list[dict] | None:
+    import json
+
+    from safetensors import safe_open
+
+    if not path.exists():
+        return None
+    with safe_open(str(path), "pt") as f:
+        if json.loads((f.metadata() or {}).get("recipe", "{}")) != key:
+            return None
+        reply, hidden, lengths = f.get_tensor("reply").long(), f.get_tensor("hidden"), f.get_tensor("lengths")
+    out, at = [], 0
+    for m in lengths.tolist():
+        out.append({"reply": reply[at : at + m], "hidden": hidden[at : at + m]})
+        at += m
+    return out
+
+
+# -- training --------------------------------------------------------------------------------------
+
+def head_vocab(corpus: list[dict], size: int) -> torch.Tensor:
+    """[Vh] the `size` most frequent reply tokens (ties by id), sorted by id."""
+    counts = torch.bincount(torch.cat([c["reply"] for c in corpus]))
+    top = torch.argsort(-counts.double() - torch.arange(len(counts)) * 1e-9)[: min(size, int((counts > 0).sum()))]
+    return top.sort().values
+
+
+class Positions:
+    """The corpus flattened: reply tokens R [T], hidden states H [T, E] (fp32), and for each depth
+    d ≥ 1 which positions p have p + d inside their own reply."""
+
+    def __init__(self, corpus: list[dict], depth: int):
+        self.R = torch.cat([c["reply"] for c in corpus])
+        self.H = torch.cat([c["hidden"] for c in corpus]).float()
+        left = torch.cat([torch.arange(len(c["reply"]) - 1, -1, -1) for c in corpus])   # tokens after p in its reply
+        self.valid = [left >= d for d in range(depth + 1)]                                 # valid[d]: [T] bool
+
+    def starts(self) -> torch.Tensor:
+        return self.valid[1].nonzero()[:, 0]
+
+
+def head_losses(head: DraftHead, parts: TargetParts, pos: Positions, p: torch.Tensor, index: torch.Tensor,
+                depth: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Loss over start positions p [P] unrolled `depth` steps, and each depth's top-1 hits [P]
+    (False where the depth runs past the reply). index: [V] token -> head vocabulary slot, −100 if absent."""
+    h, x = pos.H[p], pos.R[p]
+    loss, hits = 0.0, []
+    for d in range(1, depth + 1):
+        valid = pos.valid[d][p]
+        q = torch.where(valid, p + d, p)                       # a safe index where the reply ended
+        f = head.block(h, parts.embed(x))                      # [P, E]
+        logits = parts.logits(f)                               # [P, Vh]
+        label = torch.where(valid, index[pos.R[q]], -100)
+        ce = F.cross_entropy(logits, label, ignore_index=-100) if bool((label >= 0).any()) else logits.sum() * 0
+        reg = ((unit_rms(f) - unit_rms(pos.H[q])).pow(2).mean(-1) * valid).sum() / valid.sum().clamp(min=1)
+        loss = loss + (ce + reg) / d
+        hits.append((logits.argmax(-1) == label) & valid)
+        h, x = f, pos.R[q]
+    return loss, hits
+
+
+RANKS = 4   # candidates per node a tree may use: the share the target's token was each, reported
+
+
+def evaluate(head: DraftHead, parts: TargetParts, pos: Positions, index: torch.Tensor, depth: int) -> dict:
+    """Teacher-forced on held-out replies: 'first' = top-1 agreement at depth 1 over all positions
+    (the greedy acceptance of a first draft token), 'chain' = at each depth, the share of
+    positions whose drafts agreed at every depth so far, 'ranks' = at depth 1, the share where
+    the target's token was the head's r-th candidate (a candidate tree's acceptance vector)."""
+    p_all = pos.starts()
+    first, chain, total, ranks = 0, [0] * depth, 0, torch.zeros(RANKS)
+    with torch.no_grad():
+        for i in range(0, len(p_all), 2048):
+            p = p_all[i : i + 2048]
+            _, hits = head_losses(head, parts, pos, p, index, depth)
+            # Depth 1: where the target's token ranks among the head's candidates.
+            scores = parts.logits(head.block(pos.H[p], parts.embed(pos.R[p])))
+            top = scores.topk(RANKS, dim=-1).indices                                  # [P, RANKS]
+            ranks += (top == index[pos.R[p + 1]][:, None]).sum(0)
+            first += int(hits[0].sum())
+            run = torch.ones_like(hits[0])
+            for d, hit in enumerate(hits):
+                run = run & hit
+                chain[d] += int(run.sum())
+            total += len(hits[0])
+    return {"first": round(first / total, 4), "chain": [round(c / total, 4) for c in chain],
+            "ranks": [round(float(r) / total, 4) for r in ranks], "positions": total}
+
+
+def train_head(recipe: HeadRecipe, model, corpus: list[dict], progress=None, log=print) -> tuple[DraftHead, dict]:
+    """Train on all but the last `holdout` replies; returns the head and its evaluation."""
+    torch.manual_seed(recipe.seed)
+    train, held = corpus[: -recipe.holdout], corpus[-recipe.holdout :]
+    vocab = head_vocab(train, recipe.vocab)
+    index = torch.full((model.cfg.vocab_size,), -100, dtype=torch.long)
+    index[vocab] = torch.arange(len(vocab))
+    parts = TargetParts(model, vocab)
+    head = DraftHead(model.cfg.hidden_size, recipe.inner, vocab)
+    pos, held_pos = Positions(train, recipe.depth), Positions(held, recipe.depth)
+    starts = pos.starts()
+    if len(starts) == 0:
+        raise BadInput("the corpus holds no reply of two tokens or more: nothing to train on")
+    batch = min(recipe.batch, len(starts))   # a small corpus (a smoke run) still trains
+    steps = recipe.epochs * (len(starts) // batch)
+    opt = torch.optim.AdamW(head.parameters(), lr=recipe.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=steps, pct_start=0.05)
+    gen = torch.Generator().manual_seed(recipe.seed)
+    step, t0 = 0, time.perf_counter()
+    for epoch in range(recipe.epochs):
+        order = starts[torch.randperm(len(starts), generator=gen)]
+        for i in range(0, len(order) - batch + 1, batch):
+            loss, _ = head_losses(head, parts, pos, order[i : i + batch], index, recipe.depth)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            if progress:
+                progress(step, steps, float(loss.detach()))
+        log(f"epoch {epoch + 1}: held-out {evaluate(head, parts, held_pos, index, recipe.depth)}")
+    head.requires_grad_(False)
+    result = evaluate(head, parts, held_pos, index, recipe.depth)
+    coverage = float(torch.isin(held_pos.R, vocab).float().mean())
+    return head, {**result, "steps": step, "train_seconds": round(time.perf_counter() - t0, 1),
+                  "train_positions": len(starts), "vocab_coverage_heldout": round(coverage, 4)}
+
+
+def card_markdown(card: dict, vocab: int) -> str:
+    """The head's card for people: what it was trained on, how long, and how often it is right."""
+    r, e = card["recipe"], card["evaluation"]
+    return "\n".join([
+        f"# Draft head for {r['target']}",
+        "",
+        "Trained by `specmemo train-draft` (specmemo/training/draft_head.py); the same figures are in the",
+        "safetensors file's metadata (`card`).",
+        "",
+        f"- Data: the target ({r['dtype']} weights) answered {r['prompts']} training prompts greedily (composed from",
+        "  templates in specmemo/training/prompts.py; none from MT-Bench or any test set), at most",
+        f"  {r['max_new_tokens']} tokens each: {card['corpus_tokens']:,} reply tokens in {card['corpus_seconds']:.0f} s.",
+        f"- Head: fused input [2E -> E], SwiGLU MLP of width {r['inner']}, output over the {vocab:,} most frequent",
+        f"  reply tokens (at most {r['vocab']:,}; the target's LM-head rows); {card['head_bytes'] / 2**20:.1f} MiB of",
+        "  fp32 weights.",
+        f"- Training: {e['steps']} steps of {r['batch']} positions ({r['epochs']} epochs, depth {r['depth']}, AdamW,",
+        f"  lr {r['lr']}, seed {r['seed']}) in {e['train_seconds']:.0f} s; whole recipe {card['total_seconds'] / 60:.1f} min",
+        f"  on {card['host']}, {card['threads']} threads, torch {card['torch']}.",
+        f"- Held-out ({r['holdout']} prompts, {e['positions']:,} positions, teacher-forced): first-token acceptance",
+        f"  {e['first']:.3f}; all drafts right to depth 1/2/3: {e['chain']}; the target's token was the head's",
+        f"  r-th candidate (r = 1..{len(e['ranks'])}): {e['ranks']}; vocabulary coverage {e['vocab_coverage_heldout']:.3f}.",
+        "- On MT-Bench: `python bench/head_acceptance.py` (see the README).",
+        "",
+    ])
+
+
+def run(recipe: HeadRecipe, out: Path, work: Path, console=None) -> dict:
+    """The whole recipe: load the target, write (or reuse) the corpus, train, save the head and
+    its card atomically. Returns the card."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from specmemo.models.load import load_model
+    from specmemo.models.resolve import resolve
+    from specmemo.models.text import encode_prompt, stop_ids
+    from specmemo.profiling.machine import cpu_name
+    from specmemo.training.prompts import training_prompts
+
+    say = console.print if console else print
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(recipe.seed)
+    t_start = time.perf_counter()
+    loaded = load_model(resolve(recipe.target), recipe.dtype, forward="specmemo")
+    model, tok = loaded.model, loaded.tokenizer
+    corpus_path = work / "corpus.safetensors"
+    prompts = training_prompts(recipe.prompts, recipe.seed)
+    key = corpus_key(recipe, prompts)
+    corpus = load_corpus(corpus_path, key)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+               TextColumn("{task.fields[info]}"))
+    gen_seconds = 0.0
+    if corpus is None:
+        ids = [encode_prompt(tok, p, chat=True) for p in prompts]
+        t0 = time.perf_counter()
+        with Progress(*columns, console=console) as bar:
+            task = bar.add_task("target writes replies", total=len(ids), info="")
+            corpus = write_corpus(model, ids, stop_ids(tok, model), recipe.max_new_tokens, recipe.gen_batch,
+                                  progress=lambda n: bar.advance(task, n))
+        gen_seconds = time.perf_counter() - t0
+        save_corpus(corpus_path, corpus, key)
+        say(f"corpus: {sum(len(c['reply']) for c in corpus)} reply tokens in {gen_seconds:.0f} s -> {corpus_path}")
+    else:
+        say(f"corpus: reusing {corpus_path} ({sum(len(c['reply']) for c in corpus)} reply tokens)")
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("training the head", total=None, info="")
+        head, result = train_head(recipe, model, corpus,
+                                  progress=lambda s, n, loss: bar.update(task, completed=s, total=n,
+                                                                         info=f"loss {loss:.3f}"),
+                                  log=say)
+    card = {"recipe": asdict(recipe), "evaluation": result, "host": cpu_name(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "corpus_seconds": round(gen_seconds, 1), "total_seconds": round(time.perf_counter() - t_start, 1),
+            "corpus_tokens": sum(len(c["reply"]) for c in corpus), "head_bytes": head.nbytes()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_head(out, head, card)
+    atomic_write_text(out.with_suffix(".md"), card_markdown(card, len(head.vocab)))
+    say(f"head: {out} ({head.nbytes() / 2**20:.1f} MiB), held-out first-token acceptance {result['first']:.3f}")
+    return card

@@ -1,0 +1,153 @@
+"""The draft head (models/draft_head.py): trained on a tiny model's own replies by the real
+training code, then drafting inside the engine. Exactness holds whatever the head proposes."""
+
+import functools
+
+import pytest
+import torch
+
+from specmemo.budget import footprint as fp
+from specmemo.decoding.drafters import HeadDrafter, NoDrafter
+from specmemo.decoding.engine import Engine
+from specmemo.decoding.sampling import SamplingConfig
+from specmemo.errors import BadInput
+from specmemo.memory.kvstore import KVShape, KVStore
+from specmemo.models.draft_head import DraftHead, load_head, save_head
+from specmemo.training.draft_head import HeadRecipe, train_head, write_corpus
+from tests.tiny import VOCAB, own_model, run, tiny_llama
+
+TARGET = tiny_llama(3, scale=4.0)
+
+
+@functools.cache
+def trained():
+    """A head trained on the tiny target's greedy replies to 24 random prompts (the last 4 held out)."""
+    own = own_model(TARGET)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, VOCAB, (6 + i % 2,), generator=gen).tolist() for i in range(24)]
+    corpus = write_corpus(own, prompts, stop=set(), max_new=40, batch=8)
+    recipe = HeadRecipe(vocab=64, inner=64, holdout=4, epochs=25, batch=64, lr=3e-3, depth=3)
+    head, result = train_head(recipe, own, corpus, log=lambda *_: None)
+    return head, result, corpus, prompts
+
+
+def engine(drafter: str, k: int = 4, sampling=SamplingConfig(), seed=0):
+    own = own_model(TARGET)
+    cfg = own.cfg
+    store = KVStore(KVShape(cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim, 300), own.dtype, "cpu")
+    gen = torch.Generator().manual_seed(seed)
+    d = HeadDrafter(own, trained()[0], sampling, gen) if drafter == "head" else NoDrafter("cpu")
+    return Engine(own, store, d, sampling, draft_len=0 if drafter == "none" else k, prefill_chunk=16,
+                  context=300, generator=gen)
+
+
+def test_the_corpus_keeps_each_reply_with_the_hidden_state_that_chose_it():
+    own = own_model(TARGET)
+    head, _, corpus, _ = trained()
+    prompt = torch.randint(0, VOCAB, (7,), generator=torch.Generator().manual_seed(0)).tolist()
+    # Prompts of one length were batched; a reply is the target's plain greedy decoding all the same.
+    plain = run(engine("none"), prompt, max_new=40)[0]
+    assert len(corpus) == 24 and all(len(c["reply"]) == 40 for c in corpus)
+    assert corpus[0]["hidden"].shape == (40, own.cfg.hidden_size)
+    reply = write_corpus(own, [prompt], stop=set(), max_new=40, batch=1)[0]
+    assert reply["reply"].tolist() == plain[:40]
+    # H_0 is the hidden state at the prompt's last token: the target's logits from it chose r_0.
+    logits = (torch.nn.functional.rms_norm(reply["hidden"][0], (own.cfg.hidden_size,), own.norm, own.cfg.rms_eps)
+              @ own.head)
+    assert int(logits.argmax()) == reply["reply"][0]
+    assert corpus[0]["reply"].dtype == torch.int64
+
+
+def test_training_learns_the_targets_next_tokens():
+    head, result, _, _ = trained()
+    untrained = DraftHead(head.fuse.out_features, 64, head.vocab)
+    own = own_model(TARGET)
+    from specmemo.models.draft_head import TargetParts
+    from specmemo.training.draft_head import Positions, evaluate
+
+    index = torch.full((VOCAB,), -100, dtype=torch.long)
+    index[head.vocab] = torch.arange(len(head.vocab))
+    before = evaluate(untrained, TargetParts(own, head.vocab), Positions(trained()[2][-4:], 3), index, 3)
+    assert result["first"] > before["first"] + 0.2, (result, before)
+    assert result["chain"][0] >= result["chain"][1] >= result["chain"][2]
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_greedy_with_the_head_equals_plain_decoding(k):
+    gen = torch.Generator().manual_seed(5)
+    for i in range(3):
+        prompt = torch.randint(0, VOCAB, (5 + i,), generator=gen).tolist()
+        plain, _ = run(engine("none"), prompt, max_new=48)
+        spec, stats = run(engine("head", k), prompt, max_new=48)
+        assert spec == plain
+        assert stats.drafted_tokens > 0
+
+
+def test_the_head_drafts_tokens_the_target_accepts():
+    """On a prompt it was trained on, the head follows the target: this fails when the engine
+    hands the head another row's hidden state than the one that chose the newest token."""
+    prompt = trained()[3][0]
+    _, stats = run(engine("head", 4), prompt, max_new=40)
+    assert stats.accepted_tokens / stats.drafted_tokens > 0.5
+
+
+def test_the_head_starts_from_the_state_that_chose_the_newest_token():
+    """After each step the drafter holds the target's hidden state at the token before the newest
+    one (whose logits chose it), wherever the verification's rejection fell."""
+    own = own_model(TARGET)
+    e = engine("head", 4)
+    for n, step in enumerate(e.generate(trained()[3][1], 30)):
+        if n < 3 or not hasattr(step, "accepted"):
+            continue
+        fresh = KVStore(KVShape(own.cfg.num_layers, 1, own.cfg.num_kv_heads, own.cfg.head_dim, 300), own.dtype, "cpu")
+        own(fresh, torch.tensor([e.tokens[:-1]]), 1)
+        assert torch.allclose(e.drafter.hidden, own.last_hidden[0, -1], atol=1e-4), n
+
+
+def test_sampling_with_the_head_is_reproducible_and_uses_the_heads_q():
+    cfg = SamplingConfig(temperature=0.9, top_k=20)
+    prompt = [1, 2, 3, 4, 5]
+    a, _ = run(engine("head", 3, cfg, seed=7), prompt, max_new=40)
+    b, _ = run(engine("head", 3, cfg, seed=7), prompt, max_new=40)
+    assert a == b
+    e = engine("head", 3, cfg, seed=7)
+    run(e, prompt, max_new=8)
+    q = e.drafter.propose(e.tokens, 3).q
+    assert q.shape == (3, VOCAB) and torch.allclose(q.sum(-1), torch.ones(3))
+    off_vocab = torch.ones(VOCAB, dtype=torch.bool)
+    off_vocab[e.drafter.vocab] = False
+    assert float(q[:, off_vocab].sum()) == 0.0  # the head proposes only its own vocabulary
+
+
+def test_a_saved_head_loads_back_identically(tmp_path):
+    head, result, _, _ = trained()
+    path = tmp_path / "head.safetensors"
+    save_head(path, head, {"evaluation": result})
+    loaded, card = load_head(path)
+    assert card["evaluation"] == result
+    for (name, a), (_, b) in zip(head.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert [p.name for p in tmp_path.iterdir()] == ["head.safetensors"]  # no temp file left
+
+
+def test_a_file_that_is_not_a_head_is_refused_in_one_line(tmp_path):
+    bad = tmp_path / "x.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(BadInput, match="not a draft head file"):
+        load_head(bad)
+
+
+def test_the_plan_counts_the_heads_weights_rows_and_logits():
+    # Hand-worked: E = 576, I = 1536, Vh = 8192.
+    weights = 4 * (2 * 576 * 576 + 3 * 1536 * 576 + 3 * 576) + 8 * 8192
+    rows = 4 * 8192 * 576
+    assert fp.draft_head_bytes(576, 1536, 8192) == weights + rows == 2_654_208 + 10_616_832 + 6_912 + 65_536 + 18_874_368
+    from specmemo.budget.plan import PlanRequest, make_plan
+    from tests.tiny import arch_of
+
+    req = PlanRequest(target=arch_of(TARGET), draft=None, drafter="head", context=64, draft_len=4, draft_window=0,
+                      dtype="fp32", head=(64, 64, 32), sampling=False)
+    plan = make_plan(req)
+    assert plan.components["draft_weights"] == fp.draft_head_bytes(64, 64, 32)
+    no_head = make_plan(req.with_(drafter="ngram", head=None))
+    assert plan.components["logits"] - no_head.components["logits"] == 32 * 4
