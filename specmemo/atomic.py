@@ -16,9 +16,10 @@ def _mode_for(path: Path) -> int:
         return 0o666 & ~umask
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write `text` to `path` via a temporary file in the same directory and a rename. The
-    directory must exist (a mistyped path is an error, not a new folder)."""
+def atomic_write(path: str | Path, write) -> Path:
+    """Have write(temp_path) write the file's content to a temporary file in the same directory,
+    then rename it over `path`. The directory must exist (a mistyped path is an error, not a new
+    folder)."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory")
@@ -27,12 +28,17 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, _mode_for(path))
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
+        os.close(fd)
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write `text` to `path` atomically (see atomic_write)."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))

@@ -90,11 +90,10 @@ def make_drafter(report: PlanReport, target: LoadedModel, draft: LoadedModel | N
         if target.forward_path != "specmemo":
             raise BadInput("--draft head needs specmemo's own decoder (--forward specmemo)")
         from specmemo.models.draft_head import load_head
-        from specmemo.models.resolve import shipped_head
+        from specmemo.models.resolve import head_file
 
-        head, card = load_head(shipped_head(target.ref.name))
-        return HeadDrafter(target.model, head.to(device), sampling, generator,
-                           ranks=card.get("evaluation", {}).get("ranks"))
+        head, _ = load_head(head_file(target.ref.name))
+        return HeadDrafter(target.model, head.to(device), sampling, generator)
     req = report.plan.request
     store = allocator.allocate_draft(report.plan, torch_dtype(req.draft_kv), device)
     return ModelDrafter(step_forward(draft, cuda_graphs), store, sampling, req.draft_window, generator,

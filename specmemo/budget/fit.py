@@ -121,12 +121,9 @@ def fit(target: Arch, draft: Arch | None, drafter: str, *, device: str = "cpu", 
     k = 0 if drafter == "none" else (draft_len if draft_len is not None else DEFAULT_DRAFT_LEN)
     head, card = None, None
     if drafter == "head":
-        from specmemo.models.resolve import head_header, shipped_head
+        from specmemo.models.resolve import head_file, head_header
 
-        path = shipped_head(target.name)
-        if path is None:
-            raise BadInput(f"no draft head ships for {target.name}; train one with `specmemo train-draft`")
-        head, card = head_header(path)
+        head, card = head_header(head_file(target.name))
     req = PlanRequest(
         target=target, draft=draft, drafter=drafter, context=1, draft_len=k, head=head,
         draft_window=draft_window or DEFAULT_DRAFT_WINDOW, dtype=dtype or default_dtype(dev.kind),

@@ -43,8 +43,7 @@ class PairProfile:
     def speedup(self, k: int) -> float:
         """Predicted for a step of at most k drafts: a chain of k, or the best tree of ≤ k nodes."""
         if self.ranks:
-            return tree_speedup(*grow_tree(list(self.ranks), len(best_tree(list(self.ranks), self.c, self.curve, k)) - 1),
-                                self.c, self.curve)
+            return best_tree(list(self.ranks), self.c, self.curve, k)[1]
         return predicted_speedup(self.alpha, self.c, k, self.curve)
 
 
@@ -147,8 +146,10 @@ def tree_speedup(parents: list[int], value: list[float], c: float, curve: tuple[
     return (1 + sum(value[1:])) / (step_cost(curve, len(parents)) + expanded * c)
 
 
-def best_tree(ranks: list[float], c: float, curve: tuple[float, ...], max_nodes: int) -> list[int]:
+def best_tree(ranks: list[float], c: float, curve: tuple[float, ...], max_nodes: int) -> tuple[list[int], float]:
     """Sequoia's rule on this machine's cost curve: of the best trees of 1..max_nodes nodes, the
-    one with the highest predicted speedup (parents, root first)."""
-    trees = [grow_tree(ranks, n) for n in range(1, max(1, max_nodes) + 1)]
-    return max(trees, key=lambda t: (tree_speedup(*t, c, curve), -len(t[0])))[0]
+    one with the highest predicted speedup: (its parents, root first; that speedup)."""
+    scored = [(tree_speedup(*tree, c, curve), tree[0]) for tree in
+              (grow_tree(ranks, n) for n in range(1, max(1, max_nodes) + 1))]
+    speedup, parents = max(scored, key=lambda s: (s[0], -len(s[1])))
+    return parents, speedup

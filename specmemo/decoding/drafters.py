@@ -161,10 +161,12 @@ class HeadDrafter(NoDrafter):
     block per draft token. No KV and nothing to roll back: each step starts from the target."""
     name = "head"
 
-    def __init__(self, model, head, sampling: SamplingConfig, generator=None, ranks: list[float] | None = None):
-        """model: the target, our decoder (it keeps `last_hidden`); head: a loaded DraftHead;
-        ranks: how often the target's token was the head's r-th candidate (its card), the prior
-        for the engine's tree shape."""
+    # The engine's tree shape starts from the pair profile's rank acceptance (measured, or the
+    # head's card); this prior only serves an engine built without one (tests).
+    rank_prior = [0.6, 0.1, 0.04]
+
+    def __init__(self, model, head, sampling: SamplingConfig, generator=None):
+        """model: the target, our decoder (it keeps `last_hidden`); head: a loaded DraftHead."""
         from specmemo.models.draft_head import TargetParts
 
         super().__init__(model.device)
@@ -173,13 +175,17 @@ class HeadDrafter(NoDrafter):
         self.parts = TargetParts(model, head.vocab)
         self.vocab = head.vocab.to(model.device)
         self.hidden: torch.Tensor | None = None   # [E] fp32: the target's state behind the newest token
-        self.rank_prior = list(ranks or [0.6, 0.1, 0.04])
 
     def observe(self, row: int) -> None:
         self.hidden = self.model.last_hidden[0, row].float()
 
     def reset(self) -> None:
         self.hidden = None
+
+    def _step(self, h: torch.Tensor, token) -> tuple[torch.Tensor, torch.Tensor]:
+        """One head step from state h [E] and a token: (predicted state [E], logits [Vh])."""
+        f = self.head.block(h, self.parts.embed(torch.tensor([int(token)], device=self.device))[0])
+        return f, self.parts.logits(f)
 
     @torch.inference_mode()
     def propose(self, tokens: list[int], k: int) -> Proposal:
@@ -188,8 +194,7 @@ class HeadDrafter(NoDrafter):
         h, x = self.hidden, torch.tensor([tokens[-1]], device=self.device)
         drafted, qs = [], []
         for _ in range(k):
-            h = self.head.block(h, self.parts.embed(x)[0])                          # [E]
-            logits = self.parts.logits(h)                                         # [Vh]
+            h, logits = self._step(h, x)
             if self.sampling.greedy:
                 x = self.vocab[logits.argmax()].reshape(1)
             else:
@@ -215,9 +220,8 @@ class HeadDrafter(NoDrafter):
             kids = shape.children(node)
             if not kids:
                 continue
-            x = torch.tensor([node_tokens[node]], device=self.device)
-            f = self.head.block(states[node], self.parts.embed(x)[0])           # [E]
-            top = self.parts.logits(f).topk(len(kids)).indices                   # [children]
+            f, logits = self._step(states[node], node_tokens[node])
+            top = logits.topk(len(kids)).indices                                 # [children]
             for kid, i in zip(kids, top.tolist()):
                 node_tokens[kid], states[kid] = int(self.vocab[i]), f
         return shape, node_tokens[1:]

@@ -74,7 +74,7 @@ class TreeShape:
     def best(self, max_nodes: int) -> CandidateTree:
         key = (tuple(round(r, 2) for r in self.ranks()), min(max_nodes, self.max_nodes))
         if key not in self._cache:
-            self._cache[key] = CandidateTree(best_tree(list(key[0]), self.pair.c, self.pair.curve, key[1]))
+            self._cache[key] = CandidateTree(best_tree(list(key[0]), self.pair.c, self.pair.curve, key[1])[0])
         return self._cache[key]
 
     def after(self, tree: CandidateTree, tokens: list[int], path: list[int], choice: int

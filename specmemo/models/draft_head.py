@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specmemo.atomic import atomic_write
 from specmemo.errors import BadInput
+
 
 def unit_rms(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """x [..., E] scaled to unit RMS (a weightless RMSNorm, in fp32)."""
@@ -78,23 +80,12 @@ class TargetParts:
 # -- files ---------------------------------------------------------------------------------------
 
 def save_head(path: Path, head: DraftHead, card: dict) -> None:
-    """safetensors with the card as metadata, written atomically (a temp file, then a rename)."""
-    import os
-    import tempfile
-
+    """safetensors with the card as metadata, written atomically."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous() for k, v in head.state_dict().items()}
     meta = {"card": json.dumps(card), "hidden": str(head.fuse.out_features), "inner": str(head.down.in_features)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.chmod(tmp, 0o644)   # a shipped file: readable like the rest of the clone
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def load_head(path: Path) -> tuple[DraftHead, dict]:

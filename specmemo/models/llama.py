@@ -270,7 +270,7 @@ class LlamaModel:
         slots = keys.stride(1) // D
         layout = (Hkv * slots * D, slots * D, D, 1)
         if keys.stride() != layout or values.stride() != layout:  # not a store view: a one-off copy
-            return keys.float().clone(), values.float().clone()
+            return keys.to(torch.float32, copy=True), values.to(torch.float32, copy=True)
         spec = (B, Hkv, slots, D, keys.device)
         if self._widened.get("spec") != spec:
             self._widened = {"spec": spec, "bufs": [torch.empty(B, Hkv, slots, D, device=keys.device)

@@ -151,6 +151,15 @@ def shipped_head(target: str) -> Path | None:
     return path if path.exists() else None
 
 
+def head_file(target: str) -> Path:
+    """The shipped head for `--draft head`, or a one-line refusal."""
+    path = shipped_head(target)
+    if path is None:
+        raise IncompatibleDraft(f"no draft head ships for {target}; train one with "
+                                f"`specmemo train-draft --target {target}`")
+    return path
+
+
 def head_header(path: Path) -> tuple[tuple[int, int, int], dict]:
     """A draft head file's (hidden, inner, vocab) and card, from its safetensors header (no torch)."""
     import json
@@ -170,9 +179,11 @@ def fastest_drafter(target: str) -> str:
     than a step without drafts by more than its lookup) when nothing measured faster than 1.0×."""
     import tomllib
 
+    from specmemo.budget.speedup import pair_file
+
     measured = {}
     for name in ("head", "ngram"):
-        path = profiles_dir() / "pairs" / f"{target}__{name}.toml"
+        path = pair_file(target, name)
         if path.exists() and (name != "head" or shipped_head(target)):
             speedup = tomllib.loads(path.read_text()).get("speedup")
             if speedup is not None and float(speedup) > 1.0:
@@ -189,9 +200,7 @@ def resolve_pair(target: str, draft: str) -> tuple[ModelRef, ModelRef | None, st
     if draft in DRAFTER_NAMES:
         return t, None, draft
     if draft == "head":
-        if shipped_head(t.name) is None:
-            raise IncompatibleDraft(f"no draft head ships for {t.name}; train one with "
-                                    f"`specmemo train-draft --target {t.name}`")
+        head_file(t.name)
         return t, None, "head"
     d = resolve(draft)
     check_vocab(t, d)

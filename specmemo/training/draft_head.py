@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from specmemo.atomic import atomic_write_text
+from specmemo.atomic import atomic_write, atomic_write_text
 from specmemo.errors import BadInput
 from specmemo.memory.kvstore import KVShape, KVStore
 from specmemo.models.draft_head import DraftHead, TargetParts, save_head, unit_rms
@@ -84,23 +84,14 @@ def write_corpus(model, prompt_ids: list[list[int]], stop: set[int], max_new: in
 
 
 def save_corpus(path: Path, corpus: list[dict], key: dict) -> None:
-    from safetensors.torch import save_file
-
     import json
-    import os
-    import tempfile
+
+    from safetensors.torch import save_file
 
     tensors = {"reply": torch.cat([c["reply"] for c in corpus]).to(torch.int32),
                "hidden": torch.cat([c["hidden"] for c in corpus]).contiguous(),
                "lengths": torch.tensor([len(c["reply"]) for c in corpus], dtype=torch.int32)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"recipe": json.dumps(key)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"recipe": json.dumps(key)}))
 
 
 def corpus_key(recipe: HeadRecipe, prompts: list[str]) -> dict:
@@ -154,11 +145,12 @@ class Positions:
 
 
 def head_losses(head: DraftHead, parts: TargetParts, pos: Positions, p: torch.Tensor, index: torch.Tensor,
-                depth: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Loss over start positions p [P] unrolled `depth` steps, and each depth's top-1 hits [P]
-    (False where the depth runs past the reply). index: [V] token -> head vocabulary slot, −100 if absent."""
+                depth: int) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """Loss over start positions p [P] unrolled `depth` steps, each depth's top-1 hits [P] (False
+    where the depth runs past the reply), and depth 1's logits [P, Vh]. index: [V] token -> head
+    vocabulary slot, −100 if absent."""
     h, x = pos.H[p], pos.R[p]
-    loss, hits = 0.0, []
+    loss, hits, first = 0.0, [], None
     for d in range(1, depth + 1):
         valid = pos.valid[d][p]
         q = torch.where(valid, p + d, p)                       # a safe index where the reply ended
@@ -169,8 +161,9 @@ def head_losses(head: DraftHead, parts: TargetParts, pos: Positions, p: torch.Te
         reg = ((unit_rms(f) - unit_rms(pos.H[q])).pow(2).mean(-1) * valid).sum() / valid.sum().clamp(min=1)
         loss = loss + (ce + reg) / d
         hits.append((logits.argmax(-1) == label) & valid)
+        first = logits if first is None else first
         h, x = f, pos.R[q]
-    return loss, hits
+    return loss, hits, first
 
 
 RANKS = 4   # candidates per node a tree may use: the share the target's token was each, reported
@@ -186,9 +179,8 @@ def evaluate(head: DraftHead, parts: TargetParts, pos: Positions, index: torch.T
     with torch.no_grad():
         for i in range(0, len(p_all), 2048):
             p = p_all[i : i + 2048]
-            _, hits = head_losses(head, parts, pos, p, index, depth)
+            _, hits, scores = head_losses(head, parts, pos, p, index, depth)
             # Depth 1: where the target's token ranks among the head's candidates.
-            scores = parts.logits(head.block(pos.H[p], parts.embed(pos.R[p])))
             top = scores.topk(RANKS, dim=-1).indices                                  # [P, RANKS]
             ranks += (top == index[pos.R[p + 1]][:, None]).sum(0)
             first += int(hits[0].sum())
@@ -223,7 +215,7 @@ def train_head(recipe: HeadRecipe, model, corpus: list[dict], progress=None, log
     for epoch in range(recipe.epochs):
         order = starts[torch.randperm(len(starts), generator=gen)]
         for i in range(0, len(order) - batch + 1, batch):
-            loss, _ = head_losses(head, parts, pos, order[i : i + batch], index, recipe.depth)
+            loss, _, _ = head_losses(head, parts, pos, order[i : i + batch], index, recipe.depth)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
