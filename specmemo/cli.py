@@ -74,7 +74,7 @@ def plan(
     dtype: DtypeOpt = None,
     kv_dtype: KvDtypeOpt = None,
     draft_dtype: DraftDtypeOpt = None,
-    batch: Annotated[int, typer.Option("--batch", help="Sequences decoded together (planned; the engine runs 1).")] = 1,
+    batch: Annotated[int, typer.Option("--batch", help="Sequences decoded together: one KV row each (generate --prompts --batch runs it with n-gram or no drafts).")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
 ):
     """Plan memory for a target and draft: every component, what fits, the lower bound and the speedup budget.
@@ -82,7 +82,7 @@ def plan(
     On a CPU the budget is the whole process's resident memory (the plan counts the interpreter
     and libraries as process_baseline); on CUDA, device memory including the CUDA context.
     Exits 0 when the request fits, 3 when it does not (2: a usage error). A plan the engine cannot
-    run yet (batch > 1, q8, int8/fp8) is still planned, and marked "not runnable yet".
+    run yet (a batch drafting with a model or head, q8, int8/fp8) is still planned, and marked "not runnable yet".
     """
     from specmemo.budget.devices import load_device
     from specmemo.budget.fit import fit
@@ -112,7 +112,13 @@ def plan(
 def generate(
     target: TargetOpt = "smollm2-135m-instruct",
     draft: DraftOpt = "auto",
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt text; '-' reads standard input.")] = ...,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="The prompt text; '-' reads standard input.")] = None,
+    prompts: Annotated[Optional[Path], typer.Option(
+        "--prompts", help="Many prompts, batched: a file with one prompt per line, or JSONL with a \"prompt\" field "
+                          "(MT-Bench records: the first turn). Prints one JSON line per prompt, in input order.")] = None,
+    batch: Annotated[Optional[int], typer.Option(
+        "--batch", "-b", help="Sequences decoded together with --prompts (each its own KV row; a finished "
+                              "one's row takes the next prompt). Default: the most the budget holds, up to 8.")] = None,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the target's chat template.")] = False,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-m", help="Most tokens to generate.")] = 128,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep going past end-of-sequence tokens.")] = False,
@@ -137,10 +143,18 @@ def generate(
     """Generate once from a prompt with speculative decoding; stream the text, or print JSON.
 
     tok/s counts decoding only; the prefill has its own rate (prefill_tokens_per_s in --json).
+    With --prompts, every prompt runs through the batch engine: one JSON line each on stdout, a
+    summary (tok/s over the whole run, peak memory against the plan) on stderr, or as the last
+    JSON line with --json.
     """
     from specmemo.budget.units import parse_size
     from specmemo.decoding.sampling import SamplingConfig
     from specmemo.generate import generate as run_generate
+
+    if (prompt is None) == (prompts is None):
+        raise typer.BadParameter("give either --prompt or --prompts")
+    if prompts is None and batch is not None:
+        raise typer.BadParameter("--batch goes with --prompts")
 
     if prompt == "-":
         sys.stdin.reconfigure(errors="surrogateescape")  # generate() replaces bytes that are not UTF-8
@@ -148,6 +162,36 @@ def generate(
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise typer.BadParameter("need temperature ≥ 0, 0 < top-p ≤ 1 and top-k ≥ 0")
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    if prompts is not None:
+        from specmemo.generate import generate_batch, read_prompts
+
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        texts = read_prompts(str(prompts))
+        with Progress(TextColumn("prompts"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err,
+                      transient=True) as bar:
+            task = bar.add_task("prompts", total=len(texts))
+
+            def emit(line: dict) -> None:
+                print(json.dumps(line), flush=True)   # each line as soon as it is in order: Ctrl-C loses none
+                bar.advance(task)
+
+            _, summary = generate_batch(
+                target, draft, texts, batch=batch, chat=chat, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos,
+                sampling=sampling, budget=parse_size(budget) if budget else None, device=device, dtype=dtype,
+                kv_dtype=kv_dtype, context=context, draft_len=draft_len, allow_pickle=allow_pickle,
+                trust_remote_code=trust_remote_code, on_sequence=emit)
+        if as_json:
+            print(json.dumps({"summary": summary.to_json()}))
+        else:
+            err.print(
+                f"[dim]{summary.prompts} prompts, batch {summary.batch}: {summary.new_tokens} tokens in "
+                f"{summary.seconds:.1f} s, {summary.tokens_per_s:.1f} tok/s ({summary.drafter} drafts), generation "
+                f"peak {summary.generation_peak_bytes / 2**20:.1f} MiB (plan "
+                f"{summary.predicted_generation_bytes / 2**20:.1f} MiB), process peak "
+                f"{summary.process_peak_bytes / 2**20:.0f} MiB of {summary.budget_bytes / 2**20:.0f} MiB budget[/]")
+        return
+
     def stream(text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
@@ -239,17 +283,31 @@ def profile(
     kv_dtype: KvDtypeOpt = None,
     draft_dtype: DraftDtypeOpt = None,
     save_profile: Annotated[bool, typer.Option("--save-profile", help="Record measured α, c and the target's verification cost curve (its forward over 1..16 tokens, timed after the runs) in profiles/pairs/, for `plan` and the engine's draft length.")] = False,
+    batch: Annotated[Optional[str], typer.Option("--batch", help="Comma-separated batch sizes (e.g. 1,2,4,8): throughput and latency of each prompt's first turn against batch size, with and without drafts, beside transformers' batched generate (engines: specmemo, specmemo-ar, hf-batch).")] = None,
 ):
     """Profile speed, memory and acceptance against Hugging Face generate, each engine in its own process.
 
     Writes report.json, report.md and PNG plots to --out. All engines decode greedily with the same
-    token limits; outputs are compared token for token with hf-ar.
+    token limits; outputs are compared token for token with hf-ar (with --batch: with the same
+    engine at batch 1).
     """
     from specmemo.budget.units import parse_size
     from specmemo.profiling.run import profile as run_profile
 
     if max_new_tokens < 1:
         raise typer.BadParameter("--max-new-tokens must be ≥ 1")
+    if batch is not None:
+        from specmemo.profiling.batch import batch_profile
+
+        try:
+            sizes = [int(b) for b in batch.split(",") if b.strip()]
+        except ValueError:
+            raise typer.BadParameter(f"--batch takes comma-separated integers, got {batch!r}") from None
+        batch_profile(target, draft, out, batches=sizes, prompts=str(prompts) if prompts else None, limit=limit,
+                      max_new_tokens=max_new_tokens, budget=parse_size(budget) if budget else None, dtype=dtype,
+                      kv_dtype=kv_dtype, engines=[e.strip() for e in engines.split(",")] if engines else None)
+        Console().print((out / "report.md").read_text(), markup=False, highlight=False)
+        return
     report = run_profile(target, draft, out, prompts=str(prompts) if prompts else None, turns=turns, limit=limit,
                          max_new_tokens=max_new_tokens, budget=parse_size(budget) if budget else None,
                          engines=[e.strip() for e in engines.split(",")] if engines else None, dtype=dtype,

@@ -1,5 +1,6 @@
 """One-shot generation: the library side of `specmemo generate` (chat/ is its multi-turn sibling)."""
 
+import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -105,3 +106,168 @@ def generate(target: str, draft: str, prompt: str, *, chat: bool = False, max_ne
         seconds=stats.prefill_seconds + stats.decode_seconds, dtype=plan.request.dtype, kv_dtype=plan.request.kv,
         forward=rt.target.forward_path, drafter=rt.report.drafter, accepted_histogram=dict(sorted(stats.accepted_histogram.items())),
     )
+
+
+# -- many prompts at once: the batch engine (decoding/batch.py) ---------------------------------
+
+BATCH_CAP = 8   # --batch's default ceiling: past 8 rows a 2-core CPU gains little per row (see README)
+
+
+def read_prompts(path: str) -> list[str]:
+    """One prompt per line; or JSONL with a "prompt" field (or MT-Bench's "turns", whose first turn
+    is the prompt). Blank lines are skipped."""
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        raise BadInput(f"prompt file {path} does not exist")
+    out = []
+    for n, line in enumerate(file.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                obj = json.loads(line)
+                text = obj["prompt"] if "prompt" in obj else obj["turns"][0]
+                if not isinstance(text, str):
+                    raise TypeError("not a string")
+            except (ValueError, KeyError, IndexError, TypeError) as e:
+                raise BadInput(f"{path}:{n}: a JSON line needs a \"prompt\" string ({e})") from None
+        else:
+            text = line
+        text = clean_text(text)
+        if not text.strip():
+            raise BadInput(f"{path}:{n}: the prompt is empty")
+        out.append(text)
+    if not out:
+        raise BadInput(f"{path} holds no prompts")
+    return out
+
+
+@dataclass
+class BatchSummary:
+    prompts: int
+    batch: int
+    new_tokens: int
+    seconds: float                # prefills and decoding, first admission to last token
+    tokens_per_s: float           # all sequences' new tokens over `seconds`
+    mean_latency_seconds: float   # per sequence: from the start of the run to its last token
+    forwards: int
+    generation_peak_bytes: int
+    predicted_generation_bytes: int
+    process_peak_bytes: int
+    plan_total_bytes: int
+    budget_bytes: int
+    weights_bytes: int
+    context: int
+    draft_len: int
+    drafter: str
+    dtype: str
+    kv_dtype: str
+    forward: str
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def sequence_json(tokenizer, done) -> dict:
+    """One prompt's line of `generate --prompts`: the single-prompt fields that apply per sequence."""
+    s = done.stats
+    return {"index": done.index, "text": decode_reply(tokenizer, done.tokens), "token_ids": done.tokens,
+            "new_tokens": s.new_tokens, "drafted_tokens": s.drafted_tokens, "accepted_tokens": s.accepted_tokens,
+            "steps": s.steps, "acceptance_rate": s.acceptance_rate, "stop_reason": s.stop_reason,
+            "prompt_tokens": s.prefilled_tokens, "row": done.row, "latency_seconds": done.latency_seconds,
+            "accepted_histogram": dict(sorted(s.accepted_histogram.items()))}
+
+
+def largest_batch(target: str, draft: str, *, context: int, budget: int | None, device: str, dtype: str | None,
+                  kv_dtype: str | None, draft_len: int | None, sampling: bool, cap: int) -> int:
+    """--batch's default: the most rows (≤ cap) whose plan fits the budget at this context."""
+    from specmemo.budget.devices import load_device
+    from specmemo.budget.fit import fit
+    from specmemo.pipeline import default_weights
+
+    t_ref, d_ref, drafter = resolve_pair(target, draft)
+    dtype, _ = default_weights(load_device(device), t_ref, d_ref, dtype, None)
+    for batch in range(cap, 0, -1):
+        report = fit(t_ref.arch, None, drafter, device=device, budget=budget, context=context, dtype=dtype,
+                     kv_dtype=kv_dtype, draft_len=draft_len, batch=batch, sampling=sampling)
+        if report.fits:
+            return batch
+    return 1
+
+
+def batch_drafter(target: str, draft: str) -> str:
+    """--draft for a batch: auto picks among what batches can draft with (plan.BATCH_DRAFTERS);
+    anything else is refused in one line, whatever the batch size."""
+    from specmemo.budget.plan import BATCH_DRAFTERS
+    from specmemo.models.resolve import fastest_drafter, resolve
+
+    if draft == "auto":
+        best = fastest_drafter(resolve(target).name)
+        return best if best in BATCH_DRAFTERS else "ngram"
+    if draft not in BATCH_DRAFTERS:
+        raise BadInput(f"--prompts with --draft {draft}: batches draft with {' or '.join(BATCH_DRAFTERS)} so far")
+    return draft
+
+
+def generate_batch(target: str, draft: str, prompts: list[str], *, batch: int | None = None, chat: bool = False,
+                   max_new_tokens: int = 128, ignore_eos: bool = False, sampling: SamplingConfig = SamplingConfig(),
+                   budget: int | None = None, device: str = "cpu", dtype: str | None = None,
+                   kv_dtype: str | None = None, context: int | None = None, draft_len: int | None = None,
+                   allow_pickle: bool = False, trust_remote_code: bool = False,
+                   on_sequence: Callable[[dict], None] | None = None) -> tuple[list[dict], BatchSummary]:
+    """Generate from every prompt with the batch engine, `batch` sequences at a time (None: the
+    most the budget holds, up to BATCH_CAP and the number of prompts). on_sequence(line) is called
+    in input order as soon as a prompt and every prompt before it have finished."""
+    from specmemo.decoding.batch import SequenceDone
+
+    if max_new_tokens < 1:
+        raise BadInput(f"--max-new-tokens must be ≥ 1, got {max_new_tokens}")
+    if batch is not None and batch < 1:
+        raise BadInput(f"--batch must be ≥ 1, got {batch}")
+    draft = batch_drafter(target, draft)
+    refs = resolve_pair(target, draft)
+    limit = refs[0].arch.max_position
+    check_context(context, limit)
+    tokenizer = load_tokenizer(refs[0], trust_remote_code)
+    ids = [encode_prompt(tokenizer, p, chat) for p in prompts]
+    longest = max(len(p) for p in ids)
+    # Every row can hold the longest prompt plus its new tokens: rows are reused by any prompt.
+    planned = context or min(limit, longest + max_new_tokens)
+    if longest >= planned:
+        raise BadInput(f"the longest prompt has {longest} tokens, which leaves no room to generate within the "
+                       f"context of {planned} tokens")
+    if batch is not None:
+        batch = min(batch, len(prompts))   # rows beyond the prompts would only hold memory
+    else:
+        batch = largest_batch(target, draft, context=planned, budget=budget, device=device, dtype=dtype,
+                              kv_dtype=kv_dtype, draft_len=draft_len, sampling=not sampling.greedy,
+                              cap=min(BATCH_CAP, len(prompts)))
+    rt = open_pipeline(target, draft, device=device, budget=budget, context=planned, draft_len=draft_len,
+                       dtype=dtype, kv_dtype=kv_dtype, sampling=sampling, allow_pickle=allow_pickle,
+                       trust_remote_code=trust_remote_code, refs=refs, tokenizer=tokenizer, forward="specmemo",
+                       batch=batch)
+    stops = set() if ignore_eos else stop_ids(rt.tokenizer, rt.target.model)
+    lines: dict[int, dict] = {}
+    shown, stats = 0, None
+    for event in rt.engine.run(ids, max_new_tokens, stops):
+        if not isinstance(event, SequenceDone):
+            stats = event
+            continue
+        lines[event.index] = sequence_json(tokenizer, event)
+        while shown in lines and on_sequence:
+            on_sequence(lines[shown])
+            shown += 1
+    plan = rt.report.plan
+    out = [lines[i] for i in range(len(prompts))]
+    summary = BatchSummary(
+        prompts=len(prompts), batch=batch, new_tokens=stats.new_tokens, seconds=stats.seconds,
+        tokens_per_s=stats.tokens_per_s, mean_latency_seconds=sum(l["latency_seconds"] for l in out) / len(out),
+        forwards=stats.forwards, generation_peak_bytes=rt.meter.above_baseline(),
+        predicted_generation_bytes=plan.generation_bytes, process_peak_bytes=rt.process_peak_bytes(),
+        plan_total_bytes=plan.total_bytes, budget_bytes=rt.report.budget_bytes,
+        weights_bytes=weights_nbytes(rt.target.model), context=plan.request.context,
+        draft_len=plan.request.draft_len, drafter=rt.report.drafter, dtype=plan.request.dtype,
+        kv_dtype=plan.request.kv, forward=rt.target.forward_path)
+    return out, summary

@@ -12,6 +12,7 @@ import torch
 from specmemo.budget.devices import default_dtype, load_device
 from specmemo.budget.fit import PlanReport, fit
 from specmemo.budget.plan import DEFAULT_PREFILL_CHUNK
+from specmemo.decoding.batch import BatchEngine
 from specmemo.decoding.drafters import HeadDrafter, ModelDrafter, NgramDrafter, NoDrafter
 from specmemo.decoding.engine import Engine
 from specmemo.decoding.sampling import SamplingConfig
@@ -28,7 +29,7 @@ class Pipeline:
     report: PlanReport
     target: LoadedModel
     draft: LoadedModel | None
-    engine: Engine
+    engine: Engine | BatchEngine
     meter: PeakMeter          # baseline: just before the KV stores were allocated
     preload_bytes: int = 0    # the whole process just before loading weights
     load_peak_bytes: int = 0  # what loading added at its peak, above preload_bytes
@@ -101,9 +102,11 @@ def make_drafter(report: PlanReport, target: LoadedModel, draft: LoadedModel | N
 
 
 def assemble(report: PlanReport, target: LoadedModel, draft: LoadedModel | None, sampling: SamplingConfig,
-             preload_bytes: int = 0, load_peak_bytes: int = 0, cuda_graphs: bool = True) -> Pipeline:
+             preload_bytes: int = 0, load_peak_bytes: int = 0, cuda_graphs: bool = True,
+             batched: bool = False) -> Pipeline:
     """Allocate once from the plan and build the engine. Generation memory is measured from here.
-    cuda_graphs: replay our decoder's decode/verify steps as CUDA graphs on a GPU (models/graphs.py)."""
+    cuda_graphs: replay our decoder's decode/verify steps as CUDA graphs on a GPU (models/graphs.py).
+    batched: the batch engine (decoding/batch.py), one KV row per sequence of the plan's batch."""
     why = report.plan.not_runnable()
     if why:
         raise BadInput(f"this plan is not runnable yet: {'; '.join(why)}")
@@ -115,6 +118,14 @@ def assemble(report: PlanReport, target: LoadedModel, draft: LoadedModel | None,
         torch.manual_seed(sampling.seed)
     req = report.plan.request
     store = allocator.allocate_target(report.plan, torch_dtype(req.kv), device)
+    if batched:
+        if target.forward_path != "specmemo":
+            raise BadInput("batched decoding needs specmemo's own decoder; this model runs through transformers")
+        engine = BatchEngine(target.model.forward_rows, store,
+                             lambda: make_drafter(report, target, draft, sampling, device, generator),
+                             sampling, draft_len=req.draft_len, prefill_chunk=req.prefill_chunk,
+                             context=req.context, generator=generator, pair=report.pair)
+        return Pipeline(report, target, draft, engine, meter, preload_bytes, load_peak_bytes)
     drafter = make_drafter(report, target, draft, sampling, device, generator, cuda_graphs)
     engine = Engine(step_forward(target, cuda_graphs, req.draft_len + 1), store, drafter, sampling, draft_len=req.draft_len,
                     prefill_chunk=req.prefill_chunk, context=req.context, generator=generator, pair=report.pair)
@@ -129,9 +140,10 @@ def open_pipeline(target: str, draft: str, *, device: str = "cpu", budget: int |
                   dtype: str | None = None, kv_dtype: str | None = None, draft_dtype: str | None = None,
                   sampling: SamplingConfig = SamplingConfig(), prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                   allow_pickle: bool = False, trust_remote_code: bool = False, min_context: int = 0, refs=None,
-                  tokenizer=None, forward: str = "auto", cuda_graphs: bool = True) -> Pipeline:
+                  tokenizer=None, forward: str = "auto", cuda_graphs: bool = True, batch: int | None = None) -> Pipeline:
     """Resolve, plan (refusing what does not fit), load, allocate. `context` defaults to the
-    largest that fits the budget, at least `min_context`. dtype None: the device's default."""
+    largest that fits the budget, at least `min_context`. dtype None: the device's default.
+    batch: run the batch engine with this many rows (None: the single-sequence engine)."""
     # A named profile (e.g. rtx-3060-12gb) gives the budget; its kind says where to run.
     profile = device
     dev = load_device(profile)
@@ -148,6 +160,7 @@ def open_pipeline(target: str, draft: str, *, device: str = "cpu", budget: int |
     report = fit(t_ref.arch, d_ref.arch if d_ref else None, drafter, device=profile, budget=budget,
                  context=context, draft_len=draft_len, draft_window=draft_window, dtype=dtype, kv_dtype=kv_dtype,
                  draft_dtype=draft_dtype, prefill_chunk=prefill_chunk, sampling=not sampling.greedy, shrink=True,
+                 batch=batch or 1,
                  baseline_bytes=meter.current() if kind == "cpu" else None)
     if report.plan.request.context < min_context:
         raise BudgetExceeded(f"the budget holds only {report.plan.request.context} tokens of context; "
@@ -172,4 +185,4 @@ def open_pipeline(target: str, draft: str, *, device: str = "cpu", budget: int |
         d = load_model(d_ref, req.ddtype, kind, with_tokenizer=False, allow_pickle=allow_pickle,
                        trust_remote_code=trust_remote_code, fast_layout=True, forward=forward)
     return assemble(report, t, d, sampling, preload_bytes=meter.baseline, load_peak_bytes=meter.above_baseline(),
-                    cuda_graphs=cuda_graphs)
+                    cuda_graphs=cuda_graphs, batched=batch is not None)

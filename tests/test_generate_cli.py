@@ -117,3 +117,56 @@ def test_train_draft_writes_a_head_and_its_card(tmp_path):
     # A second run with the same corpus settings reuses the corpus instead of generating it again.
     again = train(tmp_path / "head2.safetensors")
     assert again.returncode == 0 and "reusing" in again.stderr
+
+
+BATCH_PROMPTS = ["Name three colors.", "Write a haiku about rain.", "What is 2 + 2?", "Say hello in French."]
+
+
+def test_prompts_file_gives_one_line_per_prompt_in_order_each_equal_to_its_single_run(tmp_path):
+    """--prompts with --batch 2: four prompts through two rows (the pool refills a finished row),
+    each line's tokens equal to `generate --prompt` for that prompt alone, in input order."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in BATCH_PROMPTS) + "\n")
+    r = generate("--prompts", prompts, "--batch", 2, "--chat", "--draft", "ngram", "-m", 24, "--json")
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(l) for l in r.stdout.strip().splitlines()]
+    summary = lines.pop()["summary"]
+    assert [l["index"] for l in lines] == [0, 1, 2, 3]
+    assert summary["batch"] == 2 and summary["prompts"] == 4 and summary["drafter"] == "ngram"
+    assert summary["new_tokens"] == sum(l["new_tokens"] for l in lines)
+    assert {l["row"] for l in lines} == {0, 1}
+    assert summary["generation_peak_bytes"] <= summary["predicted_generation_bytes"]
+    for prompt, line in zip(BATCH_PROMPTS, lines):
+        alone = json.loads(generate("--prompt", prompt, "--chat", "--draft", "ngram", "-m", 24, "--json").stdout)
+        assert line["token_ids"] == alone["token_ids"] and line["text"] == alone["text"]
+
+
+def test_prompts_as_plain_lines_default_batch_and_summary_on_stderr(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(BATCH_PROMPTS[:3]) + "\n\n")
+    r = generate("--prompts", prompts, "-m", 4)
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(l) for l in r.stdout.strip().splitlines()]
+    assert len(lines) == 3 and all(l["new_tokens"] >= 1 for l in lines)
+    assert "3 prompts, batch 3" in r.stderr   # the budget holds all three: the default is min(8, prompts)
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("", "holds no prompts"),
+    ('{"text": "hi"}\n', 'needs a "prompt" string'),
+    ('{"prompt": 3}\n', 'needs a "prompt" string'),
+])
+def test_bad_prompts_file_is_one_line(tmp_path, content, needle):
+    prompts = tmp_path / "bad.jsonl"
+    prompts.write_text(content)
+    r = generate("--prompts", prompts, "-m", 4)
+    assert r.returncode == 1 and needle in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_batch_with_a_draft_head_is_refused_in_one_line(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hi\n")
+    r = generate("--prompts", prompts, "--draft", "head", "-m", 4)
+    assert r.returncode == 1 and "batches draft with ngram or none" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -92,3 +92,13 @@ def test_an_8b_model_fits_an_8gib_laptop_gpu_in_q4_but_not_in_fp16(cli):
     assert json.loads(q4.stdout)["runnable"] is False  # packed weights run on a CPU so far
     assert with_draft.exit_code == 3 and not json.loads(with_draft.stdout)["fits"]
     assert fp16.exit_code == 3 and not json.loads(fp16.stdout)["fits"]
+
+
+def test_batch_plans_are_runnable_with_batch_drafters_and_scale_the_kv(cli):
+    args = ["plan", "--target", "smollm2-135m-instruct", "--context", "512", "--json", "--dtype", "fp32"]
+    one = json.loads(cli(*args, "--draft", "ngram").stdout)
+    four = json.loads(cli(*args, "--draft", "ngram", "--batch", "4").stdout)
+    head = json.loads(cli(*args, "--draft", "head", "--batch", "4").stdout)
+    assert four["runnable"] and four["batch"] == 4
+    assert four["components"]["target_kv"] == 4 * one["components"]["target_kv"]
+    assert not head["runnable"] and "batches draft with ngram or none" in " ".join(head["not_runnable"])

@@ -74,6 +74,30 @@ def best_draft_len(alpha: float, c: float, curve: tuple[float, ...], max_k: int)
     return max(range(1, max(1, max_k) + 1), key=lambda k: (predicted_speedup(alpha, c, k, curve), -k))
 
 
+def batch_draft_counts(alphas: list[float], offered: list[int], fixed_tokens: int, curve) -> list[int]:
+    """How many of each row's offered drafts one batched verification carries. Row b's j-th draft
+    adds a committed token with probability α_b^j (its first j − 1 accepted too), and every draft
+    widens the forward by one token. Taking drafts best first, keep the prefix that maximizes the
+    batch's expected tokens per forward cost: (rows + Σ α_b^j) / C(fixed_tokens + drafts), C the
+    measured cost curve (a tuple, see step_cost; or a function of the token count, e.g. the batch
+    engine's ForwardCost). fixed_tokens: the forward's tokens without drafts (each
+    decoding row's newest token, and prefill chunks). Drafts cost nothing to propose here (n-gram
+    lookup); a row's kept drafts are always a prefix of its own."""
+    cost = curve if callable(curve) else lambda n: step_cost(curve, n)
+    gains = sorted(((a ** j, b) for b, (a, n) in enumerate(zip(alphas, offered)) for j in range(1, n + 1)),
+                   reverse=True)
+    best, best_m, total = len(alphas) / cost(fixed_tokens), 0, float(len(alphas))
+    for m, (g, _) in enumerate(gains, 1):
+        total += g
+        rate = total / cost(fixed_tokens + m)
+        if rate > best:
+            best, best_m = rate, m
+    counts = [0] * len(alphas)
+    for _, b in gains[:best_m]:
+        counts[b] += 1
+    return counts
+
+
 def pair_file(target: str, draft: str) -> Path:
     return profiles_dir() / "pairs" / f"{target}__{draft}.toml".replace("/", "_")
 

@@ -34,17 +34,35 @@ class KVShape:
 class KVStore:
     """Fixed-size KV storage for one model. Only this class allocates KV memory."""
 
-    def __init__(self, shape: KVShape, dtype: torch.dtype, device: torch.device | str, window: bool = False):
+    def __init__(self, shape: KVShape, dtype: torch.dtype, device: torch.device | str, window: bool = False,
+                 _views: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.shape, self.window = shape, window
         dims = (shape.layers, shape.batch, shape.kv_heads, shape.capacity, shape.head_dim)
-        # torch.empty: pages are only touched as tokens arrive, so resident memory tracks use.
-        self.keys = torch.empty(dims, dtype=dtype, device=device)
-        self.values = torch.empty(dims, dtype=dtype, device=device)
+        if _views is not None:  # a row of a batch store (see `row`): its storage, not new memory
+            self.keys, self.values = _views
+        else:
+            # torch.empty: pages are only touched as tokens arrive, so resident memory tracks use.
+            self.keys = torch.empty(dims, dtype=dtype, device=device)
+            self.values = torch.empty(dims, dtype=dtype, device=device)
         # Position held by each slot, -1 for none; only the ring layout needs it for its mask.
         self.slot_pos = torch.full((shape.capacity,), -1, dtype=torch.long, device=device) if window else None
+        self.parent: KVStore | None = None   # the batch store this is a row of (see `row`)
+        self.batch_row = 0
         self.length = 0  # tokens committed: the next token goes to position `length`
         self.first_valid = 0  # positions before this were skipped (ring layout jumps)
         self._pending = 0  # tokens written by the forward in progress, committed by `advance`
+
+    def row(self, b: int) -> "KVStore":
+        """Sequence b of a batch store as a store of its own: views of its slots, with its own
+        length, so each row appends, trims and keeps branches independently (vLLM's per-request
+        slots: a rejection in one row is that row's pointer move, nothing is re-padded)."""
+        if self.window:
+            raise ValueError("batch rows need the full store layout")
+        shape = KVShape(self.shape.layers, 1, self.shape.kv_heads, self.shape.head_dim, self.shape.capacity)
+        row = KVStore(shape, self.keys.dtype, self.keys.device,
+                      _views=(self.keys[:, b : b + 1], self.values[:, b : b + 1]))
+        row.parent, row.batch_row = self, b
+        return row
 
     @property
     def capacity(self) -> int:
@@ -64,8 +82,7 @@ class KVStore:
         n = k.shape[-2]
         start = self.length
         if not self.window:
-            if start + n > self.capacity:
-                raise BudgetExceeded(f"KV store full: {start} + {n} tokens > capacity {self.capacity}")
+            self.claim(n)
             self.keys[layer, :, :, start:start + n].copy_(k)
             self.values[layer, :, :, start:start + n].copy_(v)
             self._pending = n
@@ -78,6 +95,14 @@ class KVStore:
         self._pending = n
         visible = min(self.capacity, start + n)
         return self.keys[layer, :, :, :visible], self.values[layer, :, :, :visible]
+
+    def claim(self, n: int) -> int:
+        """Full layout: reserve positions length..length+n for the forward in progress (its writer
+        fills them in every layer; `advance` commits them). Returns the first position."""
+        if self.length + n > self.capacity:
+            raise BudgetExceeded(f"KV store full: {self.length} + {n} tokens > capacity {self.capacity}")
+        self._pending = n
+        return self.length
 
     def _ring_spans(self, start: int, n: int):
         """(source slice, destination slice) pairs for writing n tokens from `start`, wrapping once."""
@@ -137,7 +162,7 @@ class KVStore:
         """Give the pages holding positions ≥ start back to the OS (CPU only; their content is
         stale anyway). Resident memory then tracks what a smaller context needs: a store is
         allocated once, and this is how chat shrinks into a budget it overran. Returns bytes freed."""
-        if self.keys.device.type != "cpu" or start >= self.capacity:
+        if self.keys.device.type != "cpu" or start >= self.capacity or not self.keys.is_contiguous():
             return 0
         self.trim(start)
         return sum(_dontneed(t, start) for t in (self.keys, self.values))

@@ -223,10 +223,11 @@ class LlamaModel:
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(self.dtype)[None, :, None], emb.sin().to(self.dtype)[None, :, None]
 
-    def attention(self, layer: Layer, index: int, x: torch.Tensor, write, cos, sin,
-                  mask: torch.Tensor | None) -> torch.Tensor:
-        """x: [B, n, E] (normed) -> [B, n, E]. write(index, k, v) puts this layer's K/V for the n
-        tokens into the store and returns the keys/values attention sees."""
+    def attention(self, layer: Layer, index: int, x: torch.Tensor, segments: list, write, cos, sin) -> torch.Tensor:
+        """x: [B, n, E] (normed) -> [B, n, E]. segments: (span, mask) per sequence whose tokens are
+        x[:, span] (one segment covering all n for a single store; one per row of a batch, see
+        `forward_rows`). write(index, k, v) puts this layer's K/V [B, Hkv, n, D] into the stores
+        and returns, per segment, the keys/values its attention sees."""
         cfg = self.cfg
         B, n, _ = x.shape
         H, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -241,42 +242,52 @@ class LlamaModel:
         qk = qk * cos + rotate_half(qk) * sin                         # RoPE on q and k heads in one pass
         q = qk[:, :, :H].transpose(1, 2)                              # [B, H, n, D]
         k = qk[:, :, H:].transpose(1, 2)                              # [B, Hkv, n, D]
-        keys, values = write(index, k, v.transpose(1, 2))             # [B, Hkv, S, D]
+        v = v.transpose(1, 2)                                         # [B, Hkv, n, D]
+        seen = write(index, k, v)
+        outs = [self.attend(q[:, :, span], keys, values, mask) for (span, mask), (keys, values) in zip(segments, seen)]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)   # [B, H, n, D]
+        return self.product(out.transpose(1, 2).reshape(B, n, H * D), layer.w_o, "o")
+
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask) -> torch.Tensor:
+        """q [B, H, n, D] over keys/values [B, Hkv, S, D] (the last n are the queries' own) -> [B, H, n, D].
+        mask: additive [n, S], None, CAUSAL_ROWS or a CandidateTree (see `forward`)."""
+        n, H, Hkv = q.shape[2], q.shape[1], keys.shape[1]
         if isinstance(mask, CandidateTree):
-            out = self.attend_tree(q, keys, values, mask)
-        elif mask is CAUSAL_ROWS or (n == 1 and mask is None and self.row_exact_tokens):
+            return self.attend_tree(q, keys, values, mask)
+        if mask is CAUSAL_ROWS or (n == 1 and mask is None and self.row_exact_tokens):
             # Query i sees keys[:S - n + i + 1], attended exactly as a one-token step would.
             keys, values = self.widen(keys, values)
             S = keys.shape[2]
             rows = [self.attend_one(q[:, :, i : i + 1], keys[:, :, : S - n + i + 1], values[:, :, : S - n + i + 1])
                     for i in range(n)]
-            out = rows[0] if n == 1 else torch.cat(rows, dim=2)
-        else:
-            if keys.dtype != q.dtype:  # a narrower KV store (--kv-dtype): widen one layer at a time
-                keys, values = keys.to(q.dtype), values.to(q.dtype)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
-                                                 enable_gqa=Hkv != H)  # [B, H, n, D]
-        return self.product(out.transpose(1, 2).reshape(B, n, H * D), layer.w_o, "o")
+            return rows[0] if n == 1 else torch.cat(rows, dim=2)
+        if keys.dtype != q.dtype:  # a narrower KV store (--kv-dtype): widen one layer at a time
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
+                                              enable_gqa=Hkv != H)
 
-    def widen(self, keys: torch.Tensor, values: torch.Tensor, copy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def widen(self, keys: torch.Tensor, values: torch.Tensor, copy: bool = False,
+              rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
         """A layer's keys and values [B, Hkv, S, D] (views of the store) in fp32, copied into two
         buffers laid out like the store and kept for every layer and step (the plan's
         fp32_attention): a fresh 0.8 MB tensor per layer cost 160 µs in page faults where the copy takes
         11. A verification's rows then attend over slices with the strides a one-token step's
-        have (a matmul may take another path on other strides, and round otherwise)."""
+        have (a matmul may take another path on other strides, and round otherwise). rows: only
+        these batch rows are copied and returned (the buffers still cover the whole batch)."""
         if keys.dtype == torch.float32 and values.dtype == torch.float32 and not copy:
-            return keys, values   # copy: the caller writes into what it gets (attend_tree)
+            return keys[rows], values[rows]   # copy: the caller writes into what it gets (attend_tree)
         B, Hkv, S, D = keys.shape
         slots = keys.stride(1) // D
         layout = (Hkv * slots * D, slots * D, D, 1)
         if keys.stride() != layout or values.stride() != layout:  # not a store view: a one-off copy
-            return keys.to(torch.float32, copy=True), values.to(torch.float32, copy=True)
+            return keys[rows].to(torch.float32, copy=True), values[rows].to(torch.float32, copy=True)
         spec = (B, Hkv, slots, D, keys.device)
         if self._widened.get("spec") != spec:
+            self._widened = {}   # the old buffers go before the new ones come
             self._widened = {"spec": spec, "bufs": [torch.empty(B, Hkv, slots, D, device=keys.device)
                                                     for _ in range(2)]}
         kb, vb = self._widened["bufs"]
-        return kb[:, :, :S].copy_(keys), vb[:, :, :S].copy_(values)
+        return kb[rows, :, :S].copy_(keys[rows]), vb[rows, :, :S].copy_(values[rows])
 
     def attend_tree(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                     tree: CandidateTree) -> torch.Tensor:
@@ -360,17 +371,17 @@ class LlamaModel:
 
     # -- the forward pass -----------------------------------------------------------------------
 
-    def _stack(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, write,
-               logits_to_keep: int) -> torch.Tensor:
-        """ids [B, n] at positions [n] through every layer; mask: additive [n, S] or None."""
+    def _stack(self, ids: torch.Tensor, positions: torch.Tensor, segments: list, write, keep) -> torch.Tensor:
+        """ids [B, n] at positions [n] through every layer (segments, write: see `attention`);
+        logits for the last `keep` rows (an int) or for the rows `keep` indexes (a [K] tensor)."""
         cos, sin = self.rope(positions)
         h = self.embed_tokens(ids)                                    # [B, n, E]
         eps = self.cfg.rms_eps
         for i, layer in enumerate(self.layers):
-            h = h + self.attention(layer, i, rms_norm(h, layer.attn_norm, eps), write, cos, sin, mask)
+            h = h + self.attention(layer, i, rms_norm(h, layer.attn_norm, eps), segments, write, cos, sin)
             h = h + self.mlp(layer, rms_norm(h, layer.mlp_norm, eps))
         # The kept rows' last hidden states, before the final norm: what a draft head reads.
-        self.last_hidden = h[:, -logits_to_keep:]                    # [B, keep, E]
+        self.last_hidden = h[:, -keep:] if isinstance(keep, int) else h[:, keep]   # [B, keep, E]
         h = rms_norm(self.last_hidden, self.norm, eps)
         return self.product(h, self.head, "head").float()             # [B, keep, V]
 
@@ -379,6 +390,23 @@ class LlamaModel:
         SDPA would otherwise convert a boolean mask in every layer (on a GPU, where a step is
         bound by kernel launches, that doubled a 6-token verification's time)."""
         return torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+    def _placement(self, store: KVStore, n: int, device, positions=None, mask=None, tree=None):
+        """Positions [n] and the attention mask for n new tokens of one sequence (see `forward`)."""
+        if tree is not None:
+            if store.window:
+                raise ValueError("a candidate tree needs the full store layout, not a ring window")
+            positions = tree.positions(store.length, device)
+            mask = tree if self.row_exact_tokens else tree.mask(store.length, device)
+        if positions is None:
+            positions = torch.arange(store.length, store.length + n, device=device)
+        if mask is None and not store.window and 1 < n <= self.row_exact_tokens:
+            mask = CAUSAL_ROWS
+        elif mask is None:
+            mask = attention_mask(store, n)
+        if isinstance(mask, torch.Tensor):
+            mask = self.additive(mask)
+        return positions, mask
 
     @torch.inference_mode()
     def forward(self, store: KVStore, ids: torch.Tensor, logits_to_keep: int = 1,
@@ -393,22 +421,69 @@ class LlamaModel:
         Returns fp32 logits [B, logits_to_keep, V].
         """
         n = ids.shape[1]
-        if tree is not None:
-            if store.window:
-                raise ValueError("a candidate tree needs the full store layout, not a ring window")
-            positions = tree.positions(store.length, ids.device)
-            mask = tree if self.row_exact_tokens else tree.mask(store.length, ids.device)
-        if positions is None:
-            positions = torch.arange(store.length, store.length + n, device=ids.device)
-        if mask is None and not store.window and 1 < n <= self.row_exact_tokens:
-            mask = CAUSAL_ROWS
-        elif mask is None:
-            mask = attention_mask(store, n)
-        if isinstance(mask, torch.Tensor):
-            mask = self.additive(mask)
-        logits = self._stack(ids, positions, mask, store.write, logits_to_keep)
+        positions, mask = self._placement(store, n, ids.device, positions, mask, tree)
+        logits = self._stack(ids, positions, [(slice(0, n), mask)], lambda i, k, v: [store.write(i, k, v)],
+                             logits_to_keep)
         store.advance()
         return logits
+
+    @torch.inference_mode()
+    def forward_rows(self, rows: list[KVStore], segments: list[list[int]], keep: list[int]) -> list[torch.Tensor]:
+        """One forward over several sequences at once, each with its own store and length (rows of
+        a batch store, KVStore.row): segments[b] are sequence b's new tokens (a prefill chunk, or
+        its newest token and drafts), at its own positions; keep[b] of its last rows give logits.
+        The tokens run packed, one after another ([1, Σn]), so every matmul covers the whole
+        batch and no row is padded; attention runs per sequence over its own keys, exactly as
+        `forward` on that store alone. Returns fp32 logits [keep[b], V] per sequence."""
+        device = self.embed.device
+        spans, placed, kept, at = [], [], [], 0
+        for store, ids, k in zip(rows, segments, keep):
+            n = len(ids)
+            positions, mask = self._placement(store, n, device)
+            spans.append((slice(at, at + n), mask))
+            placed.append(positions)
+            kept.extend(range(at + n - k, at + n))
+            at += n
+        ids = torch.tensor([[t for seg in segments for t in seg]], dtype=torch.long, device=device)   # [1, Σn]
+        positions = torch.cat(placed)                                                               # [Σn]
+        parent = rows[0].parent
+        if parent is not None and all(r.parent is parent for r in rows):
+            write = self._batch_writer(parent, rows, spans, positions)
+        else:
+            write = lambda i, k, v: [r.write(i, k[:, :, span], v[:, :, span]) for r, (span, _) in zip(rows, spans)]
+        logits = self._stack(ids, positions, spans, write, torch.tensor(kept, device=device))[0]     # [Σkeep, V]
+        for store in rows:
+            store.advance()
+        return list(logits.split(keep))
+
+    def _batch_writer(self, parent: KVStore, rows: list[KVStore], spans: list, positions: torch.Tensor):
+        """write(index, k, v) for rows of one batch store: every row's new K/V [1, Hkv, Σn, D] go
+        into the batch store in one indexed copy per layer, and for attention that rounds as a
+        one-token step (half precision) the batch's keys are widened to fp32 in one copy too;
+        each row then sees its own slice, laid out as a store of its own (bitwise the values and
+        strides a single-sequence forward attends over)."""
+        rows_of = torch.cat([torch.full((span.stop - span.start,), r.batch_row, dtype=torch.long)
+                             for r, (span, _) in zip(rows, spans)]).to(positions.device)          # [Σn]
+        ends = [r.claim(span.stop - span.start) + span.stop - span.start for r, (span, _) in zip(rows, spans)]
+        widen = self.row_exact_tokens and any(m is CAUSAL_ROWS or m is None for _, m in spans)
+        lo, hi = min(r.batch_row for r in rows), max(r.batch_row for r in rows) + 1   # the batch rows in use
+
+        def write(index: int, k: torch.Tensor, v: torch.Tensor):
+            keys, values = parent.keys[index], parent.values[index]                 # [B, Hkv, capacity, D]
+            keys[rows_of, :, positions] = k[0].transpose(0, 1).to(keys.dtype)       # [Σn, Hkv, D]
+            values[rows_of, :, positions] = v[0].transpose(0, 1).to(values.dtype)
+            S = max(ends)
+            wide = self.widen(keys[:, :, :S], values[:, :, :S], rows=slice(lo, hi)) if widen else None
+            out = []
+            for r, end, (_, mask) in zip(rows, ends, spans):
+                b = r.batch_row - lo
+                if wide is not None and (mask is CAUSAL_ROWS or mask is None):
+                    out.append((wide[0][b : b + 1, :, :end], wide[1][b : b + 1, :, :end]))
+                else:
+                    out.append((keys[r.batch_row : r.batch_row + 1, :, :end], values[r.batch_row : r.batch_row + 1, :, :end]))
+            return out
+
+        return write
 
     @torch.inference_mode()
     def forward_static(self, store: KVStore, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -427,6 +502,7 @@ class LlamaModel:
             values.index_copy_(2, positions, v.to(values.dtype))
             return keys, values
 
-        return self._stack(ids, positions, mask, write, ids.shape[1])
+        return self._stack(ids, positions, [(slice(0, ids.shape[1]), mask)], lambda i, k, v: [write(i, k, v)],
+                           ids.shape[1])
 
     __call__ = forward

@@ -367,6 +367,7 @@ def load_gguf_q4(gguf_path: str, config: dict, dtype: torch.dtype):
     near the packed weights."""
     import gguf
     import numpy as np
+    from rich.console import Console
     from rich.progress import Progress
 
     from specmemo.models.gguf_file import open_gguf
@@ -430,7 +431,8 @@ def load_gguf_q4(gguf_path: str, config: dict, dtype: torch.dtype):
             out[:, r0:r1].copy_(rows_f32(t, r0, r1).t())
         return out
 
-    with Progress(transient=True) as progress:
+    # On stderr: stdout carries generate's text or JSON.
+    with Progress(console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task(f"loading {f.path.name} packed", total=cfg.num_layers)
         for i, layer in enumerate(model.layers):
             pre = f"blk.{i}."

@@ -64,13 +64,47 @@ def make_plots(report: dict, runs: dict, out: Path) -> list[str]:
 
     ours = [r for r in rows if r["predicted_generation_bytes"]]
     if ours:
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        x = range(len(ours))
-        ax.bar([i - 0.2 for i in x], [r["predicted_generation_bytes"] / MIB for r in ours], 0.4, label="plan")
-        ax.bar([i + 0.2 for i in x], [r["generation_peak_bytes"] / MIB for r in ours], 0.4, label="measured")
-        ax.set_xticks(list(x), [r["engine"] for r in ours])
-        ax.set_ylabel("MiB")
-        ax.set_title("Predicted vs measured generation memory")
+        paths.append(_plan_bars(ours, [r["engine"] for r in ours], "Predicted vs measured generation memory",
+                                out / "predicted_vs_measured.png"))
+    return paths
+
+
+def _plan_bars(rows: list[dict], labels: list[str], title: str, path: Path) -> str:
+    """Planned beside measured generation memory, one pair of bars per run."""
+    fig, ax = plt.subplots(figsize=(max(7, len(rows)), 3.5))
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [r["predicted_generation_bytes"] / MIB for r in rows], 0.4, label="plan")
+    ax.bar([i + 0.2 for i in x], [r["generation_peak_bytes"] / MIB for r in rows], 0.4, label="measured")
+    ax.set_xticks(list(x), labels, fontsize=8)
+    ax.set_ylabel("generation memory (MiB)")
+    ax.set_title(title)
+    ax.legend()
+    return _save(fig, path)
+
+
+def batch_plots(report: dict, out: Path) -> list[str]:
+    """`profile --batch`: throughput and mean per-sequence latency against batch size, per engine;
+    generation memory against the plan."""
+    rows = report["runs"]
+    engines = list(dict.fromkeys(r["engine"] for r in rows))
+    paths = []
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for engine in engines:
+        mine = [r for r in rows if r["engine"] == engine]
+        left.plot([r["batch"] for r in mine], [r["tokens_per_s"] for r in mine], marker="o", label=engine)
+        right.plot([r["batch"] for r in mine], [r["mean_latency_seconds"] for r in mine], marker="o", label=engine)
+    for ax, label in ((left, "tokens / s (all sequences)"), (right, "mean latency per sequence (s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(report["batches"], [str(b) for b in report["batches"]])
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(label)
         ax.legend()
-        paths.append(_save(fig, out / "predicted_vs_measured.png"))
+    left.set_title(f"Throughput, {report['target']} ({report['dtype']})")
+    right.set_title(f"Latency, {report['prompts']} prompts")
+    paths.append(_save(fig, out / "batch_throughput.png"))
+
+    ours = [r for r in rows if r["predicted_generation_bytes"]]
+    if ours:
+        paths.append(_plan_bars(ours, [f"{r['engine']}\nB={r['batch']}" for r in ours],
+                                "Planned vs measured generation memory per batch size", out / "batch_memory.png"))
     return paths

@@ -26,11 +26,15 @@ def planned_context(tokenizer, conversations, turns: int, max_new: int, limit: i
     return min(limit, longest)
 
 
-def run_worker(cfg: dict, workdir: Path, progress: Progress, task) -> dict:
-    config = workdir / f"{cfg['engine']}.config.json"
-    result = workdir / f"{cfg['engine']}.result.json"
+def run_worker(cfg: dict, workdir: Path, progress: Progress, task, module: str = "specmemo.profiling.worker",
+               name: str | None = None) -> dict:
+    """Run one engine in its own process (`python -m module CONFIG RESULT`), advancing the progress
+    bar on each "progress" line it prints; its result, or one line naming what failed."""
+    name = name or cfg["engine"]
+    config = workdir / f"{name}.config.json"
+    result = workdir / f"{name}.result.json"
     config.write_text(json.dumps(cfg))
-    proc = subprocess.Popen([sys.executable, "-m", "specmemo.profiling.worker", str(config), str(result)],
+    proc = subprocess.Popen([sys.executable, "-m", module, str(config), str(result)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
         if line.startswith("progress"):
@@ -38,7 +42,7 @@ def run_worker(cfg: dict, workdir: Path, progress: Progress, task) -> dict:
     err = proc.stderr.read()
     if proc.wait() != 0:
         last = [l for l in err.strip().splitlines() if l.strip()][-1:] or ["no output"]
-        raise RuntimeError(f"engine {cfg['engine']} failed: {last[0]}")
+        raise RuntimeError(f"engine {name} failed: {last[0]}")
     return json.loads(result.read_text())
 
 
