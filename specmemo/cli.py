@@ -74,7 +74,7 @@ def plan(
     dtype: DtypeOpt = None,
     kv_dtype: KvDtypeOpt = None,
     draft_dtype: DraftDtypeOpt = None,
-    batch: Annotated[int, typer.Option("--batch", help="Sequences decoded together: one KV row each (generate --prompts --batch runs it with n-gram or no drafts).")] = 1,
+    batch: Annotated[int, typer.Option("--batch", help="Sequences decoded together: one KV row each (generate --prompts --batch runs it with n-gram, head or no drafts).")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
 ):
     """Plan memory for a target and draft: every component, what fits, the lower bound and the speedup budget.
@@ -82,7 +82,7 @@ def plan(
     On a CPU the budget is the whole process's resident memory (the plan counts the interpreter
     and libraries as process_baseline); on CUDA, device memory including the CUDA context.
     Exits 0 when the request fits, 3 when it does not (2: a usage error). A plan the engine cannot
-    run yet (a batch drafting with a model or head, q8, int8/fp8) is still planned, and marked "not runnable yet".
+    run yet (a batch drafting with a model, q8, int8/fp8) is still planned, and marked "not runnable yet".
     """
     from specmemo.budget.devices import load_device
     from specmemo.budget.fit import fit

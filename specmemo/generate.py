@@ -198,8 +198,8 @@ def largest_batch(target: str, draft: str, *, context: int, budget: int | None, 
 
 
 def batch_drafter(target: str, draft: str) -> str:
-    """--draft for a batch: auto picks among what batches can draft with (plan.BATCH_DRAFTERS);
-    anything else is refused in one line, whatever the batch size."""
+    """--draft for a batch: auto picks among what batches can draft with (plan.BATCH_DRAFTERS:
+    a draft model is not one); anything else is refused in one line, whatever the batch size."""
     from specmemo.budget.plan import BATCH_DRAFTERS
     from specmemo.models.resolve import fastest_drafter, resolve
 
@@ -207,7 +207,7 @@ def batch_drafter(target: str, draft: str) -> str:
         best = fastest_drafter(resolve(target).name)
         return best if best in BATCH_DRAFTERS else "ngram"
     if draft not in BATCH_DRAFTERS:
-        raise BadInput(f"--prompts with --draft {draft}: batches draft with {' or '.join(BATCH_DRAFTERS)} so far")
+        raise BadInput(f"--prompts with --draft {draft}: batches draft with {', '.join(BATCH_DRAFTERS)} so far")
     return draft
 
 

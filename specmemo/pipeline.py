@@ -121,8 +121,12 @@ def assemble(report: PlanReport, target: LoadedModel, draft: LoadedModel | None,
     if batched:
         if target.forward_path != "specmemo":
             raise BadInput("batched decoding needs specmemo's own decoder; this model runs through transformers")
-        engine = BatchEngine(target.model.forward_rows, store,
-                             lambda: make_drafter(report, target, draft, sampling, device, generator),
+        one = make_drafter(report, target, draft, sampling, device, generator)
+        if report.drafter == "head":   # every row drafts with the one head and its copied rows
+            new_drafter = lambda: HeadDrafter(target.model, one.head, sampling, generator, parts=one.parts)
+        else:
+            new_drafter = lambda: make_drafter(report, target, draft, sampling, device, generator)
+        engine = BatchEngine(target.model.forward_rows, store, new_drafter,
                              sampling, draft_len=req.draft_len, prefill_chunk=req.prefill_chunk,
                              context=req.context, generator=generator, pair=report.pair)
         return Pipeline(report, target, draft, engine, meter, preload_bytes, load_peak_bytes)

@@ -21,7 +21,7 @@ def batch_engine(batch, drafter="ngram", *, context=160, k=5, chunk=16, dtype=to
     store = allocator.allocate_target(make_plan(req), dtype, "cpu")
     make = (lambda: NgramDrafter("cpu")) if drafter == "ngram" else (lambda: NoDrafter("cpu"))
     return BatchEngine(model.forward_rows, store, make, SamplingConfig(), draft_len=req.draft_len,
-                       prefill_chunk=chunk, context=context)
+                       prefill_chunk=chunk, context=context, measure_cost=False)
 
 
 def run_batch(engine, prompt_list, max_new, stop_ids=frozenset()):
@@ -131,7 +131,7 @@ def test_batched_sampling_follows_the_target_distribution():
                       draft_window=32, dtype="fp32", prefill_chunk=16, batch=8)
     store = allocator.allocate_target(make_plan(req), torch.float32, "cpu")
     engine = BatchEngine(own.forward_rows, store, lambda: NgramDrafter("cpu", min_ngram=1), cfg, draft_len=3, prefill_chunk=16,
-                         context=32, generator=torch.Generator().manual_seed(7))
+                         context=32, generator=torch.Generator().manual_seed(7), measure_cost=False)
     # Three new tokens: the second step may draft (a step drafts at most its remaining budget − 1).
     done, _ = run_batch(engine, [sd.PROMPT] * n, 3)
     first = torch.tensor([done[i].tokens[0] for i in range(n)])

@@ -151,3 +151,27 @@ def test_the_plan_counts_the_heads_weights_rows_and_logits():
     assert plan.components["draft_weights"] == fp.draft_head_bytes(64, 64, 32)
     no_head = make_plan(req.with_(drafter="ngram", head=None))
     assert plan.components["logits"] - no_head.components["logits"] == 32 * 4
+
+
+def test_batched_rows_draft_from_their_own_hidden_states():
+    """The batch engine with one head shared by its rows: each row's tokens equal plain decoding,
+    and its drafts are accepted as often as when it runs alone: this fails when a row's head reads
+    another row's (or another position's) hidden state from the packed forward."""
+    from specmemo.decoding.batch import BatchEngine, SequenceDone
+
+    own = own_model(TARGET)
+    head = trained()[0]
+    prompts = trained()[3][:3] + [trained()[3][5][:4]]
+    alone = [run(engine("head", 4), p, max_new=30) for p in prompts]
+    cfg = own.cfg
+    store = KVStore(KVShape(cfg.num_layers, 2, cfg.num_kv_heads, cfg.head_dim, 300), own.dtype, "cpu")
+    shared = HeadDrafter(own, head, SamplingConfig())
+    batch = BatchEngine(own.forward_rows, store, lambda: HeadDrafter(own, head, SamplingConfig(), parts=shared.parts),
+                        SamplingConfig(), draft_len=4, prefill_chunk=16, context=300, measure_cost=False)
+    done = {ev.index: ev for ev in batch.run(prompts, 30) if isinstance(ev, SequenceDone)}
+    assert [done[i].tokens for i in range(4)] == [tokens for tokens, _ in alone]
+    # All drafts priced alike (measure_cost=False, a flat curve): each row drafts and accepts
+    # exactly what it does alone.
+    assert [done[i].stats.accepted_tokens for i in range(4)] == [stats.accepted_tokens for _, stats in alone]
+    assert [done[i].stats.drafted_tokens for i in range(4)] == [stats.drafted_tokens for _, stats in alone]
+    assert sum(stats.accepted_tokens for _, stats in alone) > 0

@@ -164,9 +164,22 @@ def test_bad_prompts_file_is_one_line(tmp_path, content, needle):
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 
 
-def test_batch_with_a_draft_head_is_refused_in_one_line(tmp_path):
+def test_batch_with_a_draft_model_is_refused_in_one_line(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("hi\n")
-    r = generate("--prompts", prompts, "--draft", "head", "-m", 4)
-    assert r.returncode == 1 and "batches draft with ngram or none" in r.stderr
+    draft = save_random_model(llama_config(49152), tmp_path / "draft")
+    r = generate("--prompts", prompts, "--draft", draft, "-m", 4)
+    assert r.returncode == 1 and "batches draft with ngram, head, none" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_batch_with_the_draft_head_equals_each_prompt_alone(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(BATCH_PROMPTS[:2]) + "\n")
+    r = generate("--prompts", prompts, "--batch", 2, "--chat", "--draft", "head", "-m", 24)
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(l) for l in r.stdout.strip().splitlines()]
+    assert sum(l["accepted_tokens"] for l in lines) > 0
+    for prompt, line in zip(BATCH_PROMPTS, lines):
+        alone = json.loads(generate("--prompt", prompt, "--chat", "--draft", "none", "-m", 24, "--json").stdout)
+        assert line["token_ids"] == alone["token_ids"]

@@ -56,7 +56,7 @@ def test_half_precision_on_a_cpu_plans_its_kernel_scratch(cli):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--batch", "4", "--draft", "head"], "batch 4 with --draft head"),
+    (["--batch", "4", "--draft", "smollm2-135m-instruct"], "batch 4 with --draft model"),
     (["--kv-dtype", "int8"], "--kv-dtype int8"),
     (["--dtype", "fp8"], "--dtype fp8"),
 ])

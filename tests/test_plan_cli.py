@@ -99,6 +99,7 @@ def test_batch_plans_are_runnable_with_batch_drafters_and_scale_the_kv(cli):
     one = json.loads(cli(*args, "--draft", "ngram").stdout)
     four = json.loads(cli(*args, "--draft", "ngram", "--batch", "4").stdout)
     head = json.loads(cli(*args, "--draft", "head", "--batch", "4").stdout)
-    assert four["runnable"] and four["batch"] == 4
+    model = json.loads(cli(*args, "--draft", "smollm2-135m-instruct", "--batch", "4").stdout)
+    assert four["runnable"] and four["batch"] == 4 and head["runnable"]
     assert four["components"]["target_kv"] == 4 * one["components"]["target_kv"]
-    assert not head["runnable"] and "batches draft with ngram or none" in " ".join(head["not_runnable"])
+    assert not model["runnable"] and "batch 4 with --draft model" in " ".join(model["not_runnable"])

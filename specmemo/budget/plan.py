@@ -17,7 +17,7 @@ STATIC_COMPONENTS = ("process_baseline", "target_weights", "draft_weights", "run
 
 # What the engine can run today; `plan` still plans the rest, marked not runnable.
 RUNNABLE_DTYPES = ("fp32", "bf16", "fp16", "q4")  # q4: GGUF Q4_0/Q4_1 on a CPU (models/quant.py)
-BATCH_DRAFTERS = ("ngram", "none")                # what the batch engine drafts with (decoding/batch.py)
+BATCH_DRAFTERS = ("ngram", "head", "none")        # what the batch engine drafts with (decoding/batch.py)
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ class Plan:
         req, why = self.request, []
         if req.batch > 1 and req.drafter not in BATCH_DRAFTERS:
             why.append(f"batch {req.batch} with --draft {req.drafter}: batches draft with "
-                       f"{' or '.join(BATCH_DRAFTERS)} so far")
+                       f"{', '.join(BATCH_DRAFTERS)} so far")
         given = [("--dtype", req.dtype), ("--kv-dtype", req.kv)]
         if req.draft and req.draft_dtype:
             given.append(("--draft-dtype", req.draft_dtype))

@@ -110,18 +110,21 @@ class _Slot:
 
 class BatchEngine:
     def __init__(self, forward_rows, store: KVStore, make_drafter: Callable[[], object], sampling: SamplingConfig, *,
-                 draft_len: int, prefill_chunk: int, context: int, generator=None, pair: PairProfile | None = None):
+                 draft_len: int, prefill_chunk: int, context: int, generator=None, pair: PairProfile | None = None,
+                 measure_cost: bool = True):
         """forward_rows(stores, segments, keep) -> logits per row (LlamaModel.forward_rows); store:
         the batch KV store (one row per sequence in flight); make_drafter(): a fresh drafter for
         one sequence (the n-gram index is per row); draft_len: the plan's k; context: each row's
-        capacity (a prompt plus its new tokens must fit)."""
+        capacity (a prompt plus its new tokens must fit). measure_cost: price drafts with the
+        forward cost measured in the run (ForwardCost); False keeps the pair's curve, so which
+        drafts run does not depend on timing (tests)."""
         self.forward_rows, self.sampling, self.generator = forward_rows, sampling, generator
         self.rows = [store.row(b) for b in range(store.shape.batch)]
         self.make_drafter = make_drafter
         self.max_draft_len = draft_len
         self.pair = pair or PairProfile(DEFAULT_MODEL_ALPHA, 0.0, "default")
         self.prefill_chunk, self.context = prefill_chunk, context
-        self.cost = ForwardCost(self.pair.curve)
+        self.cost = ForwardCost(self.pair.curve, warmup=8 if measure_cost else float("inf"))
 
     @property
     def batch(self) -> int:
@@ -164,8 +167,10 @@ class BatchEngine:
             self.cost.record(width, time.perf_counter() - t0)
             totals.forwards += 1
             totals.largest_forward = max(totals.largest_forward, width)
+            offset = 0   # where each row's kept rows start in the forward's (a draft head reads them)
             for slot, seg, rows in zip(active, segments, logits):
-                reason = self._advance(slot, seg, rows, max_new_tokens, stop_ids)
+                reason = self._advance(slot, seg, rows, max_new_tokens, stop_ids, offset)
+                offset += rows.shape[0]
                 if reason:
                     slot.stats.stop_reason = reason
                     slot.stats.decode_seconds = time.perf_counter() - slot.first_token_at
@@ -222,15 +227,15 @@ class BatchEngine:
             keep.append(len(seg))
         return active, segments, keep
 
-    def _advance(self, slot: _Slot, seg: list[int], logits: torch.Tensor, max_new: int, stop_ids) -> str:
-        """Take one row's logits [keep, V]: finish its prefill chunk, or verify its drafts and
-        commit. Returns why the sequence finished, or ""."""
+    def _advance(self, slot: _Slot, seg: list[int], logits: torch.Tensor, max_new: int, stop_ids, offset: int) -> str:
+        """Take one row's logits [keep, V] (rows offset.. of the forward's kept rows): finish its
+        prefill chunk, or verify its drafts and commit. Returns why the sequence finished, or ""."""
         if slot.prefilling:
             if slot.store.length < len(slot.tokens):
                 return ""                                             # more prompt chunks to go
             slot.stats.prefilled_tokens = len(slot.tokens)
             slot.drafter.catch_up(slot.tokens, self.prefill_chunk)
-            slot.drafter.observe(-1)
+            slot.drafter.observe(offset)                              # its one kept row chose the token
             tokens = [self._choose(logits)]
             slot.first_token_at = time.perf_counter()
             slot.stats.prefill_seconds = slot.first_token_at - slot.started
@@ -241,7 +246,7 @@ class BatchEngine:
                 a, nxt = verify_greedy(logits, draft)
             else:
                 a, nxt = verify_sampling(self.sampling.probs(logits), slot.proposal.q, draft, self.generator)
-            slot.drafter.observe(a)
+            slot.drafter.observe(offset + a)                          # row a chose nxt
             step = Step(draft[:a].tolist() + [nxt], drafted=len(seg) - 1, accepted=a)
             slot.lengths.after(step)
         budget = min(max_new - len(slot.new), self.context - len(slot.tokens))

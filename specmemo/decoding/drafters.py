@@ -165,14 +165,15 @@ class HeadDrafter(NoDrafter):
     # head's card); this prior only serves an engine built without one (tests).
     rank_prior = [0.6, 0.1, 0.04]
 
-    def __init__(self, model, head, sampling: SamplingConfig, generator=None):
-        """model: the target, our decoder (it keeps `last_hidden`); head: a loaded DraftHead."""
+    def __init__(self, model, head, sampling: SamplingConfig, generator=None, parts=None):
+        """model: the target, our decoder (it keeps `last_hidden`); head: a loaded DraftHead;
+        parts: its TargetParts, when several drafters share one head (a batch's rows)."""
         from specmemo.models.draft_head import TargetParts
 
         super().__init__(model.device)
         self.device = model.device
         self.model, self.head, self.sampling, self.generator = model, head, sampling, generator
-        self.parts = TargetParts(model, head.vocab)
+        self.parts = parts or TargetParts(model, head.vocab)
         self.vocab = head.vocab.to(model.device)
         self.hidden: torch.Tensor | None = None   # [E] fp32: the target's state behind the newest token
 
