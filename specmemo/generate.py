@@ -180,14 +180,15 @@ def sequence_json(tokenizer, done) -> dict:
             "accepted_histogram": dict(sorted(s.accepted_histogram.items()))}
 
 
-def largest_batch(target: str, draft: str, *, context: int, budget: int | None, device: str, dtype: str | None,
+def largest_batch(refs, *, context: int, budget: int | None, device: str, dtype: str | None,
                   kv_dtype: str | None, draft_len: int | None, sampling: bool, cap: int) -> int:
-    """--batch's default: the most rows (≤ cap) whose plan fits the budget at this context."""
+    """--batch's default: the most rows (≤ cap) whose plan fits the budget at this context.
+    refs: the resolved (target, draft, drafter) of a batch (batch_pair)."""
     from specmemo.budget.devices import load_device
     from specmemo.budget.fit import fit
     from specmemo.pipeline import default_weights
 
-    t_ref, d_ref, drafter = resolve_pair(target, draft)
+    t_ref, d_ref, drafter = refs
     dtype, _ = default_weights(load_device(device), t_ref, d_ref, dtype, None)
     for batch in range(cap, 0, -1):
         report = fit(t_ref.arch, None, drafter, device=device, budget=budget, context=context, dtype=dtype,
@@ -197,18 +198,15 @@ def largest_batch(target: str, draft: str, *, context: int, budget: int | None, 
     return 1
 
 
-def batch_drafter(target: str, draft: str) -> str:
-    """--draft for a batch: auto picks among what batches can draft with (plan.BATCH_DRAFTERS:
-    a draft model is not one); anything else is refused in one line, whatever the batch size."""
+def batch_pair(target: str, draft: str):
+    """resolve_pair for a batch: a drafter batches can draft with (plan.BATCH_DRAFTERS: `auto` always
+    picks one; a draft model is not one, refused in one line whatever the batch size)."""
     from specmemo.budget.plan import BATCH_DRAFTERS
-    from specmemo.models.resolve import fastest_drafter, resolve
 
-    if draft == "auto":
-        best = fastest_drafter(resolve(target).name)
-        return best if best in BATCH_DRAFTERS else "ngram"
-    if draft not in BATCH_DRAFTERS:
+    refs = resolve_pair(target, draft)
+    if refs[2] not in BATCH_DRAFTERS:
         raise BadInput(f"--prompts with --draft {draft}: batches draft with {', '.join(BATCH_DRAFTERS)} so far")
-    return draft
+    return refs
 
 
 def generate_batch(target: str, draft: str, prompts: list[str], *, batch: int | None = None, chat: bool = False,
@@ -226,8 +224,7 @@ def generate_batch(target: str, draft: str, prompts: list[str], *, batch: int | 
         raise BadInput(f"--max-new-tokens must be ≥ 1, got {max_new_tokens}")
     if batch is not None and batch < 1:
         raise BadInput(f"--batch must be ≥ 1, got {batch}")
-    draft = batch_drafter(target, draft)
-    refs = resolve_pair(target, draft)
+    refs = batch_pair(target, draft)
     limit = refs[0].arch.max_position
     check_context(context, limit)
     tokenizer = load_tokenizer(refs[0], trust_remote_code)
@@ -241,7 +238,7 @@ def generate_batch(target: str, draft: str, prompts: list[str], *, batch: int | 
     if batch is not None:
         batch = min(batch, len(prompts))   # rows beyond the prompts would only hold memory
     else:
-        batch = largest_batch(target, draft, context=planned, budget=budget, device=device, dtype=dtype,
+        batch = largest_batch(refs, context=planned, budget=budget, device=device, dtype=dtype,
                               kv_dtype=kv_dtype, draft_len=draft_len, sampling=not sampling.greedy,
                               cap=min(BATCH_CAP, len(prompts)))
     rt = open_pipeline(target, draft, device=device, budget=budget, context=planned, draft_len=draft_len,

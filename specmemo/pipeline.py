@@ -121,8 +121,8 @@ def assemble(report: PlanReport, target: LoadedModel, draft: LoadedModel | None,
     if batched:
         if target.forward_path != "specmemo":
             raise BadInput("batched decoding needs specmemo's own decoder; this model runs through transformers")
-        one = make_drafter(report, target, draft, sampling, device, generator)
         if report.drafter == "head":   # every row drafts with the one head and its copied rows
+            one = make_drafter(report, target, draft, sampling, device, generator)
             new_drafter = lambda: HeadDrafter(target.model, one.head, sampling, generator, parts=one.parts)
         else:
             new_drafter = lambda: make_drafter(report, target, draft, sampling, device, generator)

@@ -138,7 +138,6 @@ class BatchEngine:
                            f"within the planned context of {self.context} tokens")
         store.reset()
         drafter = self.make_drafter()
-        drafter.reset()
         k = self.max_draft_len if drafter.name != "none" else 0
         return _Slot(index, store, drafter, DraftLength(self.pair, k), list(prompt), started=time.perf_counter())
 

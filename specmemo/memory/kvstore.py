@@ -85,7 +85,6 @@ class KVStore:
             self.claim(n)
             self.keys[layer, :, :, start:start + n].copy_(k)
             self.values[layer, :, :, start:start + n].copy_(v)
-            self._pending = n
             return self.keys[layer, :, :, :start + n], self.values[layer, :, :, :start + n]
         if n > self.capacity:
             raise BudgetExceeded(f"{n} tokens do not fit a draft window of {self.capacity} slots")

@@ -447,10 +447,9 @@ class LlamaModel:
         ids = torch.tensor([[t for seg in segments for t in seg]], dtype=torch.long, device=device)   # [1, Σn]
         positions = torch.cat(placed)                                                               # [Σn]
         parent = rows[0].parent
-        if parent is not None and all(r.parent is parent for r in rows):
-            write = self._batch_writer(parent, rows, spans, positions)
-        else:
-            write = lambda i, k, v: [r.write(i, k[:, :, span], v[:, :, span]) for r, (span, _) in zip(rows, spans)]
+        if parent is None or any(r.parent is not parent for r in rows):
+            raise ValueError("forward_rows runs rows of one batch store (KVStore.row)")
+        write = self._batch_writer(parent, rows, spans, positions)
         logits = self._stack(ids, positions, spans, write, torch.tensor(kept, device=device))[0]     # [Σkeep, V]
         for store in rows:
             store.advance()
@@ -465,6 +464,7 @@ class LlamaModel:
         rows_of = torch.cat([torch.full((span.stop - span.start,), r.batch_row, dtype=torch.long)
                              for r, (span, _) in zip(rows, spans)]).to(positions.device)          # [Σn]
         ends = [r.claim(span.stop - span.start) + span.stop - span.start for r, (span, _) in zip(rows, spans)]
+        S = max(ends)                                                                   # keys any row sees
         widen = self.row_exact_tokens and any(m is CAUSAL_ROWS or m is None for _, m in spans)
         lo, hi = min(r.batch_row for r in rows), max(r.batch_row for r in rows) + 1   # the batch rows in use
 
@@ -472,7 +472,6 @@ class LlamaModel:
             keys, values = parent.keys[index], parent.values[index]                 # [B, Hkv, capacity, D]
             keys[rows_of, :, positions] = k[0].transpose(0, 1).to(keys.dtype)       # [Σn, Hkv, D]
             values[rows_of, :, positions] = v[0].transpose(0, 1).to(values.dtype)
-            S = max(ends)
             wide = self.widen(keys[:, :, :S], values[:, :, :S], rows=slice(lo, hi)) if widen else None
             out = []
             for r, end, (_, mask) in zip(rows, ends, spans):

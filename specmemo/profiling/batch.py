@@ -135,7 +135,7 @@ def batch_profile(target: str, draft: str, out: Path, *, batches: list[int], pro
                   dtype: str = "fp32", kv_dtype: str | None = None, engines: list[str] | None = None) -> dict:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from specmemo.generate import batch_drafter
+    from specmemo.generate import batch_pair
     from specmemo.models.load import load_tokenizer
     from specmemo.models.resolve import resolve
     from specmemo.models.text import encode_prompt
@@ -151,7 +151,7 @@ def batch_profile(target: str, draft: str, out: Path, *, batches: list[int], pro
     unknown = [e for e in engines if e not in BATCH_ENGINES]
     if unknown:
         raise BadInput(f"with --batch, engines are {', '.join(BATCH_ENGINES)}; not {', '.join(unknown)}")
-    draft = batch_drafter(target, draft)
+    draft = batch_pair(target, draft)[2]   # the drafter's name: "auto" resolved once, for every run
     texts = [c.turns[0] for c in load_prompts(prompts, limit)]
     tokenizer = load_tokenizer(resolve(target))
     longest = max(len(encode_prompt(tokenizer, t, chat=True)) for t in texts)
@@ -182,7 +182,8 @@ def build_report(facts: dict, cfg: dict, runs: dict, engines: list[str], batches
             r, one = runs.get((engine, b)), runs.get((engine, 1))
             if r is None:
                 continue
-            same = len(r["outputs"]) - len(divergences(runs, engine, b)) if engine != "hf-batch" else None
+            differ = sum(d["engine"] == engine and d["batch"] == b for d in found)
+            same = len(r["outputs"]) - differ if engine != "hf-batch" else None
             hf = runs.get(("hf-batch", b))
             rows.append({
                 "engine": engine, "batch": b, "tokens_per_s": r["tokens_per_s"],
