@@ -6,8 +6,9 @@ by the reference's own greedy reply (64 tokens), every candidate predicts every 
 report top-1 agreement with the reference and the mean KL(reference ‖ candidate) in nats:
   q4     what `--dtype q4` runs: the file's Q4_1 matrices packed, bf16 activations (models/quant.py)
   bf16   the reference weights in bf16 (`--dtype bf16`)
-  q8     the reference's layer matrices rounded through GGUF Q8_0 (gguf-py), fp32 compute: the
-         format's quality; the engine does not run q8 packed yet
+  q8     the reference's layer matrices rounded through specmemo's q8 (group 32, scale and zero,
+         models/quant.q8_groups), fp32 compute: the format's quality; the engine does not run q8 yet
+  Q8_0   the same through GGUF's Q8_0 (symmetric, scale only; gguf-py), for comparison
 Usage: python bench/quant_quality.py [--limit N] [--prompts FILE] [--reply-tokens 64]
 """
 
@@ -23,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 from specmemo.budget.fit import fit  # noqa: E402
 from specmemo.memory.allocator import allocate_target  # noqa: E402
 from specmemo.models.load import load_model  # noqa: E402
+from specmemo.models.quant import q8_dequantize, q8_groups  # noqa: E402
 from specmemo.models.resolve import resolve  # noqa: E402
 from specmemo.models.text import encode_prompt, stop_ids  # noqa: E402
 from specmemo.profiling.prompts import load_prompts  # noqa: E402
@@ -30,21 +32,27 @@ from specmemo.profiling.prompts import load_prompts  # noqa: E402
 MT_BENCH = ROOT.parent / "shared" / "data" / "mt_bench_questions.jsonl"
 
 
-def q8_rounded(model):
-    """The fp32 model with each layer matrix quantized to Q8_0 and back (per output row, groups of 32)."""
-    import copy
-
+def q8_0(w: torch.Tensor) -> torch.Tensor:
+    """[out, in] through GGUF's Q8_0 and back."""
     import gguf
+
+    kind = gguf.GGMLQuantizationType.Q8_0
+    back = gguf.quants.dequantize(gguf.quants.quantize(w.numpy(), kind), kind).reshape(w.shape)
+    return torch.from_numpy(back.copy())
+
+
+def rounded(model, through):
+    """The fp32 model with each layer matrix [out, in] replaced by through(matrix) (per output row,
+    groups of 32)."""
+    import copy
 
     out = copy.copy(model)
     out.layers = []
     for layer in model.layers:
         new = copy.copy(layer)
         for name in ("w_qkv", "w_o", "w_gate_up", "w_down"):
-            w = getattr(layer, name).t().contiguous().numpy()                  # [out, in]
-            q = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)
-            back = gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0).reshape(w.shape)
-            setattr(new, name, torch.from_numpy(back.copy()).t().contiguous())
+            w = getattr(layer, name).t().contiguous()                         # [out, in]
+            setattr(new, name, through(w).t().contiguous())
         out.layers.append(new)
     return out
 
@@ -81,7 +89,8 @@ def main():
     tok, arch = fp32.tokenizer, ref_model.arch
     candidates = {"q4": load_model(ref_model, "q4", with_tokenizer=False).model,
                   "bf16": load_model(ref_model, "bf16", with_tokenizer=False, forward="specmemo").model,
-                  "q8": q8_rounded(fp32.model)}
+                  "q8": rounded(fp32.model, lambda w: q8_dequantize(*q8_groups(w))),
+                  "Q8_0": rounded(fp32.model, q8_0)}
     stops = stop_ids(tok, fp32.model)
     convs = load_prompts(args.prompts, args.limit)
     totals = {name: {"agree": 0, "kl": 0.0} for name in candidates}
@@ -101,7 +110,8 @@ def main():
     print("| weights | what runs | top-1 agreement with fp32 | mean KL (nats) |")
     print("|---|---|---:|---:|")
     what = {"q4": "Q4_1 packed, bf16 activations", "bf16": "bf16 weights and activations",
-            "q8": "Q8_0-rounded matrices, fp32 (format only)"}
+            "q8": "q8-rounded matrices (scale and zero per group), fp32 (format only)",
+            "Q8_0": "GGUF Q8_0-rounded matrices (scale only), fp32 (format only)"}
     for name, t in totals.items():
         print(f"| {name} | {what[name]} | {t['agree'] / positions:.2%} | {t['kl'] / positions:.4f} |")
 

@@ -60,11 +60,12 @@ def cap_cuda_memory(report: PlanReport) -> None:
 def default_weights(dev, t_ref, d_ref, dtype: str | None, draft_dtype: str | None) -> tuple[str | None, str | None]:
     """The dtypes to run when none is asked for: q4 for a 4-bit GGUF target where the device
     profile measured packed 4-bit faster than dense (bench/q4_kernels.py); a draft that cannot run
-    packed then gets the device's dense default. None: the device's default. `plan`, `generate`
-    and `chat` all decide here."""
+    packed then gets the device's dense default where q4 runs (a CPU; elsewhere q4 is planned
+    only, and the draft is planned in the target's format). None: the device's default. `plan`,
+    `generate` and `chat` all decide here."""
     if dtype is None and dev.packed_q4 and runs_packed(t_ref):
         dtype = "q4"
-    if draft_dtype is None and d_ref is not None and dtype == "q4" and not runs_packed(d_ref):
+    if draft_dtype is None and d_ref is not None and dtype == "q4" and dev.kind == "cpu" and not runs_packed(d_ref):
         draft_dtype = default_dtype(dev.kind)
     return dtype, draft_dtype
 

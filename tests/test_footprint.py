@@ -77,10 +77,16 @@ def test_quantized_weight_bytes_count_groups_and_keep_vectors_in_the_compute_dty
     # + min). The tied embedding (49152 × 576) and the vectors (30·2·576 + 576 = 35,136 norms) bf16.
     assert 30 * 110_592 * 32 + 49152 * 576 + 35_136 == TIED.num_params()
     assert fp.weight_bytes(TIED, "q4") == 3_317_760 * 20 + (49152 * 576 + 35_136) * 2 == 123_048_576
-    assert fp.weight_bytes(TIED, "q8") == 3_317_760 * 34 + (49152 * 576 + 35_136) * 2
+    assert fp.weight_bytes(TIED, "q8") == 3_317_760 * 36 + (49152 * 576 + 35_136) * 2   # 32 bytes, scale, zero
+    # Where the device holds the embedding and head quantized too: the tied matrix in q8 groups
+    # (49,152 rows × 18 groups × 36 bytes); only the vectors stay bf16.
+    assert fp.weight_bytes(TIED, "q4", quantized_head=True) == 3_317_760 * 20 + 49152 * 18 * 36 + 35_136 * 2
     # llama-2-7b: layer matrices in groups of 32; the untied embedding and head (2 × 32000 × 4096)
     # and 266,240 vector parameters (32·2·4096 norms + the final 4096) in bf16.
     vectors, embed = 32 * 2 * 4096 + 4096, 2 * 32000 * 4096
     assert fp.weight_bytes(MHA, "q4") == (6_738_415_616 - vectors - embed) // 32 * 20 + (vectors + embed) * 2
+    # quantized: its embedding in q4 groups and its head in q8 groups (32,000 rows × 128 groups each)
+    assert fp.weight_bytes(MHA, "q4", quantized_head=True) == \
+        (6_738_415_616 - vectors - embed) // 32 * 20 + 32000 * 128 * (20 + 36) + vectors * 2
     # activations and the default KV cache of a quantized model are bf16
     assert fp.kv_bytes_per_token(MHA, fp.compute_dtype("q4")) == fp.kv_bytes_per_token(MHA, "bf16")

@@ -16,7 +16,7 @@ from specmemo.budget.arch import Arch
 from specmemo.budget.plan import PlanRequest, make_plan
 from specmemo.memory.allocator import allocate_target
 from specmemo.models.llama import LlamaConfig, LlamaModel
-from specmemo.models.quant import Int4Weight, q4_blocks, rope_rows
+from specmemo.models.quant import Int4Weight, q4_blocks, q8_dequantize, q8_groups, rope_rows
 
 Q = gguf.GGMLQuantizationType
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +37,31 @@ def test_q4_blocks_multiply_exactly_as_gguf_dequantizes_them(kind):
     x = torch.randn(3, 128)
     assert torch.allclose(x @ packed, x @ ref.t(), atol=1e-4)
     assert (x[None] @ packed).shape == (1, 3, 48)
+
+
+def test_q8_groups_round_each_group_over_its_own_range():
+    w = torch.tensor([[float(i) for i in range(32)] + [3.0] * 32,
+                      [-1.0 + 2.0 * i / 31 for i in range(32)] + [0.5 * (-1) ** i for i in range(32)]])
+    q, scale, zero = q8_groups(w)
+    assert q.dtype == torch.uint8 and scale.shape == zero.shape == (2, 2)
+    assert scale[0, 0] == 31 / 255 and zero[0, 0] == 0          # 0..31: step 31/255 from 0
+    assert scale[0, 1] == 0 and zero[0, 1] == 3 and torch.all(q[0, 32:] == 0)   # constant: its zero point
+    assert q[0, 0] == 0 and q[0, 31] == 255 and q[1, 0] == 0 and q[1, 31] == 255
+    back = q8_dequantize(q, scale, zero)
+    assert back[0, 32:].eq(3).all()
+    assert (back - w).abs().max() <= scale.float().max() / 2 + 1e-3   # half a step, plus fp16 rounding
+
+
+def test_q8_groups_keep_a_four_bit_grid():
+    # A Q4_1 group: m + q·d, q in 0..15. 255 = 15·17: q8's levels include every one of them.
+    m, d = torch.tensor(-0.4375), torch.tensor(0.0625)
+    w = (m + d * torch.randint(0, 16, (4, 64), generator=torch.Generator().manual_seed(0))).float()
+    w[:, 0], w[:, 1], w[:, 32], w[:, 33] = m, m + 15 * d, m, m + 15 * d   # each group spans the grid
+    q, scale, zero = q8_groups(w)
+    assert torch.all(q.long() % 17 == 0)                        # every value on a level of the grid
+    err = (q8_dequantize(q, scale, zero) - w).abs().max()       # only the scale's fp16 rounding is left
+    q8_0 = gguf.quants.dequantize(gguf.quants.quantize(w.numpy(), Q.Q8_0), Q.Q8_0)
+    assert err < 3e-4 and err < (torch.from_numpy(q8_0.copy()) - w).abs().max() / 4
 
 
 def test_rope_rows_undo_llama_cpps_permutation():
@@ -138,6 +163,28 @@ def test_a_packed_gguf_runs_like_its_dequantized_weights(tmp_path, kind):
     # bf16 activations (what --dtype q4 runs): close, same top-1 on these sharp logits
     bf16 = logits_of(load_gguf_q4(str(tmp_path / "tiny.gguf"), CONFIG, torch.bfloat16), ids)
     assert (bf16 - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_a_packed_head_and_file_read_embedding_give_the_dense_heads_logits_bit_for_bit(tmp_path, monkeypatch):
+    import specmemo.models.load as load
+    from specmemo.models.quant import PackedHead, packs_head
+
+    if not packs_head(torch.bfloat16):
+        pytest.skip("this machine does not pack a bf16 head (device profile or oneDNN)")
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    packed = load.load_gguf_q4(str(tmp_path / "tiny.gguf"), CONFIG, torch.bfloat16)
+    import specmemo.models.quant as quant
+
+    monkeypatch.setattr(quant, "packs_head", lambda dtype: False)   # what load_gguf_q4 asks
+    dense = load.load_gguf_q4(str(tmp_path / "tiny.gguf"), CONFIG, torch.bfloat16)
+    assert isinstance(packed.head, PackedHead) and packed.embed is packed.head
+    assert isinstance(dense.head, torch.Tensor)
+    assert packed.nbytes() == dense.nbytes()                 # same bytes, another layout; no embedding copy
+    ids = torch.randint(0, 96, (1, 27), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(packed.embed_tokens(ids), dense.embed_tokens(ids))   # rows read from the file
+    assert torch.equal(logits_of(packed, ids), logits_of(dense, ids))
+    vocab = torch.tensor([3, 0, 95])
+    assert torch.equal(packed.head_rows(vocab), dense.head_rows(vocab))
 
 
 def test_layer_matrices_of_another_type_are_dequantized_with_one_warning(tmp_path, capfd):

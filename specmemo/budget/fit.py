@@ -132,7 +132,7 @@ def fit(target: Arch, draft: Arch | None, drafter: str, *, device: str = "cpu", 
         overhead_bytes=dev.overhead_bytes, overhead_reason=dev.overhead_reason,
         workspace_pct=dev.workspace_pct, engine_bytes=dev.engine_bytes, verify_bytes=dev.verify_bytes,
         half_scratch_bytes=dev.half_scratch_bytes, graph_bytes=dev.graph_bytes, device_kind=dev.kind,
-        sampling=sampling,
+        quantized_head=dev.quantized_head, sampling=sampling,
     )
     largest = max_context(req, budget_bytes)
     # Without --context, plan the largest context that fits (at least 1 token, to show a refusal).
@@ -150,8 +150,9 @@ def fit(target: Arch, draft: Arch | None, drafter: str, *, device: str = "cpu", 
         req, shrunk = smaller, True
     plan = asked if not shrunk else make_plan(req)
     # c estimated from bytes streamed per step: a draft model's weights, or a head's (with its rows).
-    step_bytes = fp.weight_bytes(draft, req.ddtype) if draft else fp.draft_head_bytes(*head) if head else None
-    ratio = step_bytes / fp.weight_bytes(target, req.dtype) if step_bytes else None
+    step_bytes = fp.weight_bytes(draft, req.ddtype, req.quantized_head) if draft \
+        else fp.draft_head_bytes(*head) if head else None
+    ratio = step_bytes / fp.weight_bytes(target, req.dtype, req.quantized_head) if step_bytes else None
     pair = pair_profile(target.name, draft.name if draft else drafter, drafter, req.dtype,
                         dev.cost_curve(req.dtype), ratio, card)
     return PlanReport(

@@ -12,10 +12,11 @@ DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1}
 LOGITS_BYTES = 4  # verification and sampling work on fp32 logits, whatever the model dtype
 
 # Group-quantized weight formats: every matrix is stored in groups of 32 consecutive weights of a
-# row, each group packed values plus fp16 parameters (GGUF's Q4_1: 4-bit values, scale and min;
-# Q8_0: 8-bit values and a scale). Norm weights and biases stay in the compute dtype.
+# row, each group packed values plus fp16 parameters, a scale and a zero point (GGUF's Q4_1 holds
+# 4-bit values so; q8 holds 8-bit values so, models/quant.q8_groups). Norm weights and biases stay
+# in the compute dtype.
 QUANT_GROUP = 32
-QUANT_GROUP_BYTES = {"q4": 16 + 2 + 2, "q8": 32 + 2}
+QUANT_GROUP_BYTES = {"q4": 16 + 2 + 2, "q8": 32 + 2 + 2}
 QUANT_COMPUTE = "bf16"  # activations of a quantized model (torch's packed kernels take bf16)
 
 
@@ -52,17 +53,25 @@ def matrices(arch: Arch) -> list[tuple[int, int, int]]:
     ]
 
 
-def weight_bytes(arch: Arch, dtype: str) -> int:
+def weight_bytes(arch: Arch, dtype: str, quantized_head: bool = False) -> int:
     """Parameters × bytes; tied embeddings are one matrix in memory and counted once. For q4/q8,
-    each row of a decoder layer's matrices is ⌈columns / 32⌉ groups of QUANT_GROUP_BYTES; the
-    token embedding and LM head stay in the compute dtype (an embedding lookup needs whole rows,
-    and GGUF files keep these at 6-8 bits anyway), as do the vectors (norms, biases)."""
+    each row of a decoder layer's matrices is ⌈columns / 32⌉ groups of QUANT_GROUP_BYTES, and the
+    vectors (norms, biases) stay in the compute dtype. The token embedding and LM head stay in the
+    compute dtype too, as the CPU runtime holds them, unless quantized_head (the device profile's
+    `quantized_head`): then, as GGUF files hold them (Q4_K_M: token_embd Q4_K, output Q6_K), an
+    untied embedding is in the weight format itself and the LM head (or a tied embedding) in q8."""
     if not is_quantized(dtype):
         return arch.num_params() * dtype_bytes(dtype)
-    layers = matrices(arch)[:-1]
+    every = matrices(arch)
+    layers = every if quantized_head else every[:-1]
     in_matrices = sum(n * rows * cols for n, rows, cols in layers)
-    groups = sum(n * rows * -(-cols // QUANT_GROUP) for n, rows, cols in layers)
-    return groups * QUANT_GROUP_BYTES[dtype] + (arch.num_params() - in_matrices) * dtype_bytes(dtype)
+    groups = lambda mats: sum(n * rows * -(-cols // QUANT_GROUP) for n, rows, cols in mats)
+    packed = groups(every[:-1]) * QUANT_GROUP_BYTES[dtype]
+    if quantized_head:
+        V, E = arch.vocab_size, arch.hidden_size
+        embed = [] if arch.tie_embeddings else [(1, V, E)]
+        packed += groups(embed) * QUANT_GROUP_BYTES[dtype] + groups([(1, V, E)]) * QUANT_GROUP_BYTES["q8"]
+    return packed + (arch.num_params() - in_matrices) * dtype_bytes(dtype)
 
 
 def kv_bytes_per_token(arch: Arch, kv_dtype: str) -> int:

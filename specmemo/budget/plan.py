@@ -45,6 +45,7 @@ class PlanRequest:
     half_scratch_bytes: int = 0    # measured scratch of bf16/fp16 kernels (CPU: conversion buffers)
     graph_bytes: int = 0           # measured fixed cost of CUDA-graph capture (0: the device runs none)
     device_kind: str = "cpu"       # "cpu" or "cuda": what the engine can run differs
+    quantized_head: bool = False   # q4/q8: the embedding and LM head held quantized (footprint.weight_bytes)
     head: tuple[int, int, int] | None = None   # a draft head's (hidden, inner, vocab): models/draft_head.py
 
     def with_(self, **changes) -> "PlanRequest":
@@ -145,8 +146,9 @@ def make_plan(req: PlanRequest) -> Plan:
                                                      req.draft_kv))
     components = {
         "process_baseline": req.baseline_bytes,
-        "target_weights": fp.weight_bytes(t, req.dtype),
-        "draft_weights": fp.weight_bytes(d, req.ddtype) if d else fp.draft_head_bytes(*req.head) if req.head else 0,
+        "target_weights": fp.weight_bytes(t, req.dtype, req.quantized_head),
+        "draft_weights": fp.weight_bytes(d, req.ddtype, req.quantized_head) if d
+        else fp.draft_head_bytes(*req.head) if req.head else 0,
         "target_kv": fp.kv_bytes(t, req.kv, N, B),
         "draft_kv": fp.kv_bytes(d, req.draft_kv, W, B) if d else 0,
         # The target's candidates land inside its context (see target_capacity); a draft

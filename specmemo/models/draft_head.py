@@ -62,8 +62,7 @@ class TargetParts:
     def __init__(self, model, vocab: torch.Tensor):
         """model: our decoder (models/llama.py), any dtype."""
         self.model = model
-        rows = model.head.t()                                                               # [V, E]
-        self.rows = rows.index_select(0, vocab.to(rows.device)).float().contiguous()      # [Vh, E]
+        self.rows = model.head_rows(vocab).float().contiguous()                            # [Vh, E]
         self.norm = model.norm.float()                                                      # [E]
         self.eps = model.cfg.rms_eps
 

@@ -97,11 +97,6 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
     return torch.where(medium, blended, scaled)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x: [..., E]. Statistics in fp32 whatever the dtype, as transformers does. Divided by a
     sqrt rather than multiplied by rsqrt: sqrt and division are correctly rounded in scalar and
@@ -179,6 +174,8 @@ class LlamaModel:
         self.head = self.matrix(E, V)                                 # [E, V]; the embedding when tied
         self.embed = self.head if cfg.tie_embeddings else self.matrix(E, V)
         self.inv_freq = rope_inv_freq(cfg).to(device)               # [D/2] fp32
+        half = cfg.head_dim // 2
+        self.swap_halves = torch.cat([torch.arange(half, 2 * half), torch.arange(half)]).to(device)   # [D]
         self.scale = cfg.head_dim ** -0.5
         # Half-precision attention is not row-invariant: a query attended among n > 1 (masked) can
         # round differently than the same query alone, and that flips greedy choices between a
@@ -202,6 +199,7 @@ class LlamaModel:
 
     def tensors(self) -> list[torch.Tensor]:
         own = [self.norm, self.head] + ([] if self.cfg.tie_embeddings else [self.embed]) + [self.inv_freq]
+        own = [part for t in own for part in ([t] if isinstance(t, torch.Tensor) else t.tensors())]
         return own + [t for layer in self.layers for t in layer.tensors()]
 
     def nbytes(self) -> int:
@@ -213,15 +211,25 @@ class LlamaModel:
         """ids: [B, n] -> [B, n, E], gathered from the transposed table."""
         # Contiguous: a transposed residual stream reduces in another order in RMSNorm than a
         # one-token step does, and half-precision rounding then parts verification from decoding.
+        if not isinstance(self.embed, torch.Tensor):  # a packed head whose rows are read where kept
+            return self.embed.rows(ids.reshape(-1)).reshape(*ids.shape, -1)
         if self.out_major:  # the table's rows are its storage rows: gather them directly
             return self.embed.t().index_select(0, ids.reshape(-1)).reshape(*ids.shape, -1)
         return self.embed.index_select(1, ids.reshape(-1)).t().contiguous().reshape(*ids.shape, -1)
 
+    def head_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [n] -> the LM head's rows for those tokens [n, E] (what a draft head borrows)."""
+        if not isinstance(self.head, torch.Tensor):
+            return self.head.rows(ids)
+        return self.head.t().index_select(0, ids.to(self.head.device))
+
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [n] -> cos, sin [1, n, 1, D] in the compute dtype (heads broadcast)."""
+        """positions: [n] -> cos, and sin with its first half negated, [1, n, 1, D] in the compute
+        dtype (heads broadcast): rotate_half(x) · sin = x[..., halves swapped] · that signed sin,
+        bit for bit (negation is exact), in one indexing op instead of two slices, neg and cat."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(self.dtype)[None, :, None], emb.sin().to(self.dtype)[None, :, None]
+        cos, sin = freqs.cos().to(self.dtype), freqs.sin().to(self.dtype)
+        return torch.cat((cos, cos), dim=-1)[None, :, None], torch.cat((-sin, sin), dim=-1)[None, :, None]
 
     def attention(self, layer: Layer, index: int, x: torch.Tensor, segments: list, write, cos, sin) -> torch.Tensor:
         """x: [B, n, E] (normed) -> [B, n, E]. segments: (span, mask) per sequence whose tokens are
@@ -239,7 +247,7 @@ class LlamaModel:
         if layer.q_norm is not None:  # Qwen3: q and k normed per head, before RoPE
             qk = torch.cat([rms_norm(qk[:, :, :H], layer.q_norm, cfg.rms_eps),
                             rms_norm(qk[:, :, H:], layer.k_norm, cfg.rms_eps)], dim=2)
-        qk = qk * cos + rotate_half(qk) * sin                         # RoPE on q and k heads in one pass
+        qk = qk * cos + qk[..., self.swap_halves] * sin               # RoPE on q and k heads in one pass
         q = qk[:, :, :H].transpose(1, 2)                              # [B, H, n, D]
         k = qk[:, :, H:].transpose(1, 2)                              # [B, Hkv, n, D]
         v = v.transpose(1, 2)                                         # [B, Hkv, n, D]
@@ -314,9 +322,10 @@ class LlamaModel:
         and both one-token steps and verified rows go through it, so they round alike."""
         B, H, _, D = q.shape
         Hkv = keys.shape[1]
-        qg = q.reshape(B, Hkv, H // Hkv, D).float()                    # [B, Hkv, H/Hkv, D]: a group's queries
-        scores = (qg @ keys.transpose(-1, -2)) * self.scale            # [B, Hkv, H/Hkv, S]
-        out = torch.softmax(scores, dim=-1) @ values                   # [B, Hkv, H/Hkv, D]
+        # bmm on [B·Hkv, ...] views: what a 4-D matmul runs, without its reshaping (7 µs a call).
+        qg = q.reshape(B * Hkv, H // Hkv, D).float()                   # [B·Hkv, H/Hkv, D]: a group's queries
+        scores = torch.bmm(qg, keys.flatten(0, 1).transpose(1, 2)).mul_(self.scale)   # [B·Hkv, H/Hkv, S]
+        out = torch.bmm(torch.softmax(scores, dim=-1), values.flatten(0, 1))          # [B·Hkv, H/Hkv, D]
         return out.to(q.dtype).reshape(B, H, 1, D)
 
     def product(self, x: torch.Tensor, w, kind: str) -> torch.Tensor:
@@ -325,6 +334,8 @@ class LlamaModel:
         every width (one-token steps included); a kind marked "rows" one row at a time in
         verification."""
         how = self.exactness.get(kind)
+        if how is None and not isinstance(w, torch.Tensor):   # packed (models/quant.py): its kernel, directly
+            return w.times(x)
         if how == "split":
             return split_product(x, w)
         if how == "rows" and 1 < x.shape[1] <= self.row_exact_tokens:
@@ -435,7 +446,7 @@ class LlamaModel:
         The tokens run packed, one after another ([1, Σn]), so every matmul covers the whole
         batch and no row is padded; attention runs per sequence over its own keys, exactly as
         `forward` on that store alone. Returns fp32 logits [keep[b], V] per sequence."""
-        device = self.embed.device
+        device = self.device
         spans, placed, kept, at = [], [], [], 0
         for store, ids, k in zip(rows, segments, keep):
             n = len(ids)

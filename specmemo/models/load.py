@@ -91,8 +91,9 @@ def weights_nbytes(model) -> int:
     seen, total = set(), 0
     tensors = model.tensors() if hasattr(model, "tensors") else list(model.parameters()) + list(model.buffers())
     for t in tensors:
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
+        key = id(t) if t.is_mkldnn else t.data_ptr()   # a packed head (models/quant.py) exposes no pointer
+        if key not in seen:
+            seen.add(key)
             total += t.numel() * t.element_size()
     return total
 
@@ -372,7 +373,7 @@ def load_gguf_q4(gguf_path: str, config: dict, dtype: torch.dtype):
 
     from specmemo.models.gguf_file import open_gguf
     from specmemo.models.llama import LlamaConfig, LlamaModel
-    from specmemo.models.quant import GROUP, Int4Weight, q4_blocks, rope_rows
+    from specmemo.models.quant import GROUP, FileRows, Int4Weight, PackedHead, packs_head, q4_blocks, rope_rows
 
     f = open_gguf(gguf_path)
     arch = f.metadata.get("general.architecture")
@@ -447,6 +448,11 @@ def load_gguf_q4(gguf_path: str, config: dict, dtype: torch.dtype):
     model.norm = vector("output_norm.weight")
     model.embed = transposed("token_embd.weight")                                 # [E, V] operand
     model.head = model.embed if cfg.tie_embeddings else transposed("output.weight")
+    if packs_head(dtype):   # packed for oneDNN; its rows (the tied embedding's too) read from the file
+        name = "token_embd.weight" if cfg.tie_embeddings else "output.weight"
+        model.head = PackedHead(model.head, FileRows(f.path, entry(name), dtype))
+        if cfg.tie_embeddings:
+            model.embed = model.head
     if unpacked:
         import sys
 
