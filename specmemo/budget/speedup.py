@@ -41,10 +41,12 @@ class PairProfile:
     ranks_source: str = ""
 
     def speedup(self, k: int) -> float:
-        """Predicted for a step of at most k drafts: a chain of k, or the best tree of ≤ k nodes."""
+        """Predicted for steps of at most k drafts, as the engine drafts them: the best chain of
+        ≤ k (decoding/engine.DraftLength drafts each step's best k ≤ the plan's), or the best
+        tree of ≤ k nodes."""
         if self.ranks:
             return best_tree(list(self.ranks), self.c, self.curve, k)[1]
-        return predicted_speedup(self.alpha, self.c, k, self.curve)
+        return max((predicted_speedup(self.alpha, self.c, j, self.curve) for j in range(1, k + 1)), default=1.0)
 
 
 def expected_tokens_per_step(alpha: float, k: int) -> float:

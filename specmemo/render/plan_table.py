@@ -45,7 +45,7 @@ def render_plan(report, console: Console) -> None:
         f"{format_bytes(report.speedup_budget.total_bytes)}"
     )
     console.print(
-        f"predicted speedup at k={req.draft_len}: {report.predicted_speedup:.2f}× "
+        f"predicted speedup at k ≤ {req.draft_len} (each step's best): {report.predicted_speedup:.2f}× "
         f"(α={report.pair.alpha}: {report.pair.source}; c={report.pair.c:.4g}: {report.pair.c_source}; "
         f"verification cost: {report.pair.curve_source}"
         + (f"; candidate trees, rank acceptance {list(report.pair.ranks)}: {report.pair.ranks_source}"
