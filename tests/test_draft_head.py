@@ -112,6 +112,7 @@ def test_sampling_with_the_head_is_reproducible_and_uses_the_heads_q():
     assert a == b
     e = engine("head", 3, cfg, seed=7)
     run(e, prompt, max_new=8)
+    assert e.shapes is not None   # sampling verifies candidate trees too (verify_tree_sampling)
     q = e.drafter.propose(e.tokens, 3).q
     assert q.shape == (3, VOCAB) and torch.allclose(q.sum(-1), torch.ones(3))
     off_vocab = torch.ones(VOCAB, dtype=torch.bool)

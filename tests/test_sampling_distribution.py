@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from specmemo.decoding.sampling import SamplingConfig
-from specmemo.decoding.verify import verify_sampling
+from specmemo.decoding.verify import verify_sampling, verify_tree_sampling
+from specmemo.memory.attention import CandidateTree
 from tests.tiny import VOCAB, make_engine, run, tiny_llama
 
 N = 20_000
@@ -82,6 +83,41 @@ def test_first_two_tokens_follow_the_target(cfg, deterministic_draft, head_vocab
     if not deterministic_draft:
         # The bound is tight enough to catch a sampler that simply kept the draft's tokens.
         assert tv(q0.double(), p0) > 3 * bound(p0)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"T{c.temperature}-k{c.top_k}-p{c.top_p}")
+def test_a_candidate_tree_samples_the_first_two_tokens_from_the_target(cfg):
+    """A draft head's tree: the root's three candidates (ranked as a head would, but not the
+    target's favourites in order), the first of them with two candidates of its own. Multi-candidate
+    rejection (verify_tree_sampling) must still emit the target's distribution."""
+    gen = torch.Generator().manual_seed(99)
+    p0, _, p1 = distributions(cfg)
+    order = torch.argsort(p0, descending=True).tolist()
+    first_kids = [order[1], order[0], order[5]]
+    second_kids = torch.argsort(p1[first_kids[0]], descending=True).tolist()[:2][::-1]
+    tree = CandidateTree([-1, 0, 0, 0, 1, 1])
+    tokens = [PROMPT[-1], *first_kids, *second_kids]
+    uniform = torch.full((VOCAB,), 1.0 / VOCAB)
+    p = torch.stack([p0.float(), *(p1[t] for t in first_kids), uniform, uniform])   # [6, V]: each node's target
+    first, second = torch.empty(N, dtype=torch.long), torch.empty(N, dtype=torch.long)
+    taken = torch.zeros(len(tree), dtype=torch.long)
+    for i in range(N):
+        path, nxt = verify_tree_sampling(p, tokens, tree, gen)
+        taken[path[-1]] += 1
+        if len(path) >= 3:
+            first[i], second[i] = tokens[path[1]], tokens[path[2]]
+        elif len(path) == 2:
+            first[i], second[i] = tokens[path[1]], nxt
+        else:  # no candidate taken: the residual's token, then the target's next step after it
+            first[i] = nxt
+            second[i] = torch.multinomial(p1[nxt], 1, generator=gen)
+    p_second = (p0[:, None] * p1.double()).sum(0)
+    assert tv(histogram(first), p0) < bound(p0)
+    assert tv(histogram(second), p_second) < bound(p_second)
+    # every rank was taken about as often as the target picks its token
+    for node, token in ((1, first_kids[0]), (2, first_kids[1]), (3, first_kids[2])):
+        expected = float(p0[token]) * N - (taken[4] + taken[5] if node == 1 else 0)
+        assert abs(int(taken[node]) - expected) < 5 * (N * float(p0[token])) ** 0.5 + 5
 
 
 def test_filters_apply_to_p_and_q_alike():

@@ -31,13 +31,13 @@ class Device:
     half_scratch_bytes: int = 0  # measured: extra scratch of bf16/fp16 kernels on this device
     graph_bytes: int = 0       # measured: fixed cost of CUDA-graph capture (0: no graphs on this device)
     packed_q4: bool = False    # measured faster: a GGUF with 4-bit layers runs packed (q4) by default
+    packed_head: bool = False  # measured faster: a q4 model's bf16 LM head packed once for oneDNN (models/quant.py)
     # A q4/q8 model's embedding and LM head held quantized too (footprint.weight_bytes), as GGUF files
     # hold them; False where the runtime holds them in half precision (the CPU: models/load.py).
     quantized_head: bool = True
     # measured: the target's forward time for n = 1.. tokens over one token's, per weight dtype
     # (`cost_curve_<dtype>` keys; bench/cost_curve.py). A device-wide fallback for pair profiles.
     cost_curves: tuple = ()    # ((dtype, (1.0, t(2)/t(1), ...)), ...)
-    packed_head: bool = False    # measured faster: a q4 model's bf16 LM head packed once for oneDNN (models/quant.py)
     out_major_dtypes: tuple = ()  # measured: dense dtypes whose matrices decode faster [out, in] (models/layout.py)
 
     def cost_curve(self, dtype: str) -> tuple[float, ...]:

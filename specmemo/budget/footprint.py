@@ -63,8 +63,8 @@ def weight_bytes(arch: Arch, dtype: str, quantized_head: bool = False) -> int:
     if not is_quantized(dtype):
         return arch.num_params() * dtype_bytes(dtype)
     every = matrices(arch)
-    layers = every if quantized_head else every[:-1]
-    in_matrices = sum(n * rows * cols for n, rows, cols in layers)
+    quantized = every if quantized_head else every[:-1]
+    in_matrices = sum(n * rows * cols for n, rows, cols in quantized)
     groups = lambda mats: sum(n * rows * -(-cols // QUANT_GROUP) for n, rows, cols in mats)
     packed = groups(every[:-1]) * QUANT_GROUP_BYTES[dtype]
     if quantized_head:

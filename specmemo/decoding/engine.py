@@ -21,7 +21,7 @@ import torch
 from specmemo.budget.speedup import DEFAULT_MODEL_ALPHA, PairProfile, best_draft_len, best_tree
 from specmemo.decoding.events import Finished, GenerationStats, Prefilled, Step
 from specmemo.decoding.sampling import SamplingConfig
-from specmemo.decoding.verify import verify_greedy, verify_sampling, verify_tree_greedy
+from specmemo.decoding.verify import verify_greedy, verify_sampling, verify_tree_greedy, verify_tree_sampling
 from specmemo.memory.attention import CandidateTree
 from specmemo.errors import BadInput
 from specmemo.memory.malloc import trim_heap
@@ -110,11 +110,10 @@ class Engine:
         pair = pair or PairProfile(DEFAULT_MODEL_ALPHA, 0.0, "default")
         self.lengths = DraftLength(pair, self.max_draft_len)
         self.draft_len = self.lengths.first()
-        # A drafter that ranks candidates (the draft head) proposes a candidate tree in greedy
-        # decoding; its shape follows the measured rank acceptance (TreeShape).
+        # A drafter that ranks candidates (the draft head) proposes a candidate tree; its shape
+        # follows the measured rank acceptance (TreeShape).
         ranks = (pair.ranks or getattr(drafter, "rank_prior", None)) if hasattr(drafter, "propose_tree") else None
-        self.shapes = TreeShape(pair, self.max_draft_len, list(ranks)) \
-            if ranks and sampling.greedy and self.max_draft_len else None
+        self.shapes = TreeShape(pair, self.max_draft_len, list(ranks)) if ranks and self.max_draft_len else None
         self.prefill_chunk, self.context = prefill_chunk, context
         self.generator = generator
         self.device = store.keys.device
@@ -167,8 +166,9 @@ class Engine:
         return int(torch.multinomial(self.sampling.probs(logits[-1:])[0], 1, generator=self.generator))
 
     def _tree_step(self, max_nodes: int) -> tuple[Step, float]:
-        """One greedy step over a candidate tree: verify every node in one forward, keep the
-        branch the target agrees with (its K/V moved into place in the store), emit its tokens."""
+        """One step over a candidate tree: verify every node in one forward, keep the branch the
+        target agrees with (greedy: its argmax; sampling: multi-candidate rejection, see
+        verify_tree_sampling), its K/V moved into place in the store, and emit its tokens."""
         t0 = time.perf_counter()
         tree, drafted = self.drafter.propose_tree(self.tokens, self.shapes.best(max_nodes))
         drafting = time.perf_counter() - t0
@@ -177,7 +177,10 @@ class Engine:
         tokens = [self.tokens[-1], *drafted]
         start = self.store.length
         logits = self.forward(self.store, torch.tensor([tokens], device=self.device), len(tokens), tree=tree)[0]
-        path, nxt = verify_tree_greedy(logits, tokens, tree)
+        if self.sampling.greedy:
+            path, nxt = verify_tree_greedy(logits, tokens, tree)
+        else:
+            path, nxt = verify_tree_sampling(self.sampling.probs(logits), tokens, tree, self.generator)
         self.store.keep_branch(start, path)
         ranks = self.shapes.after(tree, tokens, path, nxt)
         self.drafter.observe(path[-1])  # the last accepted node's row chose nxt

@@ -55,3 +55,28 @@ def verify_tree_greedy(target_logits: torch.Tensor, tokens: list[int], tree) -> 
         if follow is None:
             return path, want
         path.append(follow)
+
+
+def verify_tree_sampling(p: torch.Tensor, tokens: list[int], tree, generator: torch.Generator | None
+                         ) -> tuple[list[int], int]:
+    """p: [n, V] target probabilities for the n nodes of a candidate tree, tokens: each node's token
+    (the root's first). Candidates are proposed deterministically (a draft head's top-k: a point
+    mass each), so a node's children are tried in rank order with SpecInfer's multi-step rejection:
+    child c is accepted with probability r(c) / Σr, r the node's distribution with the tokens of
+    the children already rejected removed; when none is accepted (or the node is a leaf) the next
+    token is drawn from that residual. Child i is then taken with probability exactly p(c_i) and any
+    other token likewise, so every emitted token follows the target. Returns (accepted path of node
+    indices, root first; the next token after it)."""
+    path = [0]
+    while True:
+        residual = p[path[-1]].clone()
+        follow = None
+        for child in tree.children(path[-1]):
+            mass = residual[tokens[child]]
+            if torch.rand((), generator=generator, device=p.device) * residual.sum() < mass:
+                follow = child
+                break
+            residual[tokens[child]] = 0
+        if follow is None:
+            return path, int(torch.multinomial(residual, 1, generator=generator))
+        path.append(follow)
