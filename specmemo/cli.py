@@ -155,6 +155,8 @@ def generate(
         raise typer.BadParameter("give either --prompt or --prompts")
     if prompts is None and batch is not None:
         raise typer.BadParameter("--batch goes with --prompts")
+    if batch is not None and batch < 1:
+        raise typer.BadParameter(f"--batch must be ≥ 1, got {batch}")
 
     if prompt == "-":
         sys.stdin.reconfigure(errors="surrogateescape")  # generate() replaces bytes that are not UTF-8

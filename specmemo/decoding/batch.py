@@ -22,7 +22,7 @@ import torch
 
 from specmemo.budget.speedup import DEFAULT_MODEL_ALPHA, PairProfile, batch_draft_counts, step_cost
 from specmemo.decoding.engine import DraftLength
-from specmemo.decoding.events import GenerationStats, Step
+from specmemo.decoding.events import GenerationStats, Step, clip
 from specmemo.decoding.sampling import SamplingConfig
 from specmemo.decoding.verify import verify_greedy, verify_sampling
 from specmemo.errors import BadInput
@@ -141,11 +141,6 @@ class BatchEngine:
         k = self.max_draft_len if drafter.name != "none" else 0
         return _Slot(index, store, drafter, DraftLength(self.pair, k), list(prompt), started=time.perf_counter())
 
-    def _choose(self, logits: torch.Tensor) -> int:
-        if self.sampling.greedy:
-            return int(logits[-1].argmax())
-        return int(torch.multinomial(self.sampling.probs(logits[-1:])[0], 1, generator=self.generator))
-
     def run(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int] = frozenset(),
             should_stop: Callable[[], bool] = lambda: False) -> Iterator:
         """Yield SequenceDone for each prompt as it finishes (not in input order), then BatchStats."""
@@ -235,7 +230,7 @@ class BatchEngine:
             slot.stats.prefilled_tokens = len(slot.tokens)
             slot.drafter.catch_up(slot.tokens, self.prefill_chunk)
             slot.drafter.observe(offset)                              # its one kept row chose the token
-            tokens = [self._choose(logits)]
+            tokens = [self.sampling.choose(logits, self.generator)]
             slot.first_token_at = time.perf_counter()
             slot.stats.prefill_seconds = slot.first_token_at - slot.started
             step = Step(tokens, drafted=0, accepted=0)
@@ -249,11 +244,7 @@ class BatchEngine:
             step = Step(draft[:a].tolist() + [nxt], drafted=len(seg) - 1, accepted=a)
             slot.lengths.after(step)
         budget = min(max_new - len(slot.new), self.context - len(slot.tokens))
-        tokens, reason = step.tokens[:budget], ""
-        for i, t in enumerate(tokens):
-            if t in stop_ids:
-                tokens, reason = tokens[: i + 1], "stop_token"
-                break
+        tokens, reason = clip(step.tokens, budget, stop_ids)
         slot.stats.record(Step(tokens, step.drafted, min(step.accepted, len(tokens))))
         slot.new.extend(tokens)
         slot.tokens.extend(tokens)

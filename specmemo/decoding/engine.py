@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from specmemo.budget.speedup import DEFAULT_MODEL_ALPHA, PairProfile, best_draft_len, best_tree
-from specmemo.decoding.events import Finished, GenerationStats, Prefilled, Step
+from specmemo.decoding.events import Finished, GenerationStats, Prefilled, Step, clip
 from specmemo.decoding.sampling import SamplingConfig
 from specmemo.decoding.verify import verify_greedy, verify_sampling, verify_tree_greedy, verify_tree_sampling
 from specmemo.memory.attention import CandidateTree
@@ -160,11 +160,6 @@ class Engine:
         self.drafter.observe(-1)
         return logits[0], Prefilled(len(pending), time.perf_counter() - start)
 
-    def _choose(self, logits: torch.Tensor) -> int:
-        if self.sampling.greedy:
-            return int(logits[-1].argmax())
-        return int(torch.multinomial(self.sampling.probs(logits[-1:])[0], 1, generator=self.generator))
-
     def _tree_step(self, max_nodes: int) -> tuple[Step, float]:
         """One step over a candidate tree: verify every node in one forward, keep the branch the
         target agrees with (greedy: its argmax; sampling: multi-candidate rejection, see
@@ -217,7 +212,7 @@ class Engine:
             yield Finished(stats)
             return
         t0 = time.perf_counter()
-        first = Step([self._choose(logits)], drafted=0, accepted=0)
+        first = Step([self.sampling.choose(logits, self.generator)], drafted=0, accepted=0)
         self.tokens.append(first.tokens[0])
         stats.record(first)
         yield first
@@ -240,11 +235,7 @@ class Engine:
                 step, drafting = self._step(min(self.draft_len, budget - 1))
             stats.draft_seconds += drafting
             self.draft_len = self.lengths.after(step)
-            tokens = step.tokens[:budget]
-            for i, t in enumerate(tokens):
-                if t in stop_ids:
-                    tokens, reason = tokens[: i + 1], "stop_token"
-                    break
+            tokens, reason = clip(step.tokens, budget, stop_ids)
             step = Step(tokens, step.drafted, min(step.accepted, len(tokens)), step.ranks)
             self._commit(tokens)
             stats.record(step)

@@ -19,6 +19,16 @@ class Step:
     ranks: tuple[tuple[int, int], ...] = ()
 
 
+def clip(tokens: list[int], budget: int, stop_ids) -> tuple[list[int], str]:
+    """A step's tokens cut to the `budget` left and after the first stop token, and "stop_token"
+    when one ended it (else "")."""
+    tokens = tokens[:budget]
+    for i, t in enumerate(tokens):
+        if t in stop_ids:
+            return tokens[: i + 1], "stop_token"
+    return tokens, ""
+
+
 @dataclass
 class GenerationStats:
     prefilled_tokens: int = 0

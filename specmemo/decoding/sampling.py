@@ -35,6 +35,12 @@ class SamplingConfig:
             logits = logits.masked_fill(drop, float("-inf"))
         return torch.softmax(logits, dim=-1)
 
+    def choose(self, logits: torch.Tensor, generator: torch.Generator | None) -> int:
+        """The next token from the last row of logits [R, V]: argmax, or drawn from probs."""
+        if self.greedy:
+            return int(logits[-1].argmax())
+        return int(torch.multinomial(self.probs(logits[-1:])[0], 1, generator=generator))
+
     def generator(self, device) -> torch.Generator | None:
         if self.seed is None:
             return None

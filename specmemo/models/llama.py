@@ -476,18 +476,19 @@ class LlamaModel:
                              for r, (span, _) in zip(rows, spans)]).to(positions.device)          # [Σn]
         ends = [r.claim(span.stop - span.start) + span.stop - span.start for r, (span, _) in zip(rows, spans)]
         S = max(ends)                                                                   # keys any row sees
-        widen = self.row_exact_tokens and any(m is CAUSAL_ROWS or m is None for _, m in spans)
+        # rows that attend one query at a time over fp32 keys (see `attend`)
+        widened = [bool(self.row_exact_tokens) and (m is CAUSAL_ROWS or m is None) for _, m in spans]
         lo, hi = min(r.batch_row for r in rows), max(r.batch_row for r in rows) + 1   # the batch rows in use
 
         def write(index: int, k: torch.Tensor, v: torch.Tensor):
             keys, values = parent.keys[index], parent.values[index]                 # [B, Hkv, capacity, D]
             keys[rows_of, :, positions] = k[0].transpose(0, 1).to(keys.dtype)       # [Σn, Hkv, D]
             values[rows_of, :, positions] = v[0].transpose(0, 1).to(values.dtype)
-            wide = self.widen(keys[:, :, :S], values[:, :, :S], rows=slice(lo, hi)) if widen else None
+            wide = self.widen(keys[:, :, :S], values[:, :, :S], rows=slice(lo, hi)) if any(widened) else None
             out = []
-            for r, end, (_, mask) in zip(rows, ends, spans):
+            for r, end, wider in zip(rows, ends, widened):
                 b = r.batch_row - lo
-                if wide is not None and (mask is CAUSAL_ROWS or mask is None):
+                if wider:
                     out.append((wide[0][b : b + 1, :, :end], wide[1][b : b + 1, :, :end]))
                 else:
                     out.append((keys[r.batch_row : r.batch_row + 1, :, :end], values[r.batch_row : r.batch_row + 1, :, :end]))
