@@ -6,7 +6,7 @@ token from the target's hidden state and the token just chosen, regressively for
   first   the head's top-1 equals the target's token (a first draft token's greedy acceptance)
   chain   the head's drafts agree with the target at every depth so far (depth 1, 2, 3)
   ranks   the target's token was the head's r-th candidate (r = 1..4: a tree's acceptance vector)
-Usage: python bench/head_acceptance.py [--prompts FILE] [--limit N] [--reply-tokens 128]
+Usage: python bench/head_acceptance.py [--head FILE] [--prompts FILE] [--limit N] [--reply-tokens 128]
 """
 
 import argparse
@@ -36,6 +36,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="smollm2-135m-instruct")
     ap.add_argument("--dtype", default="q4")
+    ap.add_argument("--head", help="a head file (default: the one shipped for the target)")
     ap.add_argument("--prompts", default=str(MT_BENCH) if MT_BENCH.exists() else None)
     ap.add_argument("--limit", type=int)
     ap.add_argument("--reply-tokens", type=int, default=128)
@@ -43,7 +44,7 @@ def main():
     tame_glibc_malloc()
     loaded = load_model(resolve(args.target), args.dtype, forward="specmemo")
     model, tok = loaded.model, loaded.tokenizer
-    head, card = load_head(shipped_head(args.target))
+    head, card = load_head(Path(args.head) if args.head else shipped_head(args.target))
     convs = load_prompts(args.prompts, args.limit)
     ids = [encode_prompt(tok, c.turns[0], chat=True) for c in convs]
     t0 = time.perf_counter()

@@ -4,7 +4,7 @@ The default model's head is its largest matrix (49,152 × 576, tied to the embed
 step streams all of it. Times `x @ head` for x of 1..8 rows, with the head stored [out, in] and
 multiplied through its transposed view (the half-precision layout, models/layout.py), and checks
 each product row-exact (every row equal to that row multiplied alone, which exact verification
-needs); then bf16 packed once into oneDNN's layout (models/quant.PackedHead), and whether its
+needs); then bf16 packed once into oneDNN's layout (models/quant.PackedMatrix), and whether its
 products equal the plain bf16 ones. Feeds `packed_head` in profiles/devices/cpu.toml.
 Usage: python bench/head_kernels.py [--vocab 49152] [--hidden 576] [--repeats 40]
 """
@@ -19,7 +19,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from specmemo.models.quant import PackedHead  # noqa: E402
+from specmemo.models.quant import PackedMatrix  # noqa: E402
 from specmemo.profiling.machine import cpu_name  # noqa: E402
 
 
@@ -55,7 +55,7 @@ def main():
             exact &= all(torch.equal(full[i : i + 1], x[i : i + 1] @ head) for i in range(m))
         print(f"| {str(dtype).split('.')[-1]} | " + " | ".join(cells) + f" | {'yes' if exact else 'no'} |")
     head = weights.to(torch.bfloat16).t()
-    packed = PackedHead(head, None)
+    packed = PackedMatrix(head)
     cells, exact, same = [], True, True
     for m in rows:
         x = torch.randn(m, args.hidden, generator=gen).to(torch.bfloat16)

@@ -1,15 +1,25 @@
 """One pass over all of SmolLM2-135M's matmuls (30 layers, distinct weights per layer, as in
-decoding) for M = 1..16 tokens: dense fp32 and bf16 against torch's packed int4 CPU kernel
-(`_weight_int4pack_mm_for_cpu`, group 32) with fp32 and bf16 activations. Prints ms per pass.
-The device profile's kernel choice for q4 comes from this (see profiles/devices/cpu.toml).
+decoding) for M = 1..16 tokens: dense fp32 and bf16 (torch's matmul, and oneDNN's linear on a
+weight packed once into its blocked layout, as models/quant.PackedMatrix holds the LM head) against
+torch's packed int4 CPU kernel (`_weight_int4pack_mm_for_cpu`, group 32) with fp32 and bf16
+activations. Prints ms per pass. The device profile's kernel choice for q4 comes from this (see
+profiles/devices/cpu.toml); each column's t(M)/t(1) is a floor under the verification cost curve
+C(n) of a forward with those weights, whatever runs around the matmuls.
 
 Usage: python bench/q4_kernels.py [--ms 1,2,4,6,8,16] [--repeats 20]
 """
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from specmemo.profiling.machine import cpu_name  # noqa: E402
 
 # (in, out) of one layer's four matmuls in decoding layout (q/k/v fused, gate/up fused), and the LM head.
 LAYER = [(576, 576 + 2 * 192), (576, 576), (576, 2 * 1536), (1536, 576)]
@@ -39,16 +49,29 @@ def main():
     shapes = LAYER * LAYERS + [HEAD]
     dense = [torch.randn(k, n) * 0.02 for k, n in shapes]
     dense_bf16 = [w.to(torch.bfloat16) for w in dense]
+    onednn = torch.backends.mkldnn.is_available()
+    # [out, in] packed once; the product then runs without reordering the weight per call.
+    pack = (lambda w: torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), 1)) if onednn else None
+    linear = lambda x, p: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [None], "")
     q4 = [packed(k, n) for k, n in shapes]
     q4_bf16 = [(p, s.to(torch.bfloat16)) for p, s in q4]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ms per pass over {len(shapes)} matmuls")
-    print("| M | fp32 | bf16 | q4 (fp32 act.) | q4 (bf16 act.) |")
-    print("|---:|---:|---:|---:|---:|")
+    kinds = [(dense, torch.float32), (dense_bf16, torch.bfloat16)]
+    packs = [[pack(w) for w in ws] for ws, _ in kinds] if onednn else [None, None]
+    print(f"host: {cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"ms per pass over {len(shapes)} matmuls")
+    print("| M | fp32 | bf16 | fp32 packed | bf16 packed | q4 (fp32 act.) | q4 (bf16 act.) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for m in [int(v) for v in args.ms.split(",")]:
         row = []
-        for ws, dt in [(dense, torch.float32), (dense_bf16, torch.bfloat16)]:
+        for ws, dt in kinds:
             xs = {k: torch.randn(m, k).to(dt) for k, _ in shapes}
             row.append(timed(lambda: [xs[w.shape[0]] @ w for w in ws], args.repeats))
+        for (ws, dt), ps in zip(kinds, packs):
+            if ps is None:   # no oneDNN in this torch
+                row.append(float("nan"))
+                continue
+            xs = {k: torch.randn(m, k).to(dt) for k, _ in shapes}
+            row.append(timed(lambda: [linear(xs[w.shape[0]], p) for w, p in zip(ws, ps)], args.repeats))
         for ws, dt in [(q4, torch.float32), (q4_bf16, torch.bfloat16)]:
             xs = {k: torch.randn(m, k).to(dt) for k, _ in shapes}
             row.append(timed(lambda: [torch._weight_int4pack_mm_for_cpu(xs[k], p, GROUP, s)

@@ -167,17 +167,17 @@ def test_a_packed_gguf_runs_like_its_dequantized_weights(tmp_path, kind):
 
 def test_a_packed_head_and_file_read_embedding_give_the_dense_heads_logits_bit_for_bit(tmp_path, monkeypatch):
     import specmemo.models.load as load
-    from specmemo.models.quant import PackedHead, packs_head
+    from specmemo.models.quant import PackedMatrix, packs
 
-    if not packs_head(torch.bfloat16):
+    if not packs(torch.bfloat16, "head"):
         pytest.skip("this machine does not pack a bf16 head (device profile or oneDNN)")
     write_tiny_gguf(tmp_path / "tiny.gguf")
     packed = load.load_gguf_q4(str(tmp_path / "tiny.gguf"), CONFIG, torch.bfloat16)
     import specmemo.models.quant as quant
 
-    monkeypatch.setattr(quant, "packs_head", lambda dtype: False)   # what load_gguf_q4 asks
+    monkeypatch.setattr(quant, "packs", lambda dtype, what: False)   # what load_gguf_q4 asks
     dense = load.load_gguf_q4(str(tmp_path / "tiny.gguf"), CONFIG, torch.bfloat16)
-    assert isinstance(packed.head, PackedHead) and packed.embed is packed.head
+    assert isinstance(packed.head, PackedMatrix) and packed.embed is packed.head
     assert isinstance(dense.head, torch.Tensor)
     assert packed.nbytes() == dense.nbytes()                 # same bytes, another layout; no embedding copy
     ids = torch.randint(0, 96, (1, 27), generator=torch.Generator().manual_seed(1))
@@ -308,3 +308,45 @@ def test_the_default_model_plans_and_runs_packed_q4_on_a_cpu(cli):
     assert default["dtype"] == "q4" and default["runnable"] and default["kv_dtype"] == "bf16"
     assert default["components"]["target_weights"] == 123_048_576   # see test_footprint
     assert fp32["dtype"] == "fp32" and fp32["components"]["target_weights"] > 4 * default["components"]["target_weights"]
+
+
+def test_bf16_layers_and_head_packed_for_onednn_give_the_dense_models_logits_bit_for_bit(tmp_path, monkeypatch):
+    """`--dtype bf16` on a CPU whose device profile packs layers: every layer matrix (the down
+    projection in pieces where whole was not row-exact) and the tied head packed once, the
+    embedding's rows read from the safetensors file. Same logits as the dense model, and a
+    6-token verification rounds each row as a one-token step."""
+    import json
+
+    import transformers
+
+    import specmemo.models.quant as quant
+    from specmemo.memory.kvstore import KVShape, KVStore
+    from specmemo.models.load import load_llama
+
+    if not quant.packs(torch.bfloat16, "layers"):
+        pytest.skip("this machine does not pack bf16 layers (device profile or oneDNN)")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=192, intermediate_size=1536, num_hidden_layers=2,
+                                   num_attention_heads=3, num_key_value_heads=1, tie_word_embeddings=True)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m", safe_serialization=True)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    packed = load_llama(str(tmp_path / "m"), config, torch.bfloat16)
+    monkeypatch.setattr(quant, "packs", lambda dtype, what: False)
+    dense = load_llama(str(tmp_path / "m"), config, torch.bfloat16)
+    assert all(isinstance(w, quant.PackedMatrix) for w in (packed.layers[0].w_qkv, packed.layers[1].w_gate_up))
+    assert isinstance(packed.head, quant.PackedMatrix) and packed.embed is packed.head
+    assert packed.nbytes() == dense.nbytes()                   # same bytes, another layout; no embedding copy
+    ids = torch.randint(0, 512, (1, 30), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(packed.embed_tokens(ids), dense.embed_tokens(ids))
+
+    def steps(model, widths):
+        store = KVStore(KVShape(2, 1, 1, 64, 64), model.dtype, model.device)
+        out, at = [], 0
+        for n in widths:
+            out.append(model(store, ids[:, at : at + n], n))
+            at += n
+        return torch.cat(out, dim=1)
+
+    verify = steps(packed, [24, 6])[:, 24:]
+    assert torch.equal(verify, steps(dense, [24, 6])[:, 24:])
+    assert torch.equal(verify, steps(packed, [24] + [1] * 6)[:, 24:])

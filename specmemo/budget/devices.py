@@ -31,7 +31,8 @@ class Device:
     half_scratch_bytes: int = 0  # measured: extra scratch of bf16/fp16 kernels on this device
     graph_bytes: int = 0       # measured: fixed cost of CUDA-graph capture (0: no graphs on this device)
     packed_q4: bool = False    # measured faster: a GGUF with 4-bit layers runs packed (q4) by default
-    packed_head: bool = False  # measured faster: a q4 model's bf16 LM head packed once for oneDNN (models/quant.py)
+    packed_head: bool = False  # measured faster: a bf16 LM head (q4's too) packed once for oneDNN (models/quant.py)
+    packed_layers: tuple = ()  # measured faster: dense dtypes whose layer matrices are packed once for oneDNN
     # A q4/q8 model's embedding and LM head held quantized too (footprint.weight_bytes), as GGUF files
     # hold them; False where the runtime holds them in half precision (the CPU: models/load.py).
     quantized_head: bool = True
@@ -120,6 +121,7 @@ def load_device(name: str) -> Device:
         quantized_head=bool(data.get("quantized_head", True)),
         out_major_dtypes=tuple(data.get("out_major_dtypes", ())),
         packed_head=bool(data.get("packed_head", False)),
+        packed_layers=tuple(data.get("packed_layers", ())),
         cost_curves=tuple((key.removeprefix("cost_curve_"), tuple(float(x) for x in value))
                           for key, value in data.items() if key.startswith("cost_curve_")),
     )

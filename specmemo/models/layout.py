@@ -14,6 +14,11 @@ from torch import nn
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """fp32 / bf16 / fp16 as device profiles name them ("" for any other)."""
+    return _DTYPE_NAMES.get(dtype, "")
+
+
 def out_major(dtype: torch.dtype, device) -> bool:
     """Whether our decoder stores `dtype` matrices [out, in] and multiplies by their transposed
     view (torch's Linear layout) rather than [in, out] contiguous: on a CPU, as the device profile
@@ -24,7 +29,7 @@ def out_major(dtype: torch.dtype, device) -> bool:
         return False
     from specmemo.budget.devices import load_device
 
-    return _DTYPE_NAMES.get(dtype, "") in load_device("cpu").out_major_dtypes
+    return dtype_name(dtype) in load_device("cpu").out_major_dtypes
 
 
 class TransposedLinear(nn.Module):

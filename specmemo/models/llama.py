@@ -130,6 +130,18 @@ def row_exact(multiply, x: torch.Tensor, w) -> bool:
     return torch.equal(multiply(x, w), torch.stack(alone, dim=1))
 
 
+def exact_on_probes(multiply, w, dtype: torch.dtype, device, widths=(2, 6) * 5) -> bool:
+    """row_exact on random inputs in `dtype`, one per width (the same inputs on every call). Each
+    new width costs the CPU kernel library a cached primitive (0.7 MB measured): a few widths,
+    varied values (a kernel that is not row-exact shows it in about half the inputs)."""
+    gen = torch.Generator(device).manual_seed(0)
+    return all(row_exact(multiply, torch.randn(1, rows, w.shape[0], generator=gen, device=device).to(dtype), w)
+               for rows in widths)
+
+
+KINDS = {"qkv": "w_qkv", "o": "w_o", "gate_up": "w_gate_up", "down": "w_down"}   # matrix kind -> Layer field
+
+
 class Layer:
     """One decoder block's weights, in decoding layout (see the module docstring)."""
 
@@ -358,20 +370,13 @@ class LlamaModel:
         if self._exactness is None:
             found = {}
             if self.row_exact_tokens and self.device.type == "cpu":
-                layer = self.layers[0]
-                kinds = {"qkv": layer.w_qkv, "o": layer.w_o, "gate_up": layer.w_gate_up, "down": layer.w_down,
-                         "head": self.head}
-                gen = torch.Generator(self.device).manual_seed(0)
+                kinds = {kind: getattr(self.layers[0], attr) for kind, attr in KINDS.items()} | {"head": self.head}
                 for kind, w in kinds.items():
-                    # Each new width costs the CPU kernel library a cached primitive (0.7 MB
-                    # measured): a few widths, varied values (a kernel that is not row-exact shows
-                    # it in about half the inputs).
-                    probes = [torch.randn(1, rows, w.shape[0], generator=gen, device=self.device).to(self.dtype)
-                              for rows in ((2, 6) if kind == "head" else (2, 6) * 5)]
-                    if not all(row_exact(operator.matmul, x, w) for x in probes):
+                    widths = (2, 6) if kind == "head" else (2, 6) * 5
+                    if not exact_on_probes(operator.matmul, w, self.dtype, self.device, widths):
                         splits = isinstance(w, torch.Tensor) and w.shape[0] > SPLIT_INPUTS
-                        found[kind] = "split" if splits and all(row_exact(split_product, x, w) for x in probes) \
-                            else "rows"
+                        found[kind] = "split" if splits and exact_on_probes(
+                            split_product, w, self.dtype, self.device, widths) else "rows"
             self._exactness = found
         return self._exactness
 

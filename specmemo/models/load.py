@@ -289,7 +289,25 @@ def load_llama(location: str, config: dict, dtype: torch.dtype, device: str = "c
     def rows(name: str, r0: int, r1: int | None) -> torch.Tensor:
         return _read_rows(index[name], r0, nrows(name) if r1 is None else r1)
 
-    return _build_llama(config, rows, nrows, dtype, device)
+    model = _build_llama(config, rows, nrows, dtype, device)
+    if torch.device(device).type == "cpu":
+        _pack_for_onednn(model, index)
+    return model
+
+
+def _pack_for_onednn(model, index: dict) -> None:
+    """bf16 on a CPU, where the device profile measured it faster: layer matrices and the LM head
+    packed once for oneDNN (models/quant.PackedMatrix). The head's rows (the tied embedding's
+    too) are then read from the safetensors file per token."""
+    from specmemo.models.quant import FileRows, PackedMatrix, pack_layers, packs
+
+    if packs(model.dtype, "layers"):
+        pack_layers(model)
+    if packs(model.dtype, "head"):
+        path, offset, file_dtype, shape = index["model.embed_tokens.weight" if model.cfg.tie_embeddings else "lm_head.weight"]
+        model.head = PackedMatrix(model.head, FileRows.dense(path, offset, file_dtype, shape[1], model.dtype))
+        if model.cfg.tie_embeddings:
+            model.embed = model.head
 
 
 def own_from_transformers(model: torch.nn.Module):
@@ -373,7 +391,7 @@ def load_gguf_q4(gguf_path: str, config: dict, dtype: torch.dtype):
 
     from specmemo.models.gguf_file import open_gguf
     from specmemo.models.llama import LlamaConfig, LlamaModel
-    from specmemo.models.quant import GROUP, FileRows, Int4Weight, PackedHead, packs_head, q4_blocks, rope_rows
+    from specmemo.models.quant import GROUP, FileRows, Int4Weight, PackedMatrix, packs, q4_blocks, rope_rows
 
     f = open_gguf(gguf_path)
     arch = f.metadata.get("general.architecture")
@@ -448,9 +466,9 @@ def load_gguf_q4(gguf_path: str, config: dict, dtype: torch.dtype):
     model.norm = vector("output_norm.weight")
     model.embed = transposed("token_embd.weight")                                 # [E, V] operand
     model.head = model.embed if cfg.tie_embeddings else transposed("output.weight")
-    if packs_head(dtype):   # packed for oneDNN; its rows (the tied embedding's too) read from the file
+    if packs(dtype, "head"):   # packed for oneDNN; its rows (the tied embedding's too) read from the file
         name = "token_embd.weight" if cfg.tie_embeddings else "output.weight"
-        model.head = PackedHead(model.head, FileRows(f.path, entry(name), dtype))
+        model.head = PackedMatrix(model.head, FileRows(f.path, entry(name), dtype))
         if cfg.tie_embeddings:
             model.embed = model.head
     if unpacked:

@@ -1,6 +1,6 @@
-"""Packed 4-bit weights for our decoder on a CPU: GGUF Q4_0/Q4_1 matrices kept 4-bit, run by
-torch's int4 CPU kernel (`_weight_int4pack_mm_for_cpu`, group 32; measured against dense fp32/bf16
-by bench/q4_kernels.py).
+"""Packed weights for our decoder on a CPU: GGUF Q4_0/Q4_1 matrices kept 4-bit, run by torch's
+int4 CPU kernel (`_weight_int4pack_mm_for_cpu`, group 32; measured against dense fp32/bf16 by
+bench/q4_kernels.py), and dense bf16 matrices packed once for oneDNN (PackedMatrix).
 
 The kernel's format: per output row n and group g of 32 inputs, w = (q − 8) · scale + zero with
 q in 0..15. GGUF Q4_1 blocks hold w = q · d + m, so scale = d and zero = m + 8d; Q4_0 holds
@@ -57,54 +57,94 @@ class Int4Weight:
         return cls(packed, scale_zero)
 
 
-class PackedHead:
-    """The LM head, bf16, packed once into oneDNN's blocked layout: `x @ w` through torch's bf16
-    matmul reorders the whole weight on every call, which cost a one-token step 3.6-4.3 ms for the
-    default model's 49,152 × 576 head against 1.2 packed (and 2.3 for 8 rows: nearly flat), with
-    bitwise the same products (bench/head_kernels.py; the device profile's packed_head). The
-    packed layout cannot be indexed, so the head's rows (the embedding, when tied) come from
+class PackedMatrix:
+    """A dense matrix (bf16 where measured) packed once into oneDNN's blocked layout (`x @ w`
+    through torch's bf16 matmul reorders the whole weight on every call). For the default model's 49,152 × 576 LM head
+    that reorder cost a one-token step 3.6-4.3 ms against 1.2 packed, with bitwise the same
+    products (bench/head_kernels.py); over all of its layer matrices, one pass took 14.5 ms packed
+    against 22.4 and stayed flat up to 8 rows (bench/q4_kernels.py; the device profile's
+    packed_head and packed_layers). A matrix whose packed product does not round a row alike at
+    every width is packed in pieces of inputs, added in a fixed order (as llama.split_product).
+    The packed layout cannot be indexed, so a head's rows (the embedding, when tied) come from
     `rows`: read from the model file on demand (FileRows)."""
 
-    def __init__(self, weight: torch.Tensor, rows):
-        """weight: the [E, V] operand (any layout); rows(ids [n]) -> [n, E] of the [V, E] matrix."""
+    def __init__(self, weight: torch.Tensor, rows=None, pieces: int = 1):
+        """weight: the [in, out] operand (any layout); rows(ids [n]) -> [n, in] of the [out, in]
+        matrix; pieces: equal slices of the inputs, each packed and multiplied on its own."""
         self.dtype = weight.dtype
         self.in_features, self.out_features = weight.shape
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous(), 1)
+        size = -(-self.in_features // pieces)
+        self.spans = [(i, min(i + size, self.in_features)) for i in range(0, self.in_features, size)]
+        self.packed = [torch.ops.mkldnn._reorder_linear_weight(weight[a:b].t().contiguous(), 1) for a, b in self.spans]
         self.rows = rows
 
     def times(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., E] -> [..., V]."""
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [None], "")
+        """x [..., in] -> [..., out]."""
+        if len(self.packed) == 1:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed[0], None, "none", [None], "")
+        out = None
+        for (a, b), w in zip(self.spans, self.packed):
+            part = torch.ops.mkldnn._linear_pointwise(x[..., a:b].contiguous(), w, None, "none", [None], "")
+            out = part if out is None else out + part
+        return out
 
     __rmatmul__ = times
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.packed]
+        return list(self.packed)
 
     @property
     def shape(self) -> tuple[int, int]:
         return (self.in_features, self.out_features)
 
 
-def packs_head(dtype: torch.dtype) -> bool:
-    """Whether this machine packs a `dtype` head (the device profile measured it faster, and
-    oneDNN runs bf16 here) and the packed product equals the plain one bit for bit on a probe."""
+def packs(dtype: torch.dtype, what: str) -> bool:
+    """Whether this machine packs a `dtype` model's `what` ("head": bf16 only, or "layers") for
+    oneDNN: the device profile measured it faster, oneDNN runs that dtype here, and the packed
+    product equals the plain one on a probe (bit for bit in half precision)."""
     from specmemo.budget.devices import load_device
+    from specmemo.models.layout import dtype_name
 
-    if dtype != torch.bfloat16 or not load_device("cpu").packed_head or not torch.backends.mkldnn.is_available():
+    device = load_device("cpu")
+    wanted = device.packed_head and dtype == torch.bfloat16 if what == "head" else \
+        dtype_name(dtype) in device.packed_layers
+    if not wanted or not torch.backends.mkldnn.is_available():
         return False
     try:
         gen = torch.Generator().manual_seed(0)
-        w = torch.randn(64, 96, generator=gen).to(dtype)                # [E, V]
+        w = torch.randn(64, 96, generator=gen).to(dtype)                # [in, out]
         x = torch.randn(3, 64, generator=gen).to(dtype)
-        return torch.equal(PackedHead(w, None).times(x), x @ w)
+        got, want = PackedMatrix(w).times(x), x @ w
+        # fp32: oneDNN and MKL may sum in other orders (fp32 verification is left to its precision)
+        return torch.equal(got, want) if dtype != torch.float32 else torch.allclose(got, want, rtol=1e-5, atol=1e-5)
     except (RuntimeError, AttributeError):   # no bf16 oneDNN kernels on this CPU, or no such op in this torch
         return False
 
 
+def pack_layers(model) -> dict[str, int]:
+    """Pack every layer matrix of `model` (our decoder on a CPU) for oneDNN, kind by kind. In half
+    precision, where verification must round each row as that row alone (LlamaModel.exactness),
+    only as the packed product does so on the model's own probe of layer 0's weights: whole, else
+    in pieces of ≤ SPLIT_INPUTS inputs; a kind exact neither way stays dense. Returns kind ->
+    pieces (0: left dense)."""
+    from specmemo.models.llama import KINDS, SPLIT_INPUTS, exact_on_probes
+
+    chosen = {}
+    for kind, attr in KINDS.items():
+        w = getattr(model.layers[0], attr)
+        options = [1] + ([-(-w.shape[0] // SPLIT_INPUTS)] if w.shape[0] > SPLIT_INPUTS else [])
+        chosen[kind] = next((n for n in options if not model.row_exact_tokens or exact_on_probes(
+            lambda x, p: p.times(x), PackedMatrix(w, pieces=n), model.dtype, model.device)), 0)
+        if chosen[kind]:
+            for layer in model.layers:
+                setattr(layer, attr, PackedMatrix(getattr(layer, attr), pieces=chosen[kind]))
+    return chosen
+
+
 class FileRows:
-    """Rows of a GGUF matrix read from the file when asked (os.pread, a few hundred bytes a token;
-    nothing held, nothing mapped), dequantized as loading does: ids [n] -> [n, cols] in `dtype`."""
+    """Rows of a matrix read from its file when asked (os.pread, a few hundred bytes a token;
+    nothing held, nothing mapped), decoded as loading does: ids [n] -> [n, cols] in `dtype`. A
+    GGUF tensor (dequantized), or with `dense` a safetensors one [rows, cols] of a torch dtype."""
 
     def __init__(self, path, tensor, dtype: torch.dtype):
         import gguf
@@ -113,10 +153,22 @@ class FileRows:
         self.offset, self.row_bytes, self.cols = tensor.offset, tensor.row_bytes, tensor.shape[0]
         self.kind, self.dtype = gguf.GGMLQuantizationType(tensor.type_id), dtype
 
+    @classmethod
+    def dense(cls, path, offset: int, file_dtype: torch.dtype, cols: int, dtype: torch.dtype) -> "FileRows":
+        self = cls.__new__(cls)
+        self.fd = os.open(path, os.O_RDONLY)
+        self.offset, self.cols, self.dtype, self.kind = offset, cols, dtype, file_dtype
+        self.row_bytes = cols * file_dtype.itemsize
+        return self
+
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        raw = b"".join(os.pread(self.fd, self.row_bytes, self.offset + i * self.row_bytes) for i in ids.tolist())
+        if not raw:
+            return torch.empty(0, self.cols, dtype=self.dtype)
+        if isinstance(self.kind, torch.dtype):
+            return torch.frombuffer(bytearray(raw), dtype=self.kind).reshape(-1, self.cols).to(self.dtype)
         import gguf
 
-        raw = b"".join(os.pread(self.fd, self.row_bytes, self.offset + i * self.row_bytes) for i in ids.tolist())
         values = gguf.quants.dequantize(np.frombuffer(raw, dtype=np.uint8).reshape(-1, self.row_bytes), self.kind)
         return torch.from_numpy(np.asarray(values, dtype=np.float32).reshape(-1, self.cols)).to(self.dtype)
 

@@ -39,6 +39,8 @@ class HeadRecipe:
     epochs: int = 3
     batch: int = 256                # positions per optimizer step
     lr: float = 2e-3
+    soft: float = 0.5               # share of each depth's token loss taken from the target's whole
+                                    # distribution (KL) rather than its chosen token (cross-entropy)
     seed: int = 0
 
 
@@ -145,10 +147,11 @@ class Positions:
 
 
 def head_losses(head: DraftHead, parts: TargetParts, pos: Positions, p: torch.Tensor, index: torch.Tensor,
-                depth: int) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+                depth: int, soft: float = 0.0) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
     """Loss over start positions p [P] unrolled `depth` steps, each depth's top-1 hits [P] (False
     where the depth runs past the reply), and depth 1's logits [P, Vh]. index: [V] token -> head
-    vocabulary slot, −100 if absent."""
+    vocabulary slot, −100 if absent. soft: see HeadRecipe (the target's distribution over the
+    head's vocabulary comes from its hidden state, H_q through its own norm and head rows)."""
     h, x = pos.H[p], pos.R[p]
     loss, hits, first = 0.0, [], None
     for d in range(1, depth + 1):
@@ -157,9 +160,15 @@ def head_losses(head: DraftHead, parts: TargetParts, pos: Positions, p: torch.Te
         f = head.block(h, parts.embed(x))                      # [P, E]
         logits = parts.logits(f)                               # [P, Vh]
         label = torch.where(valid, index[pos.R[q]], -100)
-        ce = F.cross_entropy(logits, label, ignore_index=-100) if bool((label >= 0).any()) else logits.sum() * 0
-        reg = ((unit_rms(f) - unit_rms(pos.H[q])).pow(2).mean(-1) * valid).sum() / valid.sum().clamp(min=1)
-        loss = loss + (ce + reg) / d
+        token = F.cross_entropy(logits, label, ignore_index=-100) if bool((label >= 0).any()) else logits.sum() * 0
+        share = valid.float() / valid.sum().clamp(min=1)       # [P]: the mean over valid positions
+        if soft:
+            with torch.no_grad():
+                target = torch.log_softmax(parts.logits(pos.H[q]), dim=-1)                # [P, Vh]
+            kl = F.kl_div(torch.log_softmax(logits, dim=-1), target, log_target=True, reduction="none")
+            token = (1 - soft) * token + soft * (kl.sum(-1) * share).sum()
+        reg = ((unit_rms(f) - unit_rms(pos.H[q])).pow(2).mean(-1) * share).sum()
+        loss = loss + (token + reg) / d
         hits.append((logits.argmax(-1) == label) & valid)
         first = logits if first is None else first
         h, x = f, pos.R[q]
@@ -215,7 +224,7 @@ def train_head(recipe: HeadRecipe, model, corpus: list[dict], progress=None, log
     for epoch in range(recipe.epochs):
         order = starts[torch.randperm(len(starts), generator=gen)]
         for i in range(0, len(order) - batch + 1, batch):
-            loss, _, _ = head_losses(head, parts, pos, order[i : i + batch], index, recipe.depth)
+            loss, _, _ = head_losses(head, parts, pos, order[i : i + batch], index, recipe.depth, recipe.soft)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
@@ -248,7 +257,8 @@ def card_markdown(card: dict, vocab: int) -> str:
         f"  reply tokens (at most {r['vocab']:,}; the target's LM-head rows); {card['head_bytes'] / 2**20:.1f} MiB of",
         "  fp32 weights.",
         f"- Training: {e['steps']} steps of {r['batch']} positions ({r['epochs']} epochs, depth {r['depth']}, AdamW,",
-        f"  lr {r['lr']}, seed {r['seed']}) in {e['train_seconds']:.0f} s; whole recipe {card['total_seconds'] / 60:.1f} min",
+        f"  lr {r['lr']}, seed {r['seed']}; token loss {r.get('soft', 0):.0%} KL to the target's distribution, the rest",
+        f"  cross-entropy to its token) in {e['train_seconds']:.0f} s; whole recipe {card['total_seconds'] / 60:.1f} min",
         f"  on {card['host']}, {card['threads']} threads, torch {card['torch']}.",
         f"- Held-out ({r['holdout']} prompts, {e['positions']:,} positions, teacher-forced): first-token acceptance",
         f"  {e['first']:.3f}; all drafts right to depth 1/2/3: {e['chain']}; the target's token was the head's",
