@@ -1,26 +1,40 @@
 """`specmemo generate` end to end on the real default model (SmolLM2-135M-Instruct GGUF)."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
 from specmemo.models.synthetic import llama_config, save_random_model
+from specmemo.paths import profiles_dir
 
 pytestmark = pytest.mark.slow
 
 
-def generate(*args, stdin=None):
+def generate(*args, stdin=None, env=None):
     return subprocess.run([sys.executable, "-m", "specmemo", "generate", *map(str, args)],
-                          capture_output=True, text=True, input=stdin, timeout=300)
+                          capture_output=True, text=True, input=stdin, timeout=300,
+                          env=None if env is None else {**os.environ, **env})
 
 
-def json_runs(drafters, prompt, max_new):
+def eager_head(tmp_path) -> dict:
+    """An environment whose profiles say the draft head pays (α 0.9, free): whether it drafts
+    then does not hang on the head's last measured profile on this machine (which may find it
+    slower than none) or on forward times measured in the run."""
+    profiles = tmp_path / "profiles"
+    shutil.copytree(profiles_dir(), profiles)
+    (profiles / "pairs" / "smollm2-135m-instruct__head.toml").write_text("alpha = 0.9\nc = 0.0\n")
+    return {"SPECMEMO_PROFILES": str(profiles)}
+
+
+def json_runs(drafters, prompt, max_new, env=None):
     """generate --json once per drafter: {drafter: its JSON}."""
     runs = {}
     for drafter in drafters:
-        r = generate("--draft", drafter, "--prompt", prompt, "--chat", "--max-new-tokens", max_new, "--json")
+        r = generate("--draft", drafter, "--prompt", prompt, "--chat", "--max-new-tokens", max_new, "--json", env=env)
         assert r.returncode == 0, r.stderr
         runs[drafter] = json.loads(r.stdout)
     return runs
@@ -91,8 +105,8 @@ def test_budget_refusal_shows_the_plan_breakdown():
     assert "target_weights" in r.stderr and "target_kv" in r.stderr
 
 
-def test_the_shipped_draft_head_drafts_and_leaves_the_output_unchanged():
-    runs = json_runs(("none", "head"), "Explain how a rainbow forms.", 64)
+def test_the_shipped_draft_head_drafts_and_leaves_the_output_unchanged(tmp_path):
+    runs = json_runs(("none", "head"), "Explain how a rainbow forms.", 64, env=eager_head(tmp_path))
     head = runs["head"]
     assert head["token_ids"] == runs["none"]["token_ids"]          # greedy: exactly the target's tokens
     assert head["drafted_tokens"] >= head["accepted_tokens"] > 0  # and the head's drafts were accepted
@@ -176,7 +190,7 @@ def test_batch_with_a_draft_model_is_refused_in_one_line(tmp_path):
 def test_batch_with_the_draft_head_equals_each_prompt_alone(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(BATCH_PROMPTS[:2]) + "\n")
-    r = generate("--prompts", prompts, "--batch", 2, "--chat", "--draft", "head", "-m", 24)
+    r = generate("--prompts", prompts, "--batch", 2, "--chat", "--draft", "head", "-m", 24, env=eager_head(tmp_path))
     assert r.returncode == 0, r.stderr
     lines = [json.loads(l) for l in r.stdout.strip().splitlines()]
     assert sum(l["accepted_tokens"] for l in lines) > 0
