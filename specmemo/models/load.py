@@ -299,15 +299,13 @@ def _pack_for_onednn(model, index: dict) -> None:
     """bf16 on a CPU, where the device profile measured it faster: layer matrices and the LM head
     packed once for oneDNN (models/quant.PackedMatrix). The head's rows (the tied embedding's
     too) are then read from the safetensors file per token."""
-    from specmemo.models.quant import FileRows, PackedMatrix, pack_layers, packs
+    from specmemo.models.quant import FileRows, pack_head, pack_layers, packs
 
     if packs(model.dtype, "layers"):
         pack_layers(model)
     if packs(model.dtype, "head"):
         path, offset, file_dtype, shape = index["model.embed_tokens.weight" if model.cfg.tie_embeddings else "lm_head.weight"]
-        model.head = PackedMatrix(model.head, FileRows.dense(path, offset, file_dtype, shape[1], model.dtype))
-        if model.cfg.tie_embeddings:
-            model.embed = model.head
+        pack_head(model, FileRows.dense(path, offset, file_dtype, shape[1], model.dtype))
 
 
 def own_from_transformers(model: torch.nn.Module):
@@ -391,7 +389,7 @@ def load_gguf_q4(gguf_path: str, config: dict, dtype: torch.dtype):
 
     from specmemo.models.gguf_file import open_gguf
     from specmemo.models.llama import LlamaConfig, LlamaModel
-    from specmemo.models.quant import GROUP, FileRows, Int4Weight, PackedMatrix, packs, q4_blocks, rope_rows
+    from specmemo.models.quant import GROUP, FileRows, Int4Weight, pack_head, packs, q4_blocks, rope_rows
 
     f = open_gguf(gguf_path)
     arch = f.metadata.get("general.architecture")
@@ -467,10 +465,8 @@ def load_gguf_q4(gguf_path: str, config: dict, dtype: torch.dtype):
     model.embed = transposed("token_embd.weight")                                 # [E, V] operand
     model.head = model.embed if cfg.tie_embeddings else transposed("output.weight")
     if packs(dtype, "head"):   # packed for oneDNN; its rows (the tied embedding's too) read from the file
-        name = "token_embd.weight" if cfg.tie_embeddings else "output.weight"
-        model.head = PackedMatrix(model.head, FileRows(f.path, entry(name), dtype))
-        if cfg.tie_embeddings:
-            model.embed = model.head
+        pack_head(model, FileRows.gguf(f.path, entry("token_embd.weight" if cfg.tie_embeddings else "output.weight"),
+                                       dtype))
     if unpacked:
         import sys
 

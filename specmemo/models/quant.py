@@ -121,6 +121,14 @@ def packs(dtype: torch.dtype, what: str) -> bool:
         return False
 
 
+def pack_head(model, rows) -> None:
+    """Put `model`'s LM head in place packed for oneDNN, its rows (and a tied embedding's) read
+    through rows(ids) (FileRows), so the dense table is not held twice."""
+    model.head = PackedMatrix(model.head, rows)
+    if model.cfg.tie_embeddings:
+        model.embed = model.head
+
+
 def pack_layers(model) -> dict[str, int]:
     """Pack every layer matrix of `model` (our decoder on a CPU) for oneDNN, kind by kind. In half
     precision, where verification must round each row as that row alone (LlamaModel.exactness),
@@ -144,22 +152,23 @@ def pack_layers(model) -> dict[str, int]:
 class FileRows:
     """Rows of a matrix read from its file when asked (os.pread, a few hundred bytes a token;
     nothing held, nothing mapped), decoded as loading does: ids [n] -> [n, cols] in `dtype`. A
-    GGUF tensor (dequantized), or with `dense` a safetensors one [rows, cols] of a torch dtype."""
+    GGUF tensor (dequantized: `gguf`) or a safetensors one of a torch dtype (`dense`)."""
 
-    def __init__(self, path, tensor, dtype: torch.dtype):
+    def __init__(self, path, offset: int, row_bytes: int, cols: int, kind, dtype: torch.dtype):
+        """kind: the file's torch dtype (dense rows), or a GGML quantization type."""
+        self.fd = os.open(path, os.O_RDONLY)
+        self.offset, self.row_bytes, self.cols, self.kind, self.dtype = offset, row_bytes, cols, kind, dtype
+
+    @classmethod
+    def gguf(cls, path, tensor, dtype: torch.dtype) -> "FileRows":
         import gguf
 
-        self.fd = os.open(path, os.O_RDONLY)
-        self.offset, self.row_bytes, self.cols = tensor.offset, tensor.row_bytes, tensor.shape[0]
-        self.kind, self.dtype = gguf.GGMLQuantizationType(tensor.type_id), dtype
+        return cls(path, tensor.offset, tensor.row_bytes, tensor.shape[0], gguf.GGMLQuantizationType(tensor.type_id),
+                   dtype)
 
     @classmethod
     def dense(cls, path, offset: int, file_dtype: torch.dtype, cols: int, dtype: torch.dtype) -> "FileRows":
-        self = cls.__new__(cls)
-        self.fd = os.open(path, os.O_RDONLY)
-        self.offset, self.cols, self.dtype, self.kind = offset, cols, dtype, file_dtype
-        self.row_bytes = cols * file_dtype.itemsize
-        return self
+        return cls(path, offset, cols * file_dtype.itemsize, cols, file_dtype, dtype)
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         raw = b"".join(os.pread(self.fd, self.row_bytes, self.offset + i * self.row_bytes) for i in ids.tolist())
