@@ -3,7 +3,9 @@
 SmolLM2-135M-Instruct through specmemo's own decoder, 512 tokens already in the KV store, median
 of 15 runs for each n; prints t(n) in ms and t(n)/t(1). Speculation pays when k draft tokens are
 accepted often enough to cover t(k+1)/t(1).
-Usage: python bench/cost_curve.py [--dtypes fp32,bf16] [--max-tokens 16]
+--torch-attention also times each half-precision dtype with exact attention in torch (one query
+at a time) instead of the compiled kernel (models/native.py), in the same run ("<dtype>/torch").
+Usage: python bench/cost_curve.py [--dtypes fp32,bf16] [--max-tokens 16] [--torch-attention]
 """
 
 import argparse
@@ -25,17 +27,24 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--torch-attention", action="store_true")
     args = ap.parse_args()
     tame_glibc_malloc()
     print(f"host: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     ref = resolve("smollm2-135m-instruct")
-    times = {dt: forward_times(ref, dt, args.max_tokens) for dt in args.dtypes.split(",")}
+    times = {}
+    for dt in args.dtypes.split(","):
+        times[dt] = forward_times(ref, dt, args.max_tokens)
+        if args.torch_attention and dt != "fp32":
+            times[f"{dt}/torch"] = forward_times(ref, dt, args.max_tokens, torch_attention=True)
     print("| n | " + " | ".join(f"{dt} ms | {dt} t(n)/t(1)" for dt in times) + " |")
     print("|---:|" + "---:|---:|" * len(times))
     for n in range(1, args.max_tokens + 1):
         cells = " | ".join(f"{t[n] * 1e3:.1f} | {t[n] / t[1]:.2f}" for t in times.values())
         print(f"| {n} | {cells} |")
     for dt, t in times.items():  # for profiles/devices/cpu.toml
+        if "/" in dt:
+            continue
         print(f"cost_curve_{dt} = {cost_curve(t)}")
 
 

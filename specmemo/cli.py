@@ -281,7 +281,7 @@ def profile(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-m", help="New tokens per turn, for every engine.")] = 128,
     budget: BudgetOpt = None,
     engines: Annotated[Optional[str], typer.Option("--engines", help="Comma-separated: specmemo, specmemo-ar, hf-ar, hf-ar-cached, hf-lookup, hf-assisted, llama.cpp (needs the llama extra).")] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="fp32, bf16, fp16, or q4 (a 4-bit GGUF target run packed; the transformers baselines then run fp32).")] = "fp32",
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="fp32, bf16, fp16, or q4 (a 4-bit GGUF target run packed; the transformers baselines then run fp32). Default: what chat and generate run (q4 for a 4-bit GGUF on a CPU, else fp32).")] = None,
     kv_dtype: KvDtypeOpt = None,
     draft_dtype: DraftDtypeOpt = None,
     save_profile: Annotated[bool, typer.Option("--save-profile", help="Record measured α, c and the target's verification cost curve (its forward over 1..16 tokens, timed after the runs) in profiles/pairs/, for `plan` and the engine's draft length.")] = False,
@@ -293,11 +293,17 @@ def profile(
     token limits; outputs are compared token for token with hf-ar (with --batch: with the same
     engine at batch 1).
     """
+    from specmemo.budget.devices import load_device
     from specmemo.budget.units import parse_size
+    from specmemo.models.resolve import resolve_pair
+    from specmemo.pipeline import default_weights
     from specmemo.profiling.run import profile as run_profile
 
     if max_new_tokens < 1:
         raise typer.BadParameter("--max-new-tokens must be ≥ 1")
+    t, d, _ = resolve_pair(target, draft)
+    dtype, draft_dtype = default_weights(load_device("cpu"), t, d, dtype, draft_dtype)   # as chat and generate do
+    dtype = dtype or "fp32"
     if batch is not None:
         from specmemo.profiling.batch import batch_profile
 

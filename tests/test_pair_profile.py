@@ -93,3 +93,22 @@ def test_auto_picks_the_drafter_that_measured_fastest(tmp_path, monkeypatch):
     assert resolve_pair("smollm2-135m-instruct", "auto")[2] == "head"
     (profiles / "pairs" / "smollm2-135m-instruct__ngram.toml").write_text("alpha = 0.5\nspeedup = 1.4\n")
     assert resolve_pair("smollm2-135m-instruct", "auto")[2] == "ngram"
+
+
+def test_a_drafter_that_drafts_in_few_steps_is_predicted_from_its_measured_share(tmp_path, monkeypatch, cli):
+    """n-gram lookup drafts only where it finds a match: the steps without one commit a token at
+    one step's cost, which the prediction now counts from the profile run's histogram."""
+    copy_profiles(tmp_path, monkeypatch)
+    args = ("plan", "--target", "smollm2-135m-instruct", "--draft", "ngram", "--context", "1000", "--json")
+    runs = {"specmemo": {"drafted_tokens": 100, "accepted_tokens": 60, "draft_seconds": 0.0, "outputs": [1],
+                         "steps": 200, "accepted_histogram": {"0": 10, "2": 15, "3": 5}},
+            "specmemo-ar": {"seconds": 2.0, "new_tokens": 100}}
+    path = save_pair_profile("smollm2-135m-instruct", "ngram", runs)
+    assert "drafted_share = 0.1500" in path.read_text()      # 30 of 200 steps drafted
+    plan = json.loads(cli(*args).stdout)
+    assert plan["drafted_share"] == 0.15 and plan["drafted_share_source"].startswith("measured")
+    alpha, curve, k = plan["alpha"], plan["cost_curve"], plan["draft_len"]
+    per_step = [((1 - alpha ** (j + 1)) / (1 - alpha), (curve[j] if curve else 1.0)) for j in range(1, k + 1)]
+    want = max((0.15 * t + 0.85) / (0.15 * c + 0.85) for t, c in per_step)
+    assert abs(plan["predicted_speedup"] - want) < 1e-3
+    assert want < max(t / c for t, c in per_step)             # below what drafting every step would give

@@ -27,22 +27,27 @@ def model_prompt_and_nodes(dtype, seed):
     return own, prompt, torch.randint(0, VOCAB, (len(TREE),), generator=gen).tolist()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_each_node_is_computed_as_decoding_its_branch(dtype):
-    own, prompt, tokens = model_prompt_and_nodes(dtype, 0)
+def assert_nodes_decode_as_their_branches(own, prompt, tokens, tree=TREE):
+    """Each node of one tree verification against plain decoding of its branch, one token at a
+    time (as plain greedy decoding runs): bit for bit in half precision (the row-exact path)."""
     tree_store = store_for(own)
     own(tree_store, prompt, 1)
-    tree_logits = own(tree_store, torch.tensor([tokens]), len(TREE), tree=TREE)[0]
-    for node, path in enumerate(TREE.paths):
+    tree_logits = own(tree_store, torch.tensor([tokens]), len(tree), tree=tree)[0]
+    for node, path in enumerate(tree.paths):
         branch = store_for(own)
         own(branch, prompt, 1)
-        # Plain decoding of the branch, one token at a time (as plain greedy decoding runs).
         for j in path:
             logits = own(branch, torch.tensor([[tokens[j]]]), 1)[0, -1]
-        if dtype == torch.bfloat16:  # half precision: bit for bit (the row-exact path)
+        if own.dtype == torch.bfloat16:
             assert torch.equal(tree_logits[node], logits), node
         else:
             torch.testing.assert_close(tree_logits[node], logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_each_node_is_computed_as_decoding_its_branch(dtype):
+    own, prompt, tokens = model_prompt_and_nodes(dtype, 0)
+    assert_nodes_decode_as_their_branches(own, prompt, tokens)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

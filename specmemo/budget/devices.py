@@ -33,6 +33,7 @@ class Device:
     packed_q4: bool = False    # measured faster: a GGUF with 4-bit layers runs packed (q4) by default
     packed_head: bool = False  # measured faster: a bf16 LM head (q4's too) packed once for oneDNN (models/quant.py)
     packed_layers: tuple = ()  # measured faster: dense dtypes whose layer matrices are packed once for oneDNN
+    native_attention: bool = False  # measured faster: half-precision exact attention through the compiled kernel (models/native.py)
     # A q4/q8 model's embedding and LM head held quantized too (footprint.weight_bytes), as GGUF files
     # hold them; False where the runtime holds them in half precision (the CPU: models/load.py).
     quantized_head: bool = True
@@ -122,6 +123,7 @@ def load_device(name: str) -> Device:
         out_major_dtypes=tuple(data.get("out_major_dtypes", ())),
         packed_head=bool(data.get("packed_head", False)),
         packed_layers=tuple(data.get("packed_layers", ())),
+        native_attention=bool(data.get("native_attention", False)),
         cost_curves=tuple((key.removeprefix("cost_curve_"), tuple(float(x) for x in value))
                           for key, value in data.items() if key.startswith("cost_curve_")),
     )

@@ -76,6 +76,8 @@ class PlanReport:
             "c_source": self.pair.c_source,
             "cost_curve": list(self.pair.curve),
             "cost_curve_source": self.pair.curve_source,
+            "drafted_share": self.pair.drafted_share,
+            "drafted_share_source": self.pair.drafted_share_source,
             **({"tree_ranks": list(self.pair.ranks), "tree_ranks_source": self.pair.ranks_source} if self.pair.ranks else {}),
             "components": dict(self.plan.components),
         }

@@ -8,7 +8,13 @@ forward of SmolLM2-135M costs 1.3–2.7× a one-token one depending on the dtype
 
     speedup(k) = (1 − α^(k+1)) / ((1 − α) · (C(k+1) + k·c)).
 
-c = one draft step's time over one target step's. Each input has a source: a pair profile that
+c = one draft step's time over one target step's. A drafter that proposes only where it finds
+something (n-gram lookup finds a match in about a quarter of steps on MT-Bench) drafts in a share s
+of steps; the others commit one token at one step's cost, so
+
+    speedup = (s · E + 1 − s) / (s · cost + 1 − s),   E and cost those of a drafting step.
+
+Each input has a source: a pair profile that
 `specmemo profile --save-profile` measured on this machine, a device profile's curve, or an
 estimate (c from the draft's and target's weight bytes: a step streams its weights).
 """
@@ -39,14 +45,17 @@ class PairProfile:
     curve_source: str = "flat: none measured"
     ranks: tuple[float, ...] = ()   # a tree drafter's rank acceptance (see grow_tree); () drafts chains
     ranks_source: str = ""
+    drafted_share: float = 1.0     # the share of steps that draft at all (n-gram lookup: where it matches)
+    drafted_share_source: str = "every step drafts"
 
     def speedup(self, k: int) -> float:
         """Predicted for steps of at most k drafts, as the engine drafts them: the best chain of
         ≤ k (decoding/engine.DraftLength drafts each step's best k ≤ the plan's), or the best
         tree of ≤ k nodes."""
         if self.ranks:
-            return best_tree(list(self.ranks), self.c, self.curve, k)[1]
-        return max((predicted_speedup(self.alpha, self.c, j, self.curve) for j in range(1, k + 1)), default=1.0)
+            return best_tree(list(self.ranks), self.c, self.curve, k, self.drafted_share)[1]
+        return max((predicted_speedup(self.alpha, self.c, j, self.curve, self.drafted_share) for j in range(1, k + 1)),
+                   default=1.0)
 
 
 def expected_tokens_per_step(alpha: float, k: int) -> float:
@@ -66,9 +75,15 @@ def step_cost(curve: tuple[float, ...], n: int) -> float:
     return curve[-1] + slope * (n - len(curve))
 
 
-def predicted_speedup(alpha: float, c: float, k: int, curve: tuple[float, ...] = ()) -> float:
-    """1.0 for k = 0 (plain decoding)."""
-    return expected_tokens_per_step(alpha, k) / (step_cost(curve, k + 1) + k * c)
+def mixed(tokens: float, cost: float, share: float) -> float:
+    """Tokens per step cost when a share of steps draft (committing `tokens` at `cost`) and the
+    rest are plain one-token steps."""
+    return (share * tokens + 1 - share) / (share * cost + 1 - share)
+
+
+def predicted_speedup(alpha: float, c: float, k: int, curve: tuple[float, ...] = (), share: float = 1.0) -> float:
+    """1.0 for k = 0 (plain decoding). share: of steps that draft (see the module's docstring)."""
+    return mixed(expected_tokens_per_step(alpha, k), step_cost(curve, k + 1) + k * c, share)
 
 
 def best_draft_len(alpha: float, c: float, curve: tuple[float, ...], max_k: int) -> int:
@@ -144,7 +159,11 @@ def pair_profile(target: str, draft: str, drafter_kind: str, dtype: str = "fp32"
             ranks_source = f"measured: {name}" + (" (later ranks: the head's card)" if len(ranks) > len(measured) else "")
         elif "ranks" in held_out:
             ranks, ranks_source = tuple(held_out["ranks"]), "the head's card: held-out ranks"
-    return PairProfile(alpha, c, source, curve, c_source, curve_source, ranks, ranks_source)
+    if "drafted_share" in data:
+        share, share_source = float(data["drafted_share"]), f"measured: {name}"
+    else:
+        share, share_source = 1.0, "every step drafts (none measured)"
+    return PairProfile(alpha, c, source, curve, c_source, curve_source, ranks, ranks_source, share, share_source)
 
 
 def grow_tree(ranks: list[float], nodes: int) -> tuple[list[int], list[float]]:
@@ -165,17 +184,19 @@ def grow_tree(ranks: list[float], nodes: int) -> tuple[list[int], list[float]]:
     return parents, value
 
 
-def tree_speedup(parents: list[int], value: list[float], c: float, curve: tuple[float, ...]) -> float:
+def tree_speedup(parents: list[int], value: list[float], c: float, curve: tuple[float, ...],
+                 share: float = 1.0) -> float:
     """Expected tokens per step (the accepted nodes plus the target's own) over the step's cost:
     verifying every node with the root, plus one draft step per node that has children."""
     expanded = len(set(parents[1:]))
-    return (1 + sum(value[1:])) / (step_cost(curve, len(parents)) + expanded * c)
+    return mixed(1 + sum(value[1:]), step_cost(curve, len(parents)) + expanded * c, share)
 
 
-def best_tree(ranks: list[float], c: float, curve: tuple[float, ...], max_nodes: int) -> tuple[list[int], float]:
+def best_tree(ranks: list[float], c: float, curve: tuple[float, ...], max_nodes: int,
+              share: float = 1.0) -> tuple[list[int], float]:
     """Sequoia's rule on this machine's cost curve: of the best trees of 1..max_nodes nodes, the
     one with the highest predicted speedup: (its parents, root first; that speedup)."""
-    scored = [(tree_speedup(*tree, c, curve), tree[0]) for tree in
+    scored = [(tree_speedup(*tree, c, curve, share), tree[0]) for tree in
               (grow_tree(ranks, n) for n in range(1, max(1, max_nodes) + 1))]
     speedup, parents = max(scored, key=lambda s: (s[0], -len(s[1])))
     return parents, speedup

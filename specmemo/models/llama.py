@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from specmemo.memory.attention import CandidateTree, attention_mask
 from specmemo.memory.kvstore import KVStore
 from specmemo.models.layout import out_major as layout_out_major
+from specmemo.models.native import Rows
 
 FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 CAUSAL_ROWS = object()  # a mask marker: causal, each query attended on its own (see LlamaModel.attention)
@@ -194,9 +195,35 @@ class LlamaModel:
         # verification and plain decoding. Up to this many new tokens (verification-sized), each
         # causal query then attends exactly as a one-token step would (see `attention`).
         self.row_exact_tokens = 16 if dtype in (torch.bfloat16, torch.float16) else 0
+        # Those queries attend through the compiled kernel (models/native.py) where the device
+        # profile measured it faster and it builds here: each key read once for all rows, each
+        # row still rounding as a one-token step. Every row-exact attention in a run takes the
+        # same path, one-token steps included; set to None before the first forward to use torch's.
+        self.attention_kernel = self._native_attention()
+        self._rows: dict = {}      # this forward's Rows per (mask, keys) for the kernel (see `attend`)
         self._widened: dict = {}   # fp32 copies of one layer's K/V for that attention (see `widen`)
         self._exactness: dict[str, str] | None = None   # probed on first use (see `exactness`)
         self.last_hidden: torch.Tensor | None = None     # [B, keep, E] of the last forward (see _stack)
+
+    def _native_attention(self):
+        if not self.row_exact_tokens or self.device.type != "cpu":
+            return None
+        from specmemo.budget.devices import load_device
+        from specmemo.models import native
+
+        cfg = self.cfg
+        if not load_device("cpu").native_attention or not native.ExactAttention.fits(
+                cfg.head_dim, self.row_exact_tokens, cfg.num_heads // cfg.num_kv_heads):
+            return None
+        return native.exact_attention()
+
+    @property
+    def attention_path(self) -> str | None:
+        """How row-exact (half-precision) attention runs: "native" (the compiled kernel), "torch"
+        (one query at a time), None where attention need not be row-exact (fp32)."""
+        if not self.row_exact_tokens:
+            return None
+        return "native" if self.attention_kernel is not None else "torch"
 
     def matrix(self, n_in: int, n_out: int) -> torch.Tensor:
         """An empty [n_in, n_out] operand for `x @ w`, in this model's layout."""
@@ -272,6 +299,17 @@ class LlamaModel:
         """q [B, H, n, D] over keys/values [B, Hkv, S, D] (the last n are the queries' own) -> [B, H, n, D].
         mask: additive [n, S], None, CAUSAL_ROWS or a CandidateTree (see `forward`)."""
         n, H, Hkv = q.shape[2], q.shape[1], keys.shape[1]
+        exact = isinstance(mask, CandidateTree) or mask is CAUSAL_ROWS or (n == 1 and mask is None and self.row_exact_tokens)
+        if exact and self.attention_kernel is not None:
+            S = keys.shape[2]
+            key = (id(mask), S, n)
+            if key not in self._rows:
+                self._rows[key] = (Rows.tree(S - n, mask.paths) if isinstance(mask, CandidateTree)
+                                   else Rows.causal(S, n))
+            if not self.attention_kernel.reads(keys.dtype):
+                keys, values = self.widen(keys, values)
+            out = self.attention_kernel.attend(q, keys, values, self._rows[key], self.scale)   # [B, n, H, D]
+            return out.to(q.dtype).transpose(1, 2)
         if isinstance(mask, CandidateTree):
             return self.attend_tree(q, keys, values, mask)
         if mask is CAUSAL_ROWS or (n == 1 and mask is None and self.row_exact_tokens):
@@ -391,6 +429,7 @@ class LlamaModel:
         """ids [B, n] at positions [n] through every layer (segments, write: see `attention`);
         logits for the last `keep` rows (an int) or for the rows `keep` indexes (a [K] tensor)."""
         cos, sin = self.rope(positions)
+        self._rows = {}
         h = self.embed_tokens(ids)                                    # [B, n, E]
         eps = self.cfg.rms_eps
         for i, layer in enumerate(self.layers):
@@ -482,7 +521,9 @@ class LlamaModel:
         ends = [r.claim(span.stop - span.start) + span.stop - span.start for r, (span, _) in zip(rows, spans)]
         S = max(ends)                                                                   # keys any row sees
         # rows that attend one query at a time over fp32 keys (see `attend`)
-        widened = [bool(self.row_exact_tokens) and (m is CAUSAL_ROWS or m is None) for _, m in spans]
+        kernel = self.attention_kernel
+        widened = [bool(self.row_exact_tokens) and (m is CAUSAL_ROWS or m is None)
+                   and not (kernel is not None and kernel.reads(parent.keys[0].dtype)) for _, m in spans]
         lo, hi = min(r.batch_row for r in rows), max(r.batch_row for r in rows) + 1   # the batch rows in use
 
         def write(index: int, k: torch.Tensor, v: torch.Tensor):

@@ -28,6 +28,12 @@ class LoadedModel:
     forward_path: str = "transformers"   # "specmemo" (models/llama.py) or "transformers" (the adapter)
     forward: object = None               # forward(store, ids, logits_to_keep) -> fp32 logits
 
+    @property
+    def attention(self) -> str | None:
+        """How half-precision attention keeps verification exact: "native" (the compiled kernel),
+        "torch", or None where it need not (fp32, the transformers adapter)."""
+        return getattr(self.model, "attention_path", None)
+
 
 def torch_dtype(name: str) -> torch.dtype:
     try:

@@ -20,10 +20,13 @@ CACHED = 512      # tokens already in the store: a mid-conversation step
 
 @torch.inference_mode()
 def forward_times(ref: ModelRef, dtype: str, max_tokens: int = 16, repeats: int = 15,
-                  progress=None) -> dict[int, float]:
+                  progress=None, torch_attention: bool = False) -> dict[int, float]:
     """Median seconds of one target forward over n new tokens, n = 1..max_tokens, with CACHED
-    tokens in the store. progress(done, total) after each n."""
+    tokens in the store. progress(done, total) after each n. torch_attention: half precision
+    attends through torch one query at a time even where the compiled kernel is chosen."""
     model = load_model(ref, dtype, with_tokenizer=False, forward="specmemo").model
+    if torch_attention:
+        model.attention_kernel = None
     report = fit(ref.arch, None, "none", context=CACHED + max_tokens, dtype=dtype, sampling=False, budget=1 << 40)
     store = allocate_target(report.plan, model.dtype, model.device)
     ids = torch.randint(0, ref.arch.vocab_size, (1, CACHED + max_tokens), generator=torch.Generator().manual_seed(0))

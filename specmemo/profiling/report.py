@@ -98,6 +98,7 @@ def build_report(facts: dict, base: dict, runs: dict, tokenizer) -> dict:
             if name == "specmemo" and "specmemo-ar" in runs else None,
             "engine": name,
             "forward": r.get("forward", "transformers"),
+            "attention": r.get("attention"),
             "tokens_per_s": r["tokens_per_s"],
             "speedup_vs_hf_ar": r["tokens_per_s"] / hf["tokens_per_s"] if hf["tokens_per_s"] else None,
             "new_tokens": r["new_tokens"],
@@ -216,6 +217,9 @@ def save_pair_profile(target: str, draft: str, runs: dict, dtype: str | None = N
     c = (spec["draft_seconds"] / spec["drafted_tokens"]) / target_step
     path = pair_file(target, draft)
     text = f"# Measured by specmemo profile on {len(spec['outputs'])} conversations.\nalpha = {alpha:.4f}\nc = {c:.4f}\n"
+    drafting = sum((spec.get("accepted_histogram") or {}).values())   # steps that drafted
+    if spec.get("steps") and drafting:
+        text += f"drafted_share = {drafting / spec['steps']:.4f}  # of {spec['steps']} steps, {drafting} drafted\n"
     # Only the ranks some node offered were measured (a chain offers rank 1 alone).
     ranks = [round(h / v, 4) for h, v in zip(spec.get("rank_hits") or [], spec.get("rank_visits") or []) if v]
     if ranks:

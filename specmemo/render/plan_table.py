@@ -48,6 +48,8 @@ def render_plan(report, console: Console) -> None:
         f"predicted speedup at k ≤ {req.draft_len} (each step's best): {report.predicted_speedup:.2f}× "
         f"(α={report.pair.alpha}: {report.pair.source}; c={report.pair.c:.4g}: {report.pair.c_source}; "
         f"verification cost: {report.pair.curve_source}"
+        + (f"; drafts in {report.pair.drafted_share:.0%} of steps: {report.pair.drafted_share_source}"
+           if report.pair.drafted_share < 1 else "")
         + (f"; candidate trees, rank acceptance {list(report.pair.ranks)}: {report.pair.ranks_source}"
            if report.pair.ranks else "") + ")"
     )

@@ -1,0 +1,163 @@
+"""Kernels specmemo compiles itself: C sources beside this file, built once per machine with the
+system C compiler (`CC`, else cc) into the cache (SPECMEMO_CACHE, default ~/.cache/specmemo) under
+a name keyed by the source, the flags, the compiler and the CPU, and loaded with ctypes. Where
+there is no compiler or the build fails, `exact_attention()` returns None and the decoder keeps
+its torch path; SPECMEMO_NATIVE=0 asks for that path outright.
+
+The one kernel today is exact_attention.c: half-precision verification rows attended as one-token
+steps attend, reading each key once for all rows (see that file, and LlamaModel.attend).
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("exact_attention.c")
+# -march=native: the vector width and FMA of the machine that runs it (the cache key holds the CPU).
+FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-std=gnu11", "-shared", "-fPIC"]
+_P, _L, _I, _F = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_float
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SPECMEMO_CACHE", Path.home() / ".cache" / "specmemo")) / "kernels"
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return ""
+
+
+def build(source: Path, compiler: str | None = None) -> Path:
+    """The shared library for `source`, compiled now unless the cache has it. Raises
+    RuntimeError with the compiler's first error line when it cannot be built."""
+    cc = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc or not shutil.which(cc):
+        raise RuntimeError(f"no C compiler found (tried {cc or 'cc, gcc'}); set CC")
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise RuntimeError(f"{cc} --version failed: {e}") from None
+    key = hashlib.sha256("\0".join([source.read_text(), " ".join(FLAGS), version, _cpu_flags()]).encode())
+    target = cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *FLAGS, "-o", partial, str(source)], capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])
+            raise RuntimeError(f"{cc} could not build {source.name}: {first}")
+        os.replace(partial, target)   # atomic: a concurrent build or a crash never leaves half a library
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return target
+
+
+class ExactAttention:
+    """attend_rows from exact_attention.c, with a work buffer kept across calls."""
+
+    def __init__(self, path: Path):
+        lib = ctypes.CDLL(str(path))
+        self.path = path
+        self._attend = lib.attend_rows
+        self._attend.restype = _I
+        self._attend.argtypes = [_P, _L, _L, _L, _P, _P, _I, _L, _L, _P, _L, _L, _L, _L, _L, _L,
+                                 _P, _P, _P, _F, _P]
+        self._work_floats = lib.attention_work_floats
+        self._work_floats.restype = _L
+        self._work_floats.argtypes = [_L, _L, _L, _L]
+        self._work = torch.empty(0)
+
+    @staticmethod
+    def reads(dtype: torch.dtype) -> bool:
+        """Key/value dtypes the kernel reads in place (others are widened to fp32 first)."""
+        return dtype in (torch.float32, torch.bfloat16)
+
+    @staticmethod
+    def fits(head_dim: int, rows: int, group: int) -> bool:
+        """Shapes the kernel takes: head_dim a multiple of 32 up to 256, ≤ 128 queries per KV head."""
+        return head_dim % 32 == 0 and head_dim <= 256 and -(-rows * group // 3) * 3 <= 128
+
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: "Rows",
+               scale: float) -> torch.Tensor:
+        """q [B, H, R, D] (any float dtype; D contiguous) over keys/values [B, Hkv, S, D] (fp32 or
+        bf16, each head's S rows contiguous: a store view) -> [B, R, H, D] fp32. Row r sees keys
+        0..rows.prefix[r]-1 and rows.extra of its own (see exact_attention.c)."""
+        B, H, R, D = q.shape
+        Hkv, S = keys.shape[1], keys.shape[2]
+        q = q.float()
+        if q.stride(3) != 1:
+            q = q.contiguous()
+        if (keys.stride(2), keys.stride(3)) != (D, 1) or keys.stride() != values.stride() or keys.dtype != values.dtype:
+            keys, values = keys.contiguous(), values.contiguous()
+        need = self._work_floats(S, D, R, H // Hkv)
+        if self._work.numel() < need:
+            self._work = torch.empty(0)
+            self._work = torch.empty(need + need // 4)   # room to grow with the context
+        out = torch.empty(B, R, H, D)
+        done = self._attend(q.data_ptr(), q.stride(0), q.stride(1), q.stride(2),
+                            keys.data_ptr(), values.data_ptr(), int(keys.dtype == torch.bfloat16),
+                            keys.stride(0), keys.stride(1), out.data_ptr(), B, Hkv, H // Hkv, R, D, S,
+                            rows.prefix.data_ptr(), rows.extra_at.data_ptr(), rows.extra.data_ptr(),
+                            scale, self._work.data_ptr())
+        if done != 0:
+            raise ValueError(f"exact attention refused its inputs (code {done}): S={S}, rows={R}, head_dim={D}")
+        return out
+
+
+class Rows:
+    """Which keys each of R query rows sees: keys 0..prefix[r]-1, then extra[extra_at[r]:extra_at[r+1]]
+    (ascending). Built once per forward and shared by its layers."""
+
+    def __init__(self, prefix: list[int], extras: list[list[int]]):
+        self.prefix = torch.tensor(prefix, dtype=torch.int32)
+        at = [0]
+        for e in extras:
+            at.append(at[-1] + len(e))
+        self.extra_at = torch.tensor(at, dtype=torch.int32)
+        self.extra = torch.tensor([k for e in extras for k in e] + [0], dtype=torch.int32)
+
+    @classmethod
+    def causal(cls, keys: int, n: int) -> "Rows":
+        """The last n of `keys` positions, each seeing itself and every key before it."""
+        return cls([keys - n + i + 1 for i in range(n)], [[] for _ in range(n)])
+
+    @classmethod
+    def tree(cls, prefix: int, paths: list[list[int]]) -> "Rows":
+        """Candidate-tree nodes behind a committed prefix: node i sees the prefix and its path."""
+        return cls([prefix] * len(paths), [[prefix + j for j in path] for path in paths])
+
+
+@functools.cache
+def exact_attention() -> ExactAttention | None:
+    """The compiled exact-attention kernel, or None (SPECMEMO_NATIVE=0, no compiler, a failed
+    build: `why_not()` says which)."""
+    if os.environ.get("SPECMEMO_NATIVE", "1") == "0":
+        _why.append("SPECMEMO_NATIVE=0")
+        return None
+    try:
+        return ExactAttention(build(SOURCE))
+    except (RuntimeError, OSError) as e:
+        _why.append(str(e))
+        return None
+
+
+_why: list[str] = []
+
+
+def why_not() -> str | None:
+    """Why exact_attention() returned None, if it did."""
+    return _why[-1] if _why else None
