@@ -3,7 +3,7 @@
 Writes a prompt file of real text (MT-Bench questions, else the shipped prompts) whose first turn
 fills about 3,950 tokens of SmolLM2's chat template, then runs `specmemo profile` with the
 target's own weights in bf16 as a stand-in draft, 128 new tokens, one turn.
-Usage: python bench/long_context.py --out out/long-context [--conversations 2]
+Usage: python bench/long_context.py --out out/long-context [--conversations 2] [--kv-dtype bf16] [--dtype fp32]
 """
 
 import argparse
@@ -24,6 +24,7 @@ def main():
     ap.add_argument("--conversations", type=int, default=2)
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--kv-dtype", default=None, help="specmemo's KV dtype (bf16 halves the target's KV)")
+    ap.add_argument("--dtype", default="fp32", help="the target's weights (profile's own default is chat's, q4)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -37,7 +38,7 @@ def main():
                 f"Read this text and then summarize it in three sentences.\n\n{rotated}"]}) + "\n")
     cmd = [sys.executable, "-m", "specmemo", "profile", "--target", "smollm2-135m-instruct",
            "--draft", "smollm2-135m-instruct", "--draft-dtype", "bf16", "--prompts", str(prompts), "--turns", "1",
-           "--max-new-tokens", "128", "--engines", "specmemo,hf-ar,hf-assisted", "--out", str(out)]
+           "--max-new-tokens", "128", "--engines", "specmemo,hf-ar,hf-assisted", "--dtype", args.dtype, "--out", str(out)]
     if args.kv_dtype:
         cmd += ["--kv-dtype", args.kv_dtype]
     sys.exit(subprocess.run(cmd).returncode)

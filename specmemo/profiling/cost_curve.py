@@ -22,8 +22,11 @@ CACHED = 512      # tokens already in the store: a mid-conversation step
 def forward_times(ref: ModelRef, dtype: str, max_tokens: int = 16, repeats: int = 15,
                   progress=None, torch_attention: bool = False) -> dict[int, float]:
     """Median seconds of one target forward over n new tokens, n = 1..max_tokens, with CACHED
-    tokens in the store. progress(done, total) after each n. torch_attention: half precision
-    attends through torch one query at a time even where the compiled kernel is chosen."""
+    tokens in the store. The widths are timed in rounds, each round every n once, so a shared
+    machine's slow spells fall on every n alike rather than on a few (timed n by n, three runs
+    on the Zen 4 host gave bf16 C(6) = 1.09, 1.16 and 1.30). progress(done, total) after each
+    round. torch_attention: half precision attends through torch one query at a time even where
+    the compiled kernel is chosen."""
     model = load_model(ref, dtype, with_tokenizer=False, forward="specmemo").model
     if torch_attention:
         model.attention_kernel = None
@@ -31,18 +34,18 @@ def forward_times(ref: ModelRef, dtype: str, max_tokens: int = 16, repeats: int 
     store = allocate_target(report.plan, model.dtype, model.device)
     ids = torch.randint(0, ref.arch.vocab_size, (1, CACHED + max_tokens), generator=torch.Generator().manual_seed(0))
     model(store, ids[:, :CACHED].to(model.device), 1)
-    out = {}
-    for n in [1, *range(1, max_tokens + 1)]:  # the first n = 1 warms up
-        times = []
-        for _ in range(repeats):
+    widths = range(1, max_tokens + 1)
+    times = {n: [] for n in widths}
+    for round_ in range(-1, repeats):   # round -1 warms up every width
+        for n in widths:
             t0 = time.perf_counter()
             model(store, ids[:, CACHED : CACHED + n].to(model.device), n)
-            times.append(time.perf_counter() - t0)
+            if round_ >= 0:
+                times[n].append(time.perf_counter() - t0)
             store.trim(CACHED)
-        out[n] = sorted(times)[repeats // 2]
-        if progress:
-            progress(n, max_tokens)
-    return out
+        if progress and round_ >= 0:
+            progress(round_ + 1, repeats)
+    return {n: sorted(t)[repeats // 2] for n, t in times.items()}
 
 
 def cost_curve(times: dict[int, float]) -> list[float]:

@@ -51,8 +51,9 @@ def measured_cost_curve(ref, dtype: str) -> list[float]:
     from specmemo.profiling.cost_curve import cost_curve, forward_times
 
     with Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
-        task = bar.add_task("cost curve", total=16)
-        return cost_curve(forward_times(ref, dtype, 16, progress=lambda n, total: bar.update(task, completed=n)))
+        task = bar.add_task("cost curve", total=None)
+        return cost_curve(forward_times(ref, dtype, 16, progress=lambda done, total: bar.update(task, completed=done,
+                                                                                                  total=total)))
 
 
 def profile(target: str, draft: str, out: Path, *, prompts: str | None = None, turns: int = 2, limit: int | None = None,
