@@ -44,6 +44,7 @@ class TurnRecord:
     seconds: float
     forward: str                 # "specmemo" (our decoder) or "transformers" (the adapter)
     accepted_histogram: dict
+    attention: str | None = None  # half precision: "native" (compiled kernel) or "torch" (LoadedModel.attention)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -165,7 +166,7 @@ class ChatSession:
             prefill_seconds=stats.prefill_seconds, peak_bytes=peak, budget_bytes=self.budget_bytes,
             over_budget=peak > self.budget_bytes, evicted_tokens=prep.evicted_tokens,
             evicted_turns=prep.evicted_turns, stop_reason=stats.stop_reason, seconds=time.perf_counter() - start,
-            forward=self.rt.target.forward_path,
+            forward=self.rt.target.forward_path, attention=self.rt.target.attention,
             accepted_histogram=dict(sorted(stats.accepted_histogram.items())),
         )
         self.turns.append(record)

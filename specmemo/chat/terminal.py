@@ -157,7 +157,9 @@ class ChatTerminal:
 
     def repl(self) -> None:
         self.console.print(f"[bold]specmemo chat[/] · {self.session.rt.target.ref.name} + {self.session.rt.report.drafter}"
-                           f" · {self.session.rt.target.forward_path} forward · context {self.session.context_cap} tokens · budget "
+                           f" · {self.session.rt.target.forward_path} forward"
+                           + (f" ({self.session.rt.target.attention} attention)" if self.session.rt.target.attention else "")
+                           + f" · context {self.session.context_cap} tokens · budget "
                            f"{format_bytes(self.session.rt.report.budget_bytes)}\n[dim]{HELP}[/]")
         while True:
             try:
