@@ -112,3 +112,10 @@ def test_a_drafter_that_drafts_in_few_steps_is_predicted_from_its_measured_share
     want = max((0.15 * t + 0.85) / (0.15 * c + 0.85) for t, c in per_step)
     assert abs(plan["predicted_speedup"] - want) < 1e-3
     assert want < max(t / c for t, c in per_step)             # below what drafting every step would give
+
+
+def test_profile_refuses_an_unknown_dtype_in_one_line_before_starting_engines(cli, tmp_path):
+    r = cli("profile", "--dtype", "bogus", "--limit", "1", "--out", tmp_path / "p")
+    assert r.exit_code == 1
+    assert r.output.strip().splitlines()[-1].startswith("error: unknown dtype 'bogus'")
+    assert not (tmp_path / "p").exists()   # refused before any engine ran

@@ -12,9 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SPECMEMO_CACHE", Path.home() / ".cache" / "specmemo"))
+from specmemo.paths import cache_root
 
 
 def dense_dir(gguf_path: Path) -> Path:

@@ -299,20 +299,20 @@ class LlamaModel:
         """q [B, H, n, D] over keys/values [B, Hkv, S, D] (the last n are the queries' own) -> [B, H, n, D].
         mask: additive [n, S], None, CAUSAL_ROWS or a CandidateTree (see `forward`)."""
         n, H, Hkv = q.shape[2], q.shape[1], keys.shape[1]
-        exact = isinstance(mask, CandidateTree) or mask is CAUSAL_ROWS or (n == 1 and mask is None and self.row_exact_tokens)
-        if exact and self.attention_kernel is not None:
+        tree = isinstance(mask, CandidateTree)
+        causal_rows = mask is CAUSAL_ROWS or (n == 1 and mask is None and self.row_exact_tokens)
+        if (tree or causal_rows) and self.attention_kernel is not None:
             S = keys.shape[2]
             key = (id(mask), S, n)
             if key not in self._rows:
-                self._rows[key] = (Rows.tree(S - n, mask.paths) if isinstance(mask, CandidateTree)
-                                   else Rows.causal(S, n))
+                self._rows[key] = Rows.tree(S - n, mask.paths) if tree else Rows.causal(S, n)
             if not self.attention_kernel.reads(keys.dtype):
                 keys, values = self.widen(keys, values)
             out = self.attention_kernel.attend(q, keys, values, self._rows[key], self.scale)   # [B, n, H, D]
             return out.to(q.dtype).transpose(1, 2)
-        if isinstance(mask, CandidateTree):
+        if tree:
             return self.attend_tree(q, keys, values, mask)
-        if mask is CAUSAL_ROWS or (n == 1 and mask is None and self.row_exact_tokens):
+        if causal_rows:
             # Query i sees keys[:S - n + i + 1], attended exactly as a one-token step would.
             keys, values = self.widen(keys, values)
             S = keys.shape[2]

@@ -14,10 +14,12 @@ import hashlib
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
+
+from specmemo.atomic import atomic_write
+from specmemo.paths import cache_root
 
 SOURCE = Path(__file__).with_name("exact_attention.c")
 # -march=native: the vector width and FMA of the machine that runs it (the cache key holds the CPU).
@@ -26,7 +28,7 @@ _P, _L, _I, _F = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_floa
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("SPECMEMO_CACHE", Path.home() / ".cache" / "specmemo")) / "kernels"
+    return cache_root() / "kernels"
 
 
 def _cpu_flags() -> str:
@@ -52,17 +54,14 @@ def build(source: Path, compiler: str | None = None) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")
-    os.close(fd)
-    try:
+
+    def compile_to(partial: str) -> None:
         done = subprocess.run([cc, *FLAGS, "-o", partial, str(source)], capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])
             raise RuntimeError(f"{cc} could not build {source.name}: {first}")
-        os.replace(partial, target)   # atomic: a concurrent build or a crash never leaves half a library
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
+
+    atomic_write(target, compile_to)   # a concurrent build or a crash never leaves half a library
     return target
 
 
