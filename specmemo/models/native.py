@@ -56,7 +56,10 @@ def build(source: Path, compiler: str | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
 
     def compile_to(partial: str) -> None:
-        done = subprocess.run([cc, *FLAGS, "-o", partial, str(source)], capture_output=True, text=True, timeout=300)
+        try:
+            done = subprocess.run([cc, *FLAGS, "-o", partial, str(source)], capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{cc} took over 300 s to build {source.name}") from None
         if done.returncode != 0:
             first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])
             raise RuntimeError(f"{cc} could not build {source.name}: {first}")
