@@ -295,7 +295,7 @@ def profile(
     """
     from specmemo.budget.devices import load_device
     from specmemo.budget.units import parse_size
-    from specmemo.models.load import torch_dtype
+    from specmemo.budget.footprint import dtype_bytes
     from specmemo.models.resolve import resolve_pair
     from specmemo.pipeline import default_weights
     from specmemo.profiling.run import profile as run_profile
@@ -305,9 +305,9 @@ def profile(
     t, d, _ = resolve_pair(target, draft)
     dtype, draft_dtype = default_weights(load_device("cpu"), t, d, dtype, draft_dtype)   # as chat and generate do
     dtype = dtype or "fp32"
-    for name in (dtype, kv_dtype, draft_dtype):   # a bad name fails here, not in the first engine's process
+    for name in (dtype, kv_dtype, draft_dtype):   # a bad name fails here (as in plan), not in an engine's process
         if name is not None:
-            torch_dtype(name)
+            dtype_bytes(name)
     if batch is not None:
         from specmemo.profiling.batch import batch_profile
 
