@@ -25,7 +25,7 @@ app = typer.Typer(
 err = Console(stderr=True, highlight=False)
 
 TargetOpt = Annotated[str, typer.Option("--target", "-t", help="Alias (see profiles/models), HF directory, .gguf file or hub id.")]
-DraftOpt = Annotated[str, typer.Option("--draft", "-d", help="Draft model (alias, directory, .gguf, hub id), or 'head' (the target's trained draft head, see train-draft), 'ngram' (lookup in the conversation, no weights), 'none', or 'auto' (whichever of head and ngram measured fastest here, see profile --save-profile).")]
+DraftOpt = Annotated[str, typer.Option("--draft", "-d", help="Draft model (alias, directory, .gguf, hub id), or 'head' (the target's trained draft head, see train-draft), 'ngram' (lookup in the conversation, no weights), 'ngram+head' (lookup where the conversation repeats itself, the head elsewhere), 'none', or 'auto' (whichever of these measured fastest here, see profile --save-profile).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="Device profile: cpu, cuda (both measured now) or a name in profiles/devices.")]
 BudgetOpt = Annotated[Optional[str], typer.Option("--budget", help="Memory budget, e.g. 8GiB, 800MB, 8G or bytes. Defaults to the device's memory.")]
 DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="Weight dtype: fp32, bf16, fp16, q4 (a GGUF's Q4_0/Q4_1 weights run packed, bf16 compute; CPU only) or q8 (planned, not run yet). Default: q4 for a 4-bit GGUF on a CPU, else the device's (fp32 on a CPU, bf16 on CUDA).")]
@@ -65,7 +65,7 @@ def domain_errors(fn):
 @domain_errors
 def plan(
     target: TargetOpt,
-    draft: DraftOpt = "ngram",
+    draft: DraftOpt = "auto",
     device: DeviceOpt = "cpu",
     budget: BudgetOpt = None,
     context: Annotated[Optional[int], typer.Option("--context", "-n", help="Context tokens to hold. Default: the largest that fits.")] = None,
@@ -274,7 +274,7 @@ def chat(
 def profile(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for report.json, report.md and the plots.")],
     target: TargetOpt = "smollm2-135m-instruct",
-    draft: DraftOpt = "ngram",
+    draft: DraftOpt = "auto",
     prompts: Annotated[Optional[Path], typer.Option("--prompts", help="MT-Bench-format JSONL. Default: the shipped prompts/default.jsonl.")] = None,
     turns: Annotated[int, typer.Option("--turns", help="1, or 2: turn 2 sees each engine's own turn-1 answer.")] = 2,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Use the first N conversations.")] = None,
@@ -335,12 +335,12 @@ def train_draft(
     target: TargetOpt = "smollm2-135m-instruct",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write the head (safetensors). Default: specmemo/heads/<target>.safetensors, the one `--draft head` uses.")] = None,
     work: Annotated[Path, typer.Option("--work", help="Directory for the corpus of the target's replies (reused by a later run with the same corpus settings).")] = Path("out/train-draft"),
-    prompts: Annotated[int, typer.Option("--prompts", help="Training prompts the target answers (composed from templates; none from any benchmark).")] = 1600,
+    prompts: Annotated[int, typer.Option("--prompts", help="Training prompts the target answers (composed from templates; none from any benchmark).")] = 3000,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest reply per prompt.")] = 160,
-    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the corpus.")] = 3,
+    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the corpus.")] = 2,
     seed: Annotated[int, typer.Option("--seed")] = 0,
 ):
-    """Train a draft head for the target on its own replies (CPU, about half an hour for the default model).
+    """Train a draft head for the target on its own replies (CPU, under an hour for the default model).
 
     The target answers training prompts greedily in its native weights; the head learns to
     predict the target's next hidden state and token, several steps ahead. The head and its

@@ -13,7 +13,7 @@ from specmemo.budget.devices import default_dtype, load_device
 from specmemo.budget.fit import PlanReport, fit
 from specmemo.budget.plan import DEFAULT_PREFILL_CHUNK
 from specmemo.decoding.batch import BatchEngine
-from specmemo.decoding.drafters import HeadDrafter, ModelDrafter, NgramDrafter, NoDrafter
+from specmemo.decoding.drafters import HeadDrafter, LookupHeadDrafter, ModelDrafter, NgramDrafter, NoDrafter
 from specmemo.decoding.engine import Engine
 from specmemo.decoding.sampling import SamplingConfig
 from specmemo.errors import BadInput, BudgetExceeded, UnknownDevice
@@ -21,7 +21,7 @@ from specmemo.memory import allocator
 from specmemo.memory.malloc import tame_glibc_malloc
 from specmemo.memory.measure import PeakMeter
 from specmemo.models.load import LoadedModel, check_architecture, load_model, runs_packed, torch_dtype
-from specmemo.models.resolve import resolve_pair
+from specmemo.models.resolve import HEAD_DRAFTERS, resolve_pair
 
 
 @dataclass
@@ -88,14 +88,16 @@ def make_drafter(report: PlanReport, target: LoadedModel, draft: LoadedModel | N
         return NoDrafter(device)
     if report.drafter == "ngram":
         return NgramDrafter(device)
-    if report.drafter == "head":
+    if report.drafter in HEAD_DRAFTERS:
         if target.forward_path != "specmemo":
-            raise BadInput("--draft head needs specmemo's own decoder (--forward specmemo)")
-        from specmemo.models.draft_head import load_head
+            raise BadInput(f"--draft {report.drafter} needs specmemo's own decoder (--forward specmemo)")
+        from specmemo.models.draft_head import RunningHead, load_head
         from specmemo.models.resolve import head_file
 
         head, _ = load_head(head_file(target.ref.name))
-        return HeadDrafter(target.model, head.to(device), sampling, generator)
+        running = RunningHead.for_machine(head.to(device), target.model)
+        kind = HeadDrafter if report.drafter == "head" else LookupHeadDrafter
+        return kind(target.model, running, sampling, generator)
     req = report.plan.request
     store = allocator.allocate_draft(report.plan, torch_dtype(req.draft_kv), device)
     return ModelDrafter(step_forward(draft, cuda_graphs), store, sampling, req.draft_window, generator,
@@ -122,9 +124,9 @@ def assemble(report: PlanReport, target: LoadedModel, draft: LoadedModel | None,
     if batched:
         if target.forward_path != "specmemo":
             raise BadInput("batched decoding needs specmemo's own decoder; this model runs through transformers")
-        if report.drafter == "head":   # every row drafts with the one head and its copied rows
+        if report.drafter in HEAD_DRAFTERS:   # every row drafts with the one head and its copied rows
             one = make_drafter(report, target, draft, sampling, device, generator)
-            new_drafter = lambda: HeadDrafter(target.model, one.head, sampling, generator, parts=one.parts)
+            new_drafter = lambda: type(one)(target.model, one.running, sampling, generator)
         else:
             new_drafter = lambda: make_drafter(report, target, draft, sampling, device, generator)
         engine = BatchEngine(target.model.forward_rows, store, new_drafter,

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from specmemo.budget import footprint as fp
-from specmemo.decoding.drafters import HeadDrafter, NoDrafter
+from specmemo.decoding.drafters import HeadDrafter, LookupHeadDrafter, NoDrafter
 from specmemo.decoding.engine import Engine
 from specmemo.decoding.sampling import SamplingConfig
 from specmemo.errors import BadInput
 from specmemo.memory.kvstore import KVShape, KVStore
-from specmemo.models.draft_head import DraftHead, load_head, save_head
+from specmemo.models.draft_head import DraftHead, RunningHead, TargetParts, load_head, save_head
 from specmemo.training.draft_head import HeadRecipe, train_head, write_corpus
 from tests.tiny import VOCAB, own_model, run, tiny_llama
 
@@ -36,7 +36,9 @@ def engine(drafter: str, k: int = 4, sampling=SamplingConfig(), seed=0):
     cfg = own.cfg
     store = KVStore(KVShape(cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim, 300), own.dtype, "cpu")
     gen = torch.Generator().manual_seed(seed)
-    d = HeadDrafter(own, trained()[0], sampling, gen) if drafter == "head" else NoDrafter("cpu")
+    kinds = {"head": HeadDrafter, "ngram+head": LookupHeadDrafter}
+    d = kinds[drafter](own, RunningHead.for_machine(trained()[0], own), sampling, gen) if drafter in kinds \
+        else NoDrafter("cpu")
     return Engine(own, store, d, sampling, draft_len=0 if drafter == "none" else k, prefill_chunk=16,
                   context=300, generator=gen)
 
@@ -62,7 +64,6 @@ def test_training_learns_the_targets_next_tokens():
     head, result, _, _ = trained()
     untrained = DraftHead(head.fuse.out_features, 64, head.vocab)
     own = own_model(TARGET)
-    from specmemo.models.draft_head import TargetParts
     from specmemo.training.draft_head import Positions, evaluate
 
     index = torch.full((VOCAB,), -100, dtype=torch.long)
@@ -81,6 +82,23 @@ def test_greedy_with_the_head_equals_plain_decoding(k):
         spec, stats = run(engine("head", k), prompt, max_new=48)
         assert spec == plain
         assert stats.drafted_tokens > 0
+
+
+def test_lookup_then_head_drafts_both_ways_and_equals_plain_decoding():
+    """ngram+head: where the conversation repeats, a lookup chain (a step without ranks); elsewhere
+    the head's tree (a step with them). Greedy output is plain decoding's either way."""
+    from specmemo.decoding.events import Step
+
+    gen = torch.Generator().manual_seed(9)
+    for i in range(3):
+        # A prompt that repeats itself (lookup finds matches) after one the head was trained on.
+        piece = torch.randint(0, VOCAB, (6,), generator=gen).tolist()
+        prompt = trained()[3][i] + piece + piece
+        plain, _ = run(engine("none"), prompt, max_new=48)
+        steps = [ev for ev in engine("ngram+head", 4).generate(prompt, 48) if isinstance(ev, Step)]
+        assert [t for step in steps for t in step.tokens][:48] == plain
+        assert any(step.drafted and not step.ranks for step in steps), "no lookup chain was verified"
+        assert any(step.ranks for step in steps), "the head never drafted a tree"
 
 
 def test_the_head_drafts_tokens_the_target_accepts():
@@ -139,10 +157,11 @@ def test_a_file_that_is_not_a_head_is_refused_in_one_line(tmp_path):
 
 
 def test_the_plan_counts_the_heads_weights_rows_and_logits():
-    # Hand-worked: E = 576, I = 1536, Vh = 8192.
-    weights = 4 * (2 * 576 * 576 + 3 * 1536 * 576 + 3 * 576) + 8 * 8192
-    rows = 4 * 8192 * 576
-    assert fp.draft_head_bytes(576, 1536, 8192) == weights + rows == 2_654_208 + 10_616_832 + 6_912 + 65_536 + 18_874_368
+    # Hand-worked: E = 576, I = 1536, Vh = 8192; matrices, rows and norms in the drafting dtype.
+    ids = 8 * 8192
+    matrices, rows, norms = 2 * 576 * 576 + 3 * 1536 * 576, 8192 * 576, 4 * 576
+    assert fp.draft_head_bytes(576, 1536, 8192) == 4 * (matrices + rows + norms) + ids == 32_220_160
+    assert fp.draft_head_bytes(576, 1536, 8192, "bf16") == 2 * (matrices + rows + norms) + ids == 16_142_848
     from specmemo.budget.plan import PlanRequest, make_plan
     from tests.tiny import arch_of
 
@@ -150,8 +169,35 @@ def test_the_plan_counts_the_heads_weights_rows_and_logits():
                       dtype="fp32", head=(64, 64, 32), sampling=False)
     plan = make_plan(req)
     assert plan.components["draft_weights"] == fp.draft_head_bytes(64, 64, 32)
+    assert make_plan(req.with_(head_dtype="bf16")).components["draft_weights"] == fp.draft_head_bytes(64, 64, 32, "bf16")
     no_head = make_plan(req.with_(drafter="ngram", head=None))
     assert plan.components["logits"] - no_head.components["logits"] == 32 * 4
+
+
+@pytest.mark.parametrize("dtype,packed", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
+def test_the_running_head_drafts_as_the_trained_one_and_weighs_what_the_plan_counts(dtype, packed):
+    """RunningHead (what drafting runs) against the trained module it came from: the same state
+    and logits in fp32, within half precision's rounding in bf16 (packed or not), the same top
+    token on nearly every held-out position; its bytes are the plan's."""
+    from specmemo.models.quant import packs
+
+    if packed and not packs(torch.bfloat16, "head"):
+        pytest.skip("this machine does not pack a bf16 head")
+    head, _, corpus, _ = trained()
+    own = own_model(TARGET)
+    running = RunningHead(head, own, dtype, packed)
+    parts = TargetParts(own, head.vocab)
+    h = torch.cat([c["hidden"] for c in corpus[-4:]]).float()                     # [n, E]
+    x = torch.cat([c["reply"] for c in corpus[-4:]])                             # [n]
+    want_f = head.block(h, parts.embed(x))
+    want = parts.logits(want_f)
+    f, got = running.step(h, x)
+    tol = 1e-5 if dtype == torch.float32 else 0.05
+    assert torch.allclose(f.float(), want_f, atol=tol * want_f.abs().max()), (f.float() - want_f).abs().max()
+    assert torch.allclose(got, want, atol=tol * want.abs().max()), (got - want).abs().max()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.95
+    name = "fp32" if dtype == torch.float32 else "bf16"
+    assert running.nbytes() == fp.draft_head_bytes(head.fuse.out_features, head.down.in_features, len(head.vocab), name)
 
 
 def test_batched_rows_draft_from_their_own_hidden_states():
@@ -166,8 +212,8 @@ def test_batched_rows_draft_from_their_own_hidden_states():
     alone = [run(engine("head", 4), p, max_new=30) for p in prompts]
     cfg = own.cfg
     store = KVStore(KVShape(cfg.num_layers, 2, cfg.num_kv_heads, cfg.head_dim, 300), own.dtype, "cpu")
-    shared = HeadDrafter(own, head, SamplingConfig())
-    batch = BatchEngine(own.forward_rows, store, lambda: HeadDrafter(own, head, SamplingConfig(), parts=shared.parts),
+    shared = RunningHead.for_machine(head, own)
+    batch = BatchEngine(own.forward_rows, store, lambda: HeadDrafter(own, shared, SamplingConfig()),
                         SamplingConfig(), draft_len=4, prefill_chunk=16, context=300, measure_cost=False)
     done = {ev.index: ev for ev in batch.run(prompts, 30) if isinstance(ev, SequenceDone)}
     assert [done[i].tokens for i in range(4)] == [tokens for tokens, _ in alone]

@@ -3,6 +3,8 @@
 import json
 import shutil
 
+import pytest
+
 from specmemo.paths import REPO_ROOT
 from specmemo.profiling.report import save_pair_profile
 
@@ -93,6 +95,8 @@ def test_auto_picks_the_drafter_that_measured_fastest(tmp_path, monkeypatch):
     assert resolve_pair("smollm2-135m-instruct", "auto")[2] == "head"
     (profiles / "pairs" / "smollm2-135m-instruct__ngram.toml").write_text("alpha = 0.5\nspeedup = 1.4\n")
     assert resolve_pair("smollm2-135m-instruct", "auto")[2] == "ngram"
+    (profiles / "pairs" / "smollm2-135m-instruct__ngram+head.toml").write_text("alpha = 0.5\nspeedup = 1.45\n")
+    assert resolve_pair("smollm2-135m-instruct", "auto")[2] == "ngram+head"
 
 
 def test_a_drafter_that_drafts_in_few_steps_is_predicted_from_its_measured_share(tmp_path, monkeypatch, cli):
@@ -119,3 +123,48 @@ def test_profile_refuses_an_unknown_dtype_in_one_line_before_starting_engines(cl
     assert r.exit_code == 1
     assert r.output.strip().splitlines()[-1].startswith("error: unknown dtype 'bogus'")
     assert not (tmp_path / "p").exists()   # refused before any engine ran
+
+
+def test_lookup_then_head_is_predicted_from_its_two_parts():
+    """ngram+head drafts a lookup chain on the share of steps where lookup matches and a head tree
+    on the rest: with no matches it is the head, with matches everywhere the lookup, and between."""
+    from dataclasses import replace
+
+    from specmemo.budget.speedup import PairProfile
+
+    curve = (1.0, 1.14, 1.28, 1.38, 1.82, 1.86)
+    head = PairProfile(0.38, 0.05, "head", curve, ranks=(0.38, 0.12, 0.05))
+    lookup = PairProfile(0.64, 0.0, "ngram", curve, drafted_share=0.27)
+    alone = [head.speedup(5), replace(lookup, drafted_share=1.0).speedup(5)]
+    both = [replace(head, lookup=replace(lookup, drafted_share=s)).speedup(5) for s in (0.0, 0.27, 1.0)]
+    assert both[0] == pytest.approx(alone[0]) and both[2] == pytest.approx(alone[1])
+    assert alone[0] < both[1] < alone[1]
+
+
+def test_plan_predicts_lookup_then_head_from_the_saved_ngram_and_head_profiles(tmp_path, monkeypatch, cli):
+    profiles = copy_profiles(tmp_path, monkeypatch)
+    pairs = profiles / "pairs"
+    (pairs / "smollm2-135m-instruct__ngram.toml").write_text("alpha = 0.64\nc = 0.0\ndrafted_share = 0.27\n")
+    (pairs / "smollm2-135m-instruct__head.toml").write_text("alpha = 0.38\nc = 0.05\nranks = [0.38, 0.12]\n")
+    args = ("plan", "--target", "smollm2-135m-instruct", "--context", "512", "--dtype", "q4", "--json")
+    got = {d: json.loads(cli(*args, "--draft", d).stdout) for d in ("ngram", "head", "ngram+head")}
+    assert "lookup: measured: smollm2-135m-instruct__ngram.toml" in got["ngram+head"]["speedup_source"]
+    # Lookup drafts on 27% of steps (as n-gram alone), the head on the rest (where n-gram drafts nothing).
+    assert got["ngram"]["predicted_speedup"] < got["ngram+head"]["predicted_speedup"]
+    assert got["head"]["predicted_speedup"] < got["ngram+head"]["predicted_speedup"]
+
+
+def test_a_lookup_then_head_run_saves_both_parts_and_plan_predicts_from_them(tmp_path, monkeypatch, cli):
+    copy_profiles(tmp_path, monkeypatch)
+    # 100 steps: 40 lookup chains (120 drafted, 90 accepted, 0.01 s), 60 head trees (60 drafted,
+    # 0.12 s); a target step takes 0.02 s.
+    runs = {"specmemo": {"drafted_tokens": 180, "accepted_tokens": 114, "draft_seconds": 0.13, "outputs": [1],
+                         "steps": 100, "accepted_histogram": {"1": 100}, "rank_hits": [24, 0, 0, 0],
+                         "rank_visits": [60, 0, 0, 0], "lookup": [40, 120, 90, 0.01], "tokens_per_s": 80.0},
+            "specmemo-ar": {"seconds": 2.0, "new_tokens": 100, "tokens_per_s": 50.0}}
+    text = save_pair_profile("smollm2-135m-instruct", "ngram+head", runs).read_text()
+    assert "lookup_share = 0.4000\nlookup_alpha = 0.7500\n" in text
+    assert "c = 0.1000\n" in text          # the head's: 0.12 s over its 60 drafts, per 0.02 s step
+    plan = json.loads(cli("plan", "--target", "smollm2-135m-instruct", "--draft", "ngram+head", "--context", "512",
+                          "--dtype", "q4", "--json").stdout)
+    assert plan["c"] == 0.1 and "lookup: measured: smollm2-135m-instruct__ngram+head.toml" in plan["speedup_source"]

@@ -106,3 +106,11 @@ def test_batch_plans_are_runnable_with_batch_drafters_and_scale_the_kv(cli):
     assert four["runnable"] and four["batch"] == 4 and head["runnable"]
     assert four["components"]["target_kv"] == 4 * one["components"]["target_kv"]
     assert not model["runnable"] and "batch 4 with --draft model" in " ".join(model["not_runnable"])
+
+
+def test_lookup_then_head_is_planned_with_the_heads_weights(cli):
+    args = ["plan", "--target", "smollm2-135m-instruct", "--context", "512", "--json", "--dtype", "q4"]
+    head = json.loads(cli(*args, "--draft", "head").stdout)
+    both = json.loads(cli(*args, "--draft", "ngram+head").stdout)
+    assert both["draft"] == "ngram+head" and both["runnable"]
+    assert both["components"]["draft_weights"] == head["components"]["draft_weights"] > 0

@@ -122,12 +122,14 @@ def fit(target: Arch, draft: Arch | None, drafter: str, *, device: str = "cpu", 
         raise BadInput("--draft-len needs a drafter; with --draft none, k is 0")
     k = 0 if drafter == "none" else (draft_len if draft_len is not None else DEFAULT_DRAFT_LEN)
     head, card = None, None
-    if drafter == "head":
-        from specmemo.models.resolve import head_file, head_header
+    from specmemo.models.resolve import HEAD_DRAFTERS, head_file, head_header
+
+    if drafter in HEAD_DRAFTERS:
 
         head, card = head_header(head_file(target.name))
     req = PlanRequest(
         target=target, draft=draft, drafter=drafter, context=1, draft_len=k, head=head,
+        head_dtype="bf16" if dev.kind == "cpu" and dev.packed_head else "fp32",
         draft_window=draft_window or DEFAULT_DRAFT_WINDOW, dtype=dtype or default_dtype(dev.kind),
         kv_dtype=kv_dtype, draft_dtype=draft_dtype, batch=batch, prefill_chunk=prefill_chunk,
         baseline_bytes=max(dev.baseline_bytes, baseline_bytes or 0),
@@ -153,7 +155,7 @@ def fit(target: Arch, draft: Arch | None, drafter: str, *, device: str = "cpu", 
     plan = asked if not shrunk else make_plan(req)
     # c estimated from bytes streamed per step: a draft model's weights, or a head's (with its rows).
     step_bytes = fp.weight_bytes(draft, req.ddtype, req.quantized_head) if draft \
-        else fp.draft_head_bytes(*head) if head else None
+        else fp.draft_head_bytes(*head, req.head_dtype) if head else None
     ratio = step_bytes / fp.weight_bytes(target, req.dtype, req.quantized_head) if step_bytes else None
     pair = pair_profile(target.name, draft.name if draft else drafter, drafter, req.dtype,
                         dev.cost_curve(req.dtype), ratio, card)

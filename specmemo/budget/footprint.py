@@ -88,13 +88,13 @@ def verify_kv_slots_bytes(arch: Arch, kv_dtype: str, k: int, batch: int = 1) -> 
     return kv_bytes(arch, kv_dtype, k + 1, batch)
 
 
-def draft_head_bytes(hidden: int, inner: int, vocab: int) -> int:
-    """A draft head (models/draft_head.py) as it runs: its fp32 weights (fused input [E, 2E],
-    SwiGLU [2I, E] and [E, I], three norms, its vocabulary's ids as int64) plus the fp32 copy of
-    the target's LM-head rows for that vocabulary [Vh, E]."""
-    E = hidden
-    weights = 4 * (2 * E * E + 3 * inner * E + 3 * E) + 8 * vocab
-    return weights + 4 * vocab * E
+def draft_head_bytes(hidden: int, inner: int, vocab: int, dtype: str = "fp32") -> int:
+    """A draft head as it drafts (models/draft_head.RunningHead): its matrices (fused input
+    [2E, E], SwiGLU [E, 2I] and [I, E]) and a copy of the target's LM-head rows for its vocabulary
+    [E, Vh] in `dtype` (bf16 where the device packs a half-precision head, else fp32 as trained),
+    four norms [E] in that dtype, and its vocabulary's ids (int64)."""
+    E, w = hidden, dtype_bytes(dtype)
+    return w * (2 * E * E + 3 * inner * E + 4 * E + vocab * E) + 8 * vocab
 
 
 def logits_bytes(arch: Arch, dtype: str, positions: int, batch: int = 1) -> int:

@@ -17,7 +17,7 @@ STATIC_COMPONENTS = ("process_baseline", "target_weights", "draft_weights", "run
 
 # What the engine can run today; `plan` still plans the rest, marked not runnable.
 RUNNABLE_DTYPES = ("fp32", "bf16", "fp16", "q4")  # q4: GGUF Q4_0/Q4_1 on a CPU (models/quant.py)
-BATCH_DRAFTERS = ("ngram", "head", "none")        # what the batch engine drafts with (decoding/batch.py)
+BATCH_DRAFTERS = ("ngram", "head", "ngram+head", "none")        # what the batch engine drafts with (decoding/batch.py)
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class PlanRequest:
 
     target: Arch
     draft: Arch | None
-    drafter: str                 # "model", "head", "ngram" or "none"
+    drafter: str                 # "model", "head", "ngram+head", "ngram" or "none"
     context: int                 # N: tokens of conversation the target KV holds
     draft_len: int               # k
     draft_window: int            # W: tokens the draft KV holds (≤ N)
@@ -47,6 +47,7 @@ class PlanRequest:
     device_kind: str = "cpu"       # "cpu" or "cuda": what the engine can run differs
     quantized_head: bool = False   # q4/q8: the embedding and LM head held quantized (footprint.weight_bytes)
     head: tuple[int, int, int] | None = None   # a draft head's (hidden, inner, vocab): models/draft_head.py
+    head_dtype: str = "fp32"                   # what the head drafts in (draft_head.RunningHead.for_machine)
 
     def with_(self, **changes) -> "PlanRequest":
         return PlanRequest(**{**self.__dict__, **changes})
@@ -107,8 +108,8 @@ class Plan:
                 why.append(f"{flag} {value}: the engine runs {', '.join(RUNNABLE_DTYPES)}")
             elif fp.is_quantized(value) and req.device_kind != "cpu":
                 why.append(f"{flag} {value}: packed 4-bit weights run on a CPU so far")
-        if req.drafter == "head" and req.device_kind != "cpu":
-            why.append("--draft head: the draft head runs on a CPU so far")
+        if req.head and req.device_kind != "cpu":
+            why.append(f"--draft {req.drafter}: the draft head runs on a CPU so far")
         return why
 
 
@@ -148,7 +149,7 @@ def make_plan(req: PlanRequest) -> Plan:
         "process_baseline": req.baseline_bytes,
         "target_weights": fp.weight_bytes(t, req.dtype, req.quantized_head),
         "draft_weights": fp.weight_bytes(d, req.ddtype, req.quantized_head) if d
-        else fp.draft_head_bytes(*req.head) if req.head else 0,
+        else fp.draft_head_bytes(*req.head, req.head_dtype) if req.head else 0,
         "target_kv": fp.kv_bytes(t, req.kv, N, B),
         "draft_kv": fp.kv_bytes(d, req.draft_kv, W, B) if d else 0,
         # The target's candidates land inside its context (see target_capacity); a draft

@@ -20,9 +20,10 @@ estimate (c from the draft's and target's weight bytes: a step streams its weigh
 """
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from specmemo.models.resolve import HEAD_DRAFTERS
 from specmemo.paths import profiles_dir
 
 # Defaults when no measured pair profile exists. A small model draft of the same family
@@ -47,11 +48,22 @@ class PairProfile:
     ranks_source: str = ""
     drafted_share: float = 1.0     # the share of steps that draft at all (n-gram lookup: where it matches)
     drafted_share_source: str = "every step drafts"
+    lookup: "PairProfile | None" = None   # ngram+head: the lookup's own profile (its α and share)
 
     def speedup(self, k: int) -> float:
         """Predicted for steps of at most k drafts, as the engine drafts them: the best chain of
         ≤ k (decoding/engine.DraftLength drafts each step's best k ≤ the plan's), or the best
-        tree of ≤ k nodes."""
+        tree of ≤ k nodes; ngram+head: the lookup's best chain on the share of steps where it finds
+        one (no draft cost), the head's best tree on the rest."""
+        if self.lookup:
+            s, alpha = self.lookup.drafted_share, self.lookup.alpha
+            j = best_draft_len(alpha, 0.0, self.curve, k)
+            tree = (1.0, 1.0)   # no ranks: a plain step where lookup finds nothing
+            if self.ranks:      # the tree the engine's TreeShape picks (best_tree, every step drafting)
+                parents = best_tree(list(self.ranks), self.c, self.curve, k)[0]
+                tree = tree_gain(*grow_tree(list(self.ranks), len(parents) - 1), self.c, self.curve)
+            return (s * expected_tokens_per_step(alpha, j) + (1 - s) * tree[0]) / \
+                (s * step_cost(self.curve, j + 1) + (1 - s) * tree[1])
         if self.ranks:
             return best_tree(list(self.ranks), self.c, self.curve, k, self.drafted_share)[1]
         return max((predicted_speedup(self.alpha, self.c, j, self.curve, self.drafted_share) for j in range(1, k + 1)),
@@ -126,6 +138,22 @@ def pair_profile(target: str, draft: str, drafter_kind: str, dtype: str = "fp32"
     `specmemo profile --save-profile`), else the device profile's curve for `dtype`, c from the
     draft's and target's weight bytes (weight_ratio; 0 for n-gram lookup) and a default α. A
     draft head's α and rank acceptance default to its card's held-out figures."""
+    if drafter_kind == "ngram+head":
+        # Where lookup finds a match it drafts as n-gram does, elsewhere as the head does: both
+        # parts measured in its own profile run where one was saved, else from the n-gram and head
+        # pairs' profiles.
+        own = tomllib.loads(pair_file(target, draft).read_text()) if pair_file(target, draft).exists() else {}
+        if "lookup_share" in own:
+            head = pair_profile(target, draft, "head", dtype, device_curve, weight_ratio, head_card)
+            lookup = PairProfile(float(own["lookup_alpha"]), 0.0, f"measured: {pair_file(target, draft).name}",
+                                 head.curve, drafted_share=float(own["lookup_share"]),
+                                 drafted_share_source=f"measured: {pair_file(target, draft).name}")
+        else:
+            head = pair_profile(target, "head", "head", dtype, device_curve, weight_ratio, head_card)
+            lookup = pair_profile(target, "ngram", "ngram", dtype, device_curve)
+        return replace(head, lookup=lookup, source=f"{head.source}; lookup: {lookup.source}",
+                       drafted_share_source=f"every step drafts: lookup on the share where it finds a match "
+                                            f"({lookup.drafted_share:.4f}, {lookup.drafted_share_source}), else the head")
     data, name = {}, ""
     path = pair_file(target, draft)
     if path.exists():
@@ -139,7 +167,7 @@ def pair_profile(target: str, draft: str, drafter_kind: str, dtype: str = "fp32"
         alpha, source = (DEFAULT_NGRAM_ALPHA if drafter_kind == "ngram" else DEFAULT_MODEL_ALPHA), "default"
     if "c" in data:
         c, c_source = float(data["c"]), f"measured: {name}"
-    elif drafter_kind in ("model", "head") and weight_ratio is not None:
+    elif (drafter_kind == "model" or drafter_kind in HEAD_DRAFTERS) and weight_ratio is not None:
         c, c_source = weight_ratio, f"estimated: {drafter_kind} weight bytes / target weight bytes"
     else:
         c, c_source = 0.0, "n-gram lookup: microseconds against a target step" if drafter_kind == "ngram" else "none"
@@ -151,7 +179,7 @@ def pair_profile(target: str, draft: str, drafter_kind: str, dtype: str = "fp32"
     else:
         curve, curve_source = (), "flat: none measured"
     ranks, ranks_source = (), ""
-    if drafter_kind == "head":
+    if drafter_kind in HEAD_DRAFTERS:
         if "ranks" in data:
             # Ranks no measured tree offered come from the card.
             measured = [float(x) for x in data["ranks"]]
@@ -184,12 +212,16 @@ def grow_tree(ranks: list[float], nodes: int) -> tuple[list[int], list[float]]:
     return parents, value
 
 
-def tree_speedup(parents: list[int], value: list[float], c: float, curve: tuple[float, ...],
-                 share: float = 1.0) -> float:
-    """Expected tokens per step (the accepted nodes plus the target's own) over the step's cost:
+def tree_gain(parents: list[int], value: list[float], c: float, curve: tuple[float, ...]) -> tuple[float, float]:
+    """A tree step's expected tokens (the accepted nodes plus the target's own) and its cost:
     verifying every node with the root, plus one draft step per node that has children."""
     expanded = len(set(parents[1:]))
-    return mixed(1 + sum(value[1:]), step_cost(curve, len(parents)) + expanded * c, share)
+    return 1 + sum(value[1:]), step_cost(curve, len(parents)) + expanded * c
+
+
+def tree_speedup(parents: list[int], value: list[float], c: float, curve: tuple[float, ...],
+                 share: float = 1.0) -> float:
+    return mixed(*tree_gain(parents, value, c, curve), share)
 
 
 def best_tree(ranks: list[float], c: float, curve: tuple[float, ...], max_nodes: int,

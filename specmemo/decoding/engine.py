@@ -15,10 +15,12 @@ The engine keeps S and both caches between calls, so a chat turn prefills only i
 
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import torch
 
 from specmemo.budget.speedup import DEFAULT_MODEL_ALPHA, PairProfile, best_draft_len, best_tree
+from specmemo.decoding.drafters import Proposal
 from specmemo.decoding.events import Finished, GenerationStats, Prefilled, Step, clip
 from specmemo.decoding.sampling import SamplingConfig
 from specmemo.decoding.verify import verify_greedy, verify_sampling, verify_tree_greedy, verify_tree_sampling
@@ -108,7 +110,10 @@ class Engine:
         self.forward, self.store, self.drafter, self.sampling = forward, store, drafter, sampling
         self.max_draft_len = 0 if drafter.name == "none" else draft_len
         pair = pair or PairProfile(DEFAULT_MODEL_ALPHA, 0.0, "default")
-        self.lengths = DraftLength(pair, self.max_draft_len)
+        # A lookup's chain (ngram+head) costs microseconds: its length is chosen at c = 0, from
+        # the lookup's own α where the pair has it.
+        self.lengths = DraftLength(replace(pair.lookup or pair, c=0.0) if hasattr(drafter, "lookup") else pair,
+                                   self.max_draft_len)
         self.draft_len = self.lengths.first()
         # A drafter that ranks candidates (the draft head) proposes a candidate tree; its shape
         # follows the measured rank acceptance (TreeShape).
@@ -181,10 +186,19 @@ class Engine:
         self.drafter.observe(path[-1])  # the last accepted node's row chose nxt
         return Step([tokens[i] for i in path[1:]] + [nxt], len(drafted), len(path) - 1, ranks), drafting
 
-    def _step(self, k: int) -> tuple[Step, float]:
+    def _lookup(self, k: int) -> tuple[Proposal, float] | None:
+        """The drafter's lookup chain and its time, None where it has no lookup or found nothing."""
+        if not hasattr(self.drafter, "lookup"):
+            return None
         t0 = time.perf_counter()
-        proposal = self.drafter.propose(self.tokens, k)
-        drafting = time.perf_counter() - t0
+        proposal = self.drafter.lookup(self.tokens, max(k, 1))
+        return (proposal, time.perf_counter() - t0) if len(proposal.tokens) else None
+
+    def _step(self, k: int, looked: tuple[Proposal, float] | None = None) -> tuple[Step, float]:
+        """One chain step: k drafts proposed now, or a lookup's (looked: proposal, seconds)."""
+        t0 = time.perf_counter()
+        proposal, drafting = looked or (self.drafter.propose(self.tokens, k), 0.0)
+        drafting = drafting or time.perf_counter() - t0
         draft = proposal.tokens
         ids = torch.cat([torch.tensor([self.tokens[-1]], device=self.device), draft])[None]
         logits = self.forward(self.store, ids, ids.shape[1])[0]
@@ -229,14 +243,20 @@ class Engine:
             budget = min(max_new_tokens - stats.new_tokens, self.room())
             # At most budget − 1 draft tokens: with the bonus token a step commits ≤ budget, so
             # candidates stay inside the planned context (the store's capacity).
-            if self.shapes and budget > 1:
+            # A drafter with a lookup (ngram+head) proposes its chain where it finds one; its
+            # length follows the chain steps' acceptance alone, and trees the ranks alone.
+            looked = self._lookup(min(self.draft_len, budget - 1)) if self.shapes and budget > 1 else None
+            if self.shapes and budget > 1 and looked is None:
                 step, drafting = self._tree_step(min(self.max_draft_len, budget - 1))
             else:
-                step, drafting = self._step(min(self.draft_len, budget - 1))
+                step, drafting = self._step(min(self.draft_len, budget - 1), looked)
+                self.draft_len = self.lengths.after(step)
+                if looked:
+                    step = replace(step, lookup=True)
+                    stats.lookup[3] += drafting
             stats.draft_seconds += drafting
-            self.draft_len = self.lengths.after(step)
             tokens, reason = clip(step.tokens, budget, stop_ids)
-            step = Step(tokens, step.drafted, min(step.accepted, len(tokens)), step.ranks)
+            step = Step(tokens, step.drafted, min(step.accepted, len(tokens)), step.ranks, step.lookup)
             self._commit(tokens)
             stats.record(step)
             yield step

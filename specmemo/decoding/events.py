@@ -17,6 +17,7 @@ class Step:
     accepted: int
     # A tree step: at each node of the kept branch with children, (rank the target took or -1, children offered).
     ranks: tuple[tuple[int, int], ...] = ()
+    lookup: bool = False   # a lookup chain's step (ngram+head), not the head's
 
 
 def clip(tokens: list[int], budget: int, stop_ids) -> tuple[list[int], str]:
@@ -42,6 +43,7 @@ class GenerationStats:
     accepted_histogram: dict[int, int] = field(default_factory=dict)  # accepted -> steps that drafted
     rank_hits: list[int] = field(default_factory=lambda: [0] * 4)    # tree steps: the target took rank r
     rank_visits: list[int] = field(default_factory=lambda: [0] * 4)  # ... at nodes offering ≥ r candidates
+    lookup: list = field(default_factory=lambda: [0, 0, 0, 0.0])    # lookup chains: steps, drafted, accepted, seconds
     stop_reason: str = ""
 
     @property
@@ -64,6 +66,8 @@ class GenerationStats:
         self.accepted_tokens += step.accepted
         if step.drafted:  # steps where the drafter had nothing to propose are not rejections
             self.accepted_histogram[step.accepted] = self.accepted_histogram.get(step.accepted, 0) + 1
+        if step.lookup:
+            self.lookup[:3] = [self.lookup[0] + 1, self.lookup[1] + step.drafted, self.lookup[2] + step.accepted]
         for taken, offered in step.ranks:
             for r in range(min(offered, len(self.rank_visits))):
                 self.rank_visits[r] += 1

@@ -142,6 +142,7 @@ def check_vocab(target: ModelRef, draft: ModelRef) -> None:
 
 
 DRAFTER_NAMES = ("ngram", "none")  # drafters without weights
+HEAD_DRAFTERS = ("head", "ngram+head")  # drafters that run the shipped head (ngram+head: lookup first)
 HEADS_DIR = Path(__file__).resolve().parent.parent / "heads"   # shipped draft heads: <target>.safetensors
 
 
@@ -182,9 +183,9 @@ def fastest_drafter(target: str) -> str:
     from specmemo.budget.speedup import pair_file
 
     measured = {}
-    for name in ("head", "ngram"):
+    for name in ("head", "ngram", "ngram+head"):
         path = pair_file(target, name)
-        if path.exists() and (name != "head" or shipped_head(target)):
+        if path.exists() and (name not in HEAD_DRAFTERS or shipped_head(target)):
             speedup = tomllib.loads(path.read_text()).get("speedup")
             if speedup is not None and float(speedup) > 1.0:
                 measured[name] = float(speedup)
@@ -192,16 +193,16 @@ def fastest_drafter(target: str) -> str:
 
 
 def resolve_pair(target: str, draft: str) -> tuple[ModelRef, ModelRef | None, str]:
-    """(target, draft model or None, drafter kind: "model", "head", "ngram" or "none").
+    """(target, draft model or None, drafter kind: "model", "head", "ngram+head", "ngram" or "none").
     draft "auto": the fastest measured drafter for this target (fastest_drafter)."""
     t = resolve(target)
     if draft == "auto":
         draft = fastest_drafter(t.name)
     if draft in DRAFTER_NAMES:
         return t, None, draft
-    if draft == "head":
+    if draft in HEAD_DRAFTERS:
         head_file(t.name)
-        return t, None, "head"
+        return t, None, draft
     d = resolve(draft)
     check_vocab(t, d)
     return t, d, "model"

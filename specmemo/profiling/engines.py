@@ -32,6 +32,7 @@ class TurnResult:
     histogram: dict = field(default_factory=dict)
     rank_hits: list = field(default_factory=list)
     rank_visits: list = field(default_factory=list)
+    lookup: list = field(default_factory=list)
 
 
 class SpecmemoEngine:
@@ -52,7 +53,7 @@ class SpecmemoEngine:
         return TurnResult(tokens, stats.prefill_seconds + stats.decode_seconds, stats.drafted_tokens,
                           stats.accepted_tokens, stats.steps,
                           stats.draft_seconds, dict(stats.accepted_histogram), list(stats.rank_hits),
-                          list(stats.rank_visits))
+                          list(stats.rank_visits), list(stats.lookup))
 
 
 class HFEngine:

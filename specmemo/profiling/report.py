@@ -215,8 +215,15 @@ def save_pair_profile(target: str, draft: str, runs: dict, dtype: str | None = N
     alpha = spec["accepted_tokens"] / spec["drafted_tokens"]
     target_step = ar["seconds"] / ar["new_tokens"]
     c = (spec["draft_seconds"] / spec["drafted_tokens"]) / target_step
+    lookup = spec.get("lookup") or [0, 0, 0, 0.0]
+    if lookup[0] and spec["drafted_tokens"] > lookup[1]:
+        # ngram+head: c is the head's own (its seconds per token it drafted); the lookup's part apart.
+        c = ((spec["draft_seconds"] - lookup[3]) / (spec["drafted_tokens"] - lookup[1])) / target_step
     path = pair_file(target, draft)
     text = f"# Measured by specmemo profile on {len(spec['outputs'])} conversations.\nalpha = {alpha:.4f}\nc = {c:.4f}\n"
+    if lookup[0] and lookup[1]:
+        text += (f"# Lookup chains (ngram+head): {lookup[0]} of {spec['steps']} steps; c above is the head's alone.\n"
+                 f"lookup_share = {lookup[0] / spec['steps']:.4f}\nlookup_alpha = {lookup[2] / lookup[1]:.4f}\n")
     drafting = sum((spec.get("accepted_histogram") or {}).values())   # steps that drafted
     if spec.get("steps") and drafting:
         text += f"drafted_share = {drafting / spec['steps']:.4f}  # of {spec['steps']} steps, {drafting} drafted\n"

@@ -142,7 +142,7 @@ def main(config_path: str, result_path: str) -> None:
                               "new_tokens": len(r.tokens), "seconds": r.seconds, "drafted": r.drafted,
                               "accepted": r.accepted, "steps": r.steps, "draft_seconds": r.draft_seconds,
                               "histogram": r.histogram, "rank_hits": r.rank_hits,
-                              "rank_visits": r.rank_visits})
+                              "rank_visits": r.rank_visits, "lookup": r.lookup})
             print("progress", flush=True)
         if ci == 0 and timeline:
             timeline.__exit__(None, None, None)
@@ -178,6 +178,7 @@ def main(config_path: str, result_path: str) -> None:
         "accepted_histogram": histogram,
         "rank_hits": [sum(col) for col in zip(*[t["rank_hits"] for t in turn_rows if t["rank_hits"]])],
         "rank_visits": [sum(col) for col in zip(*[t["rank_visits"] for t in turn_rows if t["rank_visits"]])],
+        "lookup": [sum(col) for col in zip(*[t["lookup"] for t in turn_rows if t["lookup"]])],
         "outputs_sha256": hashlib.sha256(json.dumps(outputs).encode()).hexdigest(),
         "outputs": outputs,
         "turns": turn_rows,

@@ -29,14 +29,14 @@ class HeadRecipe:
     """Everything that decides the trained weights (recorded in the head's card)."""
     target: str = "smollm2-135m-instruct"
     dtype: str = "q4"               # the target's weights while it writes the corpus: the ones chat runs
-    prompts: int = 1600
+    prompts: int = 3000
     holdout: int = 100              # of those, the last ones: never trained on
     max_new_tokens: int = 160
     gen_batch: int = 16
     vocab: int = 8192               # the head's output: the most frequent reply tokens
     inner: int = 1536               # the head's MLP width
     depth: int = 3                  # regressive steps trained
-    epochs: int = 3
+    epochs: int = 2
     batch: int = 256                # positions per optimizer step
     lr: float = 2e-3
     soft: float = 0.5               # share of each depth's token loss taken from the target's whole

@@ -25,6 +25,25 @@ SUBJECTS = [
     "poetry", "stoicism", "utilitarianism", "urban planning", "public transport", "tourism", "globalization",
     "recycling", "meditation", "nutrition", "marathon training", "chess", "photography", "gardening",
     "learning a second language", "personal budgeting", "job interviews", "time management", "public speaking",
+    # a second, broader list (more science, history, arts and everyday life: the kinds of subject a
+    # chat is asked about that the first list missed)
+    "mitochondria", "enzymes", "the nitrogen cycle", "ocean currents", "the ozone layer", "hurricanes",
+    "supernovae", "the Big Bang", "exoplanets", "semiconductors", "lasers", "thermodynamics", "relativity",
+    "probability", "prime numbers", "calculus", "statistics", "game theory", "genetic engineering", "CRISPR",
+    "stem cells", "the placebo effect", "memory and the brain", "habits", "bacteria and viruses", "pandemics",
+    "biodiversity", "deforestation", "renewable energy", "wind turbines", "hydrogen fuel", "desalination",
+    "the Egyptian pyramids", "the Maya civilization", "the Ottoman Empire", "the Meiji Restoration",
+    "the abolition of slavery", "women's suffrage", "the American Civil War", "World War I", "the Great Depression",
+    "the Marshall Plan", "decolonization", "the European Union", "the United Nations", "the Enlightenment",
+    "the Reformation", "Confucianism", "Buddhism", "existentialism", "Plato's cave", "Kant's ethics",
+    "free will", "human rights", "the rule of law", "separation of powers", "taxation", "interest rates",
+    "central banks", "trade deficits", "cryptocurrencies", "startups", "marketing", "negotiation", "leadership",
+    "customer service", "supply chains", "baroque music", "the symphony", "film noir", "architecture of cathedrals",
+    "modern art", "the novel", "mythology", "fairy tales", "opera", "hip hop", "street food", "coffee",
+    "fermentation", "bread baking", "vegetarian diets", "first aid", "dental care", "running shoes",
+    "houseplants", "birdwatching", "camping", "cycling in cities", "parenting toddlers", "adopting a pet",
+    "moving house", "online privacy", "passwords", "phishing", "artificial intelligence ethics", "robotics",
+    "virtual reality", "space tourism", "the International Space Station", "submarines", "airplanes and lift",
 ]
 
 EXPLAIN = [
@@ -39,6 +58,12 @@ EXPLAIN = [
     "How has {s} changed over the last hundred years?", "Give a beginner's guide to {s}.",
     "What are the main arguments for and against {s}?", "Describe {s} to someone from the year 1800.",
     "In what ways are {s} and {t} connected?",
+    "Write an outline for an essay on {s}.", "What are three good books or resources for learning about {s}?",
+    "Give a step-by-step explanation of how {s} works.", "What careers involve {s}?",
+    "Write a short dialogue between a student and a teacher about {s}.",
+    "What are the ethical questions raised by {s}?", "Describe the future of {s} in 2050.",
+    "What would a critic say about {s}, and how would you answer?", "Explain {s} in exactly three sentences.",
+    "Write a table comparing {s} and {t} on three points.",
 ]
 
 FORMS = ["an email", "a formal letter", "a blog post", "a short speech", "a poem", "a short story",
@@ -53,6 +78,9 @@ OCCASIONS = [
     "a friendship between a cat and a crow", "a hiking accident", "winning a chess tournament",
     "the benefits of reading every day", "a volunteer cleanup of a beach", "moving to a new country",
     "a scientist discovering a new planet", "an old lighthouse keeper", "a surprise visit from a grandparent",
+    "a weekend in a small fishing village", "the launch of a community garden", "a power cut during a storm",
+    "a teenager's first job", "a retirement party", "a charity bake sale", "a misunderstanding between neighbours",
+    "a train journey across the desert", "an invention that changed a family", "the last day of summer",
 ]
 
 ROLES = ["a pirate captain", "a detective", "a chef", "an astronaut", "a medieval knight", "a friendly robot",
