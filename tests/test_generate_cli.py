@@ -184,7 +184,7 @@ def test_batch_with_a_draft_model_is_refused_in_one_line(tmp_path):
     prompts.write_text("hi\n")
     draft = save_random_model(llama_config(49152), tmp_path / "draft")
     r = generate("--prompts", prompts, "--draft", draft, "-m", 4)
-    assert r.returncode == 1 and "batches draft with ngram, head, none" in r.stderr
+    assert r.returncode == 1 and "batches draft with ngram, head, ngram+head, none" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
 
