@@ -142,12 +142,12 @@ def pair_profile(target: str, draft: str, drafter_kind: str, dtype: str = "fp32"
         # Where lookup finds a match it drafts as n-gram does, elsewhere as the head does: both
         # parts measured in its own profile run where one was saved, else from the n-gram and head
         # pairs' profiles.
-        own = tomllib.loads(pair_file(target, draft).read_text()) if pair_file(target, draft).exists() else {}
+        own_file = pair_file(target, draft)
+        own = tomllib.loads(own_file.read_text()) if own_file.exists() else {}
         if "lookup_share" in own:
             head = pair_profile(target, draft, "head", dtype, device_curve, weight_ratio, head_card)
-            lookup = PairProfile(float(own["lookup_alpha"]), 0.0, f"measured: {pair_file(target, draft).name}",
-                                 head.curve, drafted_share=float(own["lookup_share"]),
-                                 drafted_share_source=f"measured: {pair_file(target, draft).name}")
+            lookup = PairProfile(float(own["lookup_alpha"]), 0.0, f"measured: {own_file.name}", head.curve,
+                                 drafted_share=float(own["lookup_share"]), drafted_share_source=f"measured: {own_file.name}")
         else:
             head = pair_profile(target, "head", "head", dtype, device_curve, weight_ratio, head_card)
             lookup = pair_profile(target, "ngram", "ngram", dtype, device_curve)

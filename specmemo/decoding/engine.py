@@ -196,9 +196,12 @@ class Engine:
 
     def _step(self, k: int, looked: tuple[Proposal, float] | None = None) -> tuple[Step, float]:
         """One chain step: k drafts proposed now, or a lookup's (looked: proposal, seconds)."""
-        t0 = time.perf_counter()
-        proposal, drafting = looked or (self.drafter.propose(self.tokens, k), 0.0)
-        drafting = drafting or time.perf_counter() - t0
+        if looked:
+            proposal, drafting = looked
+        else:
+            t0 = time.perf_counter()
+            proposal = self.drafter.propose(self.tokens, k)
+            drafting = time.perf_counter() - t0
         draft = proposal.tokens
         ids = torch.cat([torch.tensor([self.tokens[-1]], device=self.device), draft])[None]
         logits = self.forward(self.store, ids, ids.shape[1])[0]
@@ -245,8 +248,9 @@ class Engine:
             # candidates stay inside the planned context (the store's capacity).
             # A drafter with a lookup (ngram+head) proposes its chain where it finds one; its
             # length follows the chain steps' acceptance alone, and trees the ranks alone.
-            looked = self._lookup(min(self.draft_len, budget - 1)) if self.shapes and budget > 1 else None
-            if self.shapes and budget > 1 and looked is None:
+            trees = self.shapes and budget > 1
+            looked = self._lookup(min(self.draft_len, budget - 1)) if trees else None
+            if trees and looked is None:
                 step, drafting = self._tree_step(min(self.max_draft_len, budget - 1))
             else:
                 step, drafting = self._step(min(self.draft_len, budget - 1), looked)

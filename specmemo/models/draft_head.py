@@ -33,6 +33,20 @@ def unit_rms(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
+def times(x: torch.Tensor, w) -> torch.Tensor:
+    """x @ w for a plain [in, out] tensor or a PackedMatrix (called directly: `x @ packed` reaches
+    __rmatmul__ only after Tensor.__matmul__ fails, 15-20 µs a product)."""
+    return w.times(x) if hasattr(w, "times") else x @ w
+
+
+def block(h, x_embed, norm_h, norm_x, fuse, norm_m, gate_up, down) -> torch.Tensor:
+    """The head's block, for training (DraftHead) and drafting (RunningHead) alike: h, x_embed
+    [..., E] -> the predicted hidden state [..., E]. Matrices [in, out], plain or packed."""
+    z = times(torch.cat([unit_rms(h) * norm_h, unit_rms(x_embed) * norm_x], dim=-1), fuse)
+    gate, up = times(unit_rms(z) * norm_m, gate_up).chunk(2, dim=-1)
+    return z + times(F.silu(gate) * up, down)
+
+
 class DraftHead(nn.Module):
     """The head's own weights (fp32). The target's pieces it reads are passed in (TargetParts)."""
 
@@ -49,9 +63,8 @@ class DraftHead(nn.Module):
 
     def block(self, h: torch.Tensor, x_embed: torch.Tensor) -> torch.Tensor:
         """h, x_embed [..., E] fp32 -> the predicted hidden state [..., E] at the token embedded."""
-        z = self.fuse(torch.cat([unit_rms(h) * self.norm_h, unit_rms(x_embed) * self.norm_x], dim=-1))
-        gate, up = self.gate_up(unit_rms(z) * self.norm_m).chunk(2, dim=-1)
-        return z + self.down(F.silu(gate) * up)
+        return block(h, x_embed, self.norm_h, self.norm_x, self.fuse.weight.t(), self.norm_m,
+                     self.gate_up.weight.t(), self.down.weight.t())
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in [*self.parameters(), *self.buffers()])
@@ -78,10 +91,6 @@ class TargetParts:
         return (unit_rms(f, self.eps) * self.norm) @ self.rows.t()
 
 
-def times(x: torch.Tensor, w) -> torch.Tensor:
-    """x @ w for a plain [in, out] tensor or a PackedMatrix (called directly: `x @ packed` reaches
-    __rmatmul__ only after Tensor.__matmul__ fails, 15-20 µs a product)."""
-    return w.times(x) if hasattr(w, "times") else x @ w
 
 
 class RunningHead:
@@ -117,10 +126,7 @@ class RunningHead:
     def step(self, h: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h [n, E] (any dtype), token_ids [n] -> (predicted states [n, E], logits [n, Vh] fp32)."""
         x = self.model.embed_tokens(token_ids.reshape(1, -1))[0].to(self.dtype)                # [n, E]
-        h = h.to(self.dtype)
-        z = times(torch.cat([unit_rms(h) * self.norm_h, unit_rms(x) * self.norm_x], dim=-1), self.fuse)
-        gate, up = times(unit_rms(z) * self.norm_m, self.gate_up).chunk(2, dim=-1)
-        f = z + times(F.silu(gate) * up, self.down)
+        f = block(h.to(self.dtype), x, self.norm_h, self.norm_x, self.fuse, self.norm_m, self.gate_up, self.down)
         return f, times(unit_rms(f, self.eps) * self.norm, self.rows).float()
 
     def nbytes(self) -> int:
