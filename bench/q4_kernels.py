@@ -32,6 +32,18 @@ def packed(k: int, n: int):
     return torch._convert_weight_to_int4pack_for_cpu(q, 2), torch.randn(k // GROUP, n, 2) * 0.01
 
 
+def packed_all(pack, ws):
+    """ws packed for oneDNN, or None where this torch or CPU has no such kernel (bf16 wants
+    AVX-512 BW/VL/DQ or AVX-NE-CONVERT)."""
+    if pack is None:
+        return None
+    try:
+        return [pack(w) for w in ws]
+    except RuntimeError as e:
+        print(f"no packed {ws[0].dtype} here: {str(e).splitlines()[0]}", file=sys.stderr)
+        return None
+
+
 def timed(fn, repeats: int) -> float:
     for _ in range(3):
         fn()
@@ -56,7 +68,7 @@ def main():
     q4 = [packed(k, n) for k, n in shapes]
     q4_bf16 = [(p, s.to(torch.bfloat16)) for p, s in q4]
     kinds = [(dense, torch.float32), (dense_bf16, torch.bfloat16)]
-    packs = [[pack(w) for w in ws] for ws, _ in kinds] if onednn else [None, None]
+    packs = [packed_all(pack, ws) for ws, _ in kinds]
     print(f"host: {cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"ms per pass over {len(shapes)} matmuls")
     print("| M | fp32 | bf16 | fp32 packed | bf16 packed | q4 (fp32 act.) | q4 (bf16 act.) |")
@@ -67,7 +79,7 @@ def main():
             xs = {k: torch.randn(m, k).to(dt) for k, _ in shapes}
             row.append(timed(lambda: [xs[w.shape[0]] @ w for w in ws], args.repeats))
         for (ws, dt), ps in zip(kinds, packs):
-            if ps is None:   # no oneDNN in this torch
+            if ps is None:   # no oneDNN in this torch, or no oneDNN kernel for this dtype on this CPU
                 row.append(float("nan"))
                 continue
             xs = {k: torch.randn(m, k).to(dt) for k, _ in shapes}

@@ -82,22 +82,28 @@ def step_forward(model: LoadedModel, cuda_graphs: bool, verify_tokens: int | Non
     return model.forward
 
 
+def running_head(target: LoadedModel, device, drafter: str):
+    """The target's shipped draft head as it drafts (models/draft_head.RunningHead: packed where this
+    machine packs it). Built while the target loads: the plan counts it with the weights."""
+    if target.forward_path != "specmemo":
+        raise BadInput(f"--draft {drafter} needs specmemo's own decoder (--forward specmemo)")
+    from specmemo.models.draft_head import RunningHead, load_head
+    from specmemo.models.resolve import head_file
+
+    head, _ = load_head(head_file(target.ref.name))
+    return RunningHead.for_machine(head.to(device), target.model)
+
+
 def make_drafter(report: PlanReport, target: LoadedModel, draft: LoadedModel | None, sampling: SamplingConfig,
-                 device, generator, cuda_graphs: bool = True):
+                 device, generator, cuda_graphs: bool = True, head=None):
+    """head: the RunningHead for head drafters (built here when not given)."""
     if report.drafter == "none":
         return NoDrafter(device)
     if report.drafter == "ngram":
         return NgramDrafter(device)
     if report.drafter in HEAD_DRAFTERS:
-        if target.forward_path != "specmemo":
-            raise BadInput(f"--draft {report.drafter} needs specmemo's own decoder (--forward specmemo)")
-        from specmemo.models.draft_head import RunningHead, load_head
-        from specmemo.models.resolve import head_file
-
-        head, _ = load_head(head_file(target.ref.name))
-        running = RunningHead.for_machine(head.to(device), target.model)
         kind = HeadDrafter if report.drafter == "head" else LookupHeadDrafter
-        return kind(target.model, running, sampling, generator)
+        return kind(target.model, head or running_head(target, device, report.drafter), sampling, generator)
     req = report.plan.request
     store = allocator.allocate_draft(report.plan, torch_dtype(req.draft_kv), device)
     return ModelDrafter(step_forward(draft, cuda_graphs), store, sampling, req.draft_window, generator,
@@ -106,8 +112,10 @@ def make_drafter(report: PlanReport, target: LoadedModel, draft: LoadedModel | N
 
 def assemble(report: PlanReport, target: LoadedModel, draft: LoadedModel | None, sampling: SamplingConfig,
              preload_bytes: int = 0, load_peak_bytes: int = 0, cuda_graphs: bool = True,
-             batched: bool = False) -> Pipeline:
+             batched: bool = False, head=None) -> Pipeline:
     """Allocate once from the plan and build the engine. Generation memory is measured from here.
+    head: a head drafter's RunningHead, built before (pipeline.running_head) so that its packed copy
+    is not measured as generation memory; built here when not given.
     cuda_graphs: replay our decoder's decode/verify steps as CUDA graphs on a GPU (models/graphs.py).
     batched: the batch engine (decoding/batch.py), one KV row per sequence of the plan's batch."""
     why = report.plan.not_runnable()
@@ -125,7 +133,7 @@ def assemble(report: PlanReport, target: LoadedModel, draft: LoadedModel | None,
         if target.forward_path != "specmemo":
             raise BadInput("batched decoding needs specmemo's own decoder; this model runs through transformers")
         if report.drafter in HEAD_DRAFTERS:   # every row drafts with the one head and its copied rows
-            one = make_drafter(report, target, draft, sampling, device, generator)
+            one = make_drafter(report, target, draft, sampling, device, generator, head=head)
             new_drafter = lambda: type(one)(target.model, one.running, sampling, generator)
         else:
             new_drafter = lambda: make_drafter(report, target, draft, sampling, device, generator)
@@ -133,7 +141,7 @@ def assemble(report: PlanReport, target: LoadedModel, draft: LoadedModel | None,
                              sampling, draft_len=req.draft_len, prefill_chunk=req.prefill_chunk,
                              context=req.context, generator=generator, pair=report.pair)
         return Pipeline(report, target, draft, engine, meter, preload_bytes, load_peak_bytes)
-    drafter = make_drafter(report, target, draft, sampling, device, generator, cuda_graphs)
+    drafter = make_drafter(report, target, draft, sampling, device, generator, cuda_graphs, head)
     engine = Engine(step_forward(target, cuda_graphs, req.draft_len + 1), store, drafter, sampling, draft_len=req.draft_len,
                     prefill_chunk=req.prefill_chunk, context=req.context, generator=generator, pair=report.pair)
     for forward, kv in [(engine.forward, store), (getattr(drafter, "forward", None), getattr(drafter, "store", None))]:
@@ -191,5 +199,6 @@ def open_pipeline(target: str, draft: str, *, device: str = "cpu", budget: int |
         # A draft directory need not carry tokenizer files: its vocabulary size was checked.
         d = load_model(d_ref, req.ddtype, kind, with_tokenizer=False, allow_pickle=allow_pickle,
                        trust_remote_code=trust_remote_code, fast_layout=True, forward=forward)
+    head = running_head(t, t.device, report.drafter) if report.drafter in HEAD_DRAFTERS else None
     return assemble(report, t, d, sampling, preload_bytes=meter.baseline, load_peak_bytes=meter.above_baseline(),
-                    cuda_graphs=cuda_graphs, batched=batch is not None)
+                    cuda_graphs=cuda_graphs, batched=batch is not None, head=head)

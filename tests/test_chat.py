@@ -99,7 +99,8 @@ def rss_watch(proc, samples: list, interval=0.02):
 
 def test_plan_budget_holds_the_whole_chat_process_through_six_turns_with_eviction(tmp_path):
     # The plan's default dtype on a CPU is the one chat runs (q4 for this 4-bit GGUF): no --dtype needed.
-    plan = subprocess.run([*SPECMEMO, "plan", "--target", "smollm2-135m-instruct", "--draft", "ngram", "--context", "512",
+    # The drafter chat picks (auto), as the plan counts it.
+    plan = subprocess.run([*SPECMEMO, "plan", "--target", "smollm2-135m-instruct", "--context", "512",
                            "--json"], capture_output=True, text=True, check=True)
     out = json.loads(plan.stdout)
     budget = out["total_bytes"]

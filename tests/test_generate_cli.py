@@ -112,6 +112,11 @@ def test_the_shipped_draft_head_drafts_and_leaves_the_output_unchanged(tmp_path)
     assert head["token_ids"] == runs["none"]["token_ids"]          # greedy: exactly the target's tokens
     assert head["drafted_tokens"] >= head["accepted_tokens"] > 0  # and the head's drafts were accepted
     assert head["drafter"] == "head" and runs["none"]["drafter"] == "none"
+    # The head is built while the target loads and counted with the weights (16-29 MB, bf16 or fp32):
+    # drafting adds only its small activations to what generation holds, and stays within the plan.
+    assert head["generation_peak_bytes"] <= runs["none"]["generation_peak_bytes"] + 8 * 2**20
+    assert head["generation_peak_bytes"] <= head["predicted_generation_bytes"]
+    assert head["process_peak_bytes"] <= head["plan_total_bytes"]
 
 
 def test_train_draft_writes_a_head_and_its_card(tmp_path):

@@ -47,12 +47,14 @@ def test_a_measured_cost_curve_lowers_the_prediction_and_names_its_source(tmp_pa
             "specmemo-ar": {"seconds": 2.0, "new_tokens": 100}}
     save_pair_profile("smollm2-135m-instruct", "ngram", runs)
     device = json.loads(cli(*args).stdout)
-    assert device["cost_curve_source"] == "device profile (q4)" and device["cost_curve"][0] == 1.0
+    assert device["cost_curve_source"].startswith("device profile (q4") and device["cost_curve"][0] == 1.0
     steep = [1.0, 1.2, 1.4, 1.6, 1.9, 2.1, 2.3, 2.5, 2.7, 2.9, 3.1, 3.3, 3.5, 3.7, 3.9, 4.1]
-    save_pair_profile("smollm2-135m-instruct", "ngram", runs, "q4", steep, "test host")
+    from specmemo.profiling.machine import cpu_name
+
+    save_pair_profile("smollm2-135m-instruct", "ngram", runs, "q4", steep, cpu_name())
     measured = json.loads(cli(*args).stdout)
     assert measured["cost_curve"] == steep
-    assert measured["cost_curve_source"] == "measured: smollm2-135m-instruct__ngram.toml on test host"
+    assert measured["cost_curve_source"] == f"measured: smollm2-135m-instruct__ngram.toml on {cpu_name()}"
     # the engine drafts each step's best k ≤ the plan's: on this curve 3 beats the plan's 5
     k = measured["draft_len"]
     at = [(1 - 0.8 ** (j + 1)) / (0.2 * (steep[j] + j * 0.005)) for j in range(1, k + 1)]
@@ -81,15 +83,20 @@ def test_a_head_pairs_measured_rank_acceptance_drives_the_tree_prediction(tmp_pa
     assert after["tree_ranks"] == [0.3, 0.1, 0.05, before["tree_ranks"][3]]
     assert after["tree_ranks_source"].startswith("measured") and "card" in after["tree_ranks_source"]
     assert after["predicted_speedup"] < before["predicted_speedup"]
+    # A rank offered a handful of times is not saved: 0 of 3 would keep trees from offering it again.
+    runs["specmemo"].update(rank_hits=[30, 0, 0, 0], rank_visits=[100, 3, 0, 0])
+    assert "ranks = [0.3]\n" in save_pair_profile("smollm2-135m-instruct", "head", runs).read_text()
+    assert json.loads(cli(*args).stdout)["tree_ranks"][1:] == before["tree_ranks"][1:]
 
 
 def test_auto_picks_the_drafter_that_measured_fastest(tmp_path, monkeypatch):
-    from specmemo.models.resolve import fastest_drafter, resolve_pair
+    from specmemo.models.resolve import fastest_drafter, resolve, resolve_pair
 
     profiles = copy_profiles(tmp_path, monkeypatch)
-    assert fastest_drafter("smollm2-135m-instruct") == "ngram"   # nothing measured: the weightless default
+    target = resolve("smollm2-135m-instruct")
+    assert fastest_drafter(target) == "ngram"   # nothing measured: the weightless default
     (profiles / "pairs" / "smollm2-135m-instruct__head.toml").write_text("alpha = 0.3\nspeedup = 0.93\n")
-    assert fastest_drafter("smollm2-135m-instruct") == "ngram"   # a drafter measured slower than none never wins
+    assert fastest_drafter(target) == "ngram"   # a drafter measured slower than none never wins
     (profiles / "pairs" / "smollm2-135m-instruct__ngram.toml").write_text("alpha = 0.5\nspeedup = 1.2\n")
     (profiles / "pairs" / "smollm2-135m-instruct__head.toml").write_text("alpha = 0.6\nspeedup = 1.3\n")
     assert resolve_pair("smollm2-135m-instruct", "auto")[2] == "head"
@@ -168,3 +175,65 @@ def test_a_lookup_then_head_run_saves_both_parts_and_plan_predicts_from_them(tmp
     plan = json.loads(cli("plan", "--target", "smollm2-135m-instruct", "--draft", "ngram+head", "--context", "512",
                           "--dtype", "q4", "--json").stdout)
     assert plan["c"] == 0.1 and "lookup: measured: smollm2-135m-instruct__ngram+head.toml" in plan["speedup_source"]
+
+
+def other_class_host() -> str:
+    """A host as profiles name them, of another kernel class than this machine's."""
+    from specmemo.profiling.machine import cpu_class
+
+    return "Some CPU (family 1 model 1; AVX2)" if cpu_class() != "avx2" else \
+        "Some CPU (family 1 model 1; AVX2, AVX-512, AVX512-BF16)"
+
+
+def test_costs_measured_on_another_cpu_class_are_not_used_here(tmp_path, monkeypatch, cli):
+    from specmemo.models.resolve import resolve, resolve_pair
+
+    profiles = copy_profiles(tmp_path, monkeypatch)
+    pairs = profiles / "pairs"
+    args = ("plan", "--target", "smollm2-135m-instruct", "--draft", "ngram", "--context", "512", "--dtype", "q4", "--json")
+    here = json.loads(cli(*args).stdout)
+    elsewhere = f'host = "{other_class_host()}"\ncost_curve_q4 = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]\n'
+    (pairs / "smollm2-135m-instruct__ngram.toml").write_text("alpha = 0.7\nc = 0.3\nspeedup = 9.0\n" + elsewhere)
+    got = json.loads(cli(*args).stdout)
+    # Its acceptance holds here; its draft cost and flat curve were another CPU's: this machine's curve instead.
+    assert got["alpha"] == 0.7 and got["c"] == 0.0
+    assert got["cost_curve_source"] == here["cost_curve_source"] and got["cost_curve"] == here["cost_curve"]
+    assert "acceptance only" in got["speedup_source"]
+    # auto ignores a speedup measured elsewhere: a head that measured 9× on another CPU but accepts
+    # 1% of its drafts loses to lookup measured on this machine's class (any host of it).
+    from specmemo.profiling.machine import cpu_name
+
+    (pairs / "smollm2-135m-instruct__head.toml").write_text("alpha = 0.01\nranks = [0.01]\nspeedup = 9.0\n" + elsewhere)
+    (pairs / "smollm2-135m-instruct__ngram.toml").write_text(f'alpha = 0.5\nspeedup = 1.1\nhost = "{cpu_name()}"\n')
+    assert resolve_pair("smollm2-135m-instruct", "auto")[2] == "ngram"
+    # ... and predicts one measured elsewhere from its acceptance with this machine's costs.
+    (pairs / "smollm2-135m-instruct__head.toml").write_text("alpha = 0.95\nranks = [0.95, 0.3]\nc = 0.01\n" + elsewhere)
+    assert resolve_pair("smollm2-135m-instruct", "auto")[2] == "head"
+    from specmemo.models.resolve import predicted_here
+
+    assert predicted_here(resolve("smollm2-135m-instruct"), "head") > 1.1
+
+
+def test_the_device_profile_gives_the_cost_curve_of_this_cpus_class(tmp_path, monkeypatch):
+    from specmemo.budget.devices import load_device
+    from specmemo.profiling.machine import cpu_class
+
+    profiles = copy_profiles(tmp_path, monkeypatch)
+    cpu = profiles / "devices" / "cpu.toml"
+    text = cpu.read_text()
+    here, other = cpu_class(), "some-other-class"
+    text = "\n".join(line for line in text.splitlines() if not line.startswith("cost_curve_class"))
+    text = f'cost_curve_class = "{other}"\n' + text.split("\n[classes")[0]
+    cpu.write_text(text)
+    dev = load_device("cpu")
+    assert dev.cost_curve("q4")[1] > 1.0 and f"measured on {other} CPUs" in dev.curve_source("q4")
+    assert dev.draft_head_weights == ""
+    # A table for this machine's class overrides the profile's keys: its curves, its head's weights.
+    cpu.write_text(text + f'\n[classes.{here}]\ncost_curve_q4 = [1.0, 1.5, 2.5]\ndraft_head_weights = "int8"\n'
+                          'packed_head = false\n')
+    dev = load_device("cpu")
+    assert dev.cost_curve("q4") == (1.0, 1.5, 2.5) and dev.curve_source("q4") == f"device profile (q4, {here} CPUs)"
+    assert dev.cost_curve("fp32") == ()          # measured for the other class only
+    from specmemo.models.quant import draft_head_weights
+
+    assert dev.draft_head_weights == "int8" and draft_head_weights() == "int8"

@@ -40,10 +40,20 @@ class Device:
     # measured: the target's forward time for n = 1.. tokens over one token's, per weight dtype
     # (`cost_curve_<dtype>` keys; bench/cost_curve.py). A device-wide fallback for pair profiles.
     cost_curves: tuple = ()    # ((dtype, (1.0, t(2)/t(1), ...)), ...)
+    # A CPU's curves are those measured on CPUs of this machine's class (profiling/machine.cpu_class),
+    # else the profile's own class's, named as such in every source that quotes them.
+    curve_class: str = ""      # the class the curves were measured on ("" on a GPU)
+    cpu_class: str = ""        # this machine's class
+    draft_head_weights: str = ""  # measured faster: "int8" holds a draft head's matrices in int8 (models/quant.Int8Matrix)
     out_major_dtypes: tuple = ()  # measured: dense dtypes whose matrices decode faster [out, in] (models/layout.py)
 
     def cost_curve(self, dtype: str) -> tuple[float, ...]:
         return dict(self.cost_curves).get(dtype, ())
+
+    def curve_source(self, dtype: str) -> str:
+        if self.curve_class == self.cpu_class:
+            return f"device profile ({dtype}{', ' + self.cpu_class + ' CPUs' if self.cpu_class else ''})"
+        return f"device profile ({dtype}), measured on {self.curve_class} CPUs: none yet on this {self.cpu_class} one"
 
 
 def default_dtype(kind: str) -> str:
@@ -95,7 +105,7 @@ def _cuda_free_bytes() -> int:
 
 
 def load_device(name: str) -> Device:
-    data = _read(name)
+    data = _for_this_cpu(_read(name))
     if data.get("measured") == "psutil":
         import psutil
 
@@ -124,6 +134,30 @@ def load_device(name: str) -> Device:
         packed_head=bool(data.get("packed_head", False)),
         packed_layers=tuple(data.get("packed_layers", ())),
         native_attention=bool(data.get("native_attention", False)),
-        cost_curves=tuple((key.removeprefix("cost_curve_"), tuple(float(x) for x in value))
-                          for key, value in data.items() if key.startswith("cost_curve_")),
+        draft_head_weights=str(data.get("draft_head_weights", "")),
+        **_curves(data),
     )
+
+
+def _for_this_cpu(data: dict) -> dict:
+    """A CPU profile's keys as measured for this machine's class (profiling/machine.cpu_class): its
+    [classes.<class>] table, where there is one, overrides the top-level keys, which were measured
+    on a CPU of class cost_curve_class. _class_of_curves: the class this machine's curves come
+    from (its own where its table has curves, else the top-level ones')."""
+    if data.get("kind") != "cpu":
+        return data
+    from specmemo.profiling.machine import cpu_class
+
+    here, own = cpu_class(), data.get("cost_curve_class", "")
+    table = data.get("classes", {}).get(here, {}) if here != own else {}
+    own_curves = any(key.startswith("cost_curve_") for key in table)
+    if own_curves:
+        data = {k: v for k, v in data.items() if not k.startswith("cost_curve_")}
+    return {**data, **table, "_class_of_curves": here if own_curves or not own else own, "_cpu_class": here}
+
+
+def _curves(data: dict) -> dict:
+    """The cost curves and, on a CPU, the classes they and this machine belong to."""
+    curves = tuple((key.removeprefix("cost_curve_"), tuple(float(x) for x in value))
+                   for key, value in data.items() if key.startswith("cost_curve_") and isinstance(value, list))
+    return {"cost_curves": curves, "curve_class": data.get("_class_of_curves", ""), "cpu_class": data.get("_cpu_class", "")}

@@ -124,12 +124,16 @@ def fit(target: Arch, draft: Arch | None, drafter: str, *, device: str = "cpu", 
     head, card = None, None
     from specmemo.models.resolve import HEAD_DRAFTERS, head_file, head_header
 
+    head_dtype = "fp32"
     if drafter in HEAD_DRAFTERS:
-
         head, card = head_header(head_file(target.name))
+        if dev.kind == "cpu":
+            from specmemo.models.quant import draft_head_weights
+
+            head_dtype = draft_head_weights()   # as RunningHead.for_machine builds it
     req = PlanRequest(
         target=target, draft=draft, drafter=drafter, context=1, draft_len=k, head=head,
-        head_dtype="bf16" if dev.kind == "cpu" and dev.packed_head else "fp32",
+        head_dtype=head_dtype,
         draft_window=draft_window or DEFAULT_DRAFT_WINDOW, dtype=dtype or default_dtype(dev.kind),
         kv_dtype=kv_dtype, draft_dtype=draft_dtype, batch=batch, prefill_chunk=prefill_chunk,
         baseline_bytes=max(dev.baseline_bytes, baseline_bytes or 0),
@@ -158,7 +162,7 @@ def fit(target: Arch, draft: Arch | None, drafter: str, *, device: str = "cpu", 
         else fp.draft_head_bytes(*head, req.head_dtype) if head else None
     ratio = step_bytes / fp.weight_bytes(target, req.dtype, req.quantized_head) if step_bytes else None
     pair = pair_profile(target.name, draft.name if draft else drafter, drafter, req.dtype,
-                        dev.cost_curve(req.dtype), ratio, card)
+                        dev.cost_curve(req.dtype), ratio, card, dev.curve_source(req.dtype))
     return PlanReport(
         target_name=target.name, draft_name=draft.name if draft else drafter, drafter=drafter, device=dev,
         budget_bytes=budget_bytes, plan=plan, lower_bound=lower_bound(req),

@@ -91,9 +91,13 @@ def verify_kv_slots_bytes(arch: Arch, kv_dtype: str, k: int, batch: int = 1) -> 
 def draft_head_bytes(hidden: int, inner: int, vocab: int, dtype: str = "fp32") -> int:
     """A draft head as it drafts (models/draft_head.RunningHead): its matrices (fused input
     [2E, E], SwiGLU [E, 2I] and [I, E]) and a copy of the target's LM-head rows for its vocabulary
-    [E, Vh] in `dtype` (bf16 where the device packs a half-precision head, else fp32 as trained),
-    four norms [E] in that dtype, and its vocabulary's ids (int64)."""
-    E, w = hidden, dtype_bytes(dtype)
+    [E, Vh] in `dtype` (models/quant.draft_head_weights: bf16, int8 or fp32), four norms [E] in
+    that dtype (bf16 beside int8 matrices, which keep one bf16 scale per output), and its
+    vocabulary's ids (int64)."""
+    E = hidden
+    if dtype == "int8":
+        return (2 * E * E + 3 * inner * E + vocab * E) + 2 * (E + 2 * inner + E + vocab) + 2 * 4 * E + 8 * vocab
+    w = dtype_bytes(dtype)
     return w * (2 * E * E + 3 * inner * E + 4 * E + vocab * E) + 8 * vocab
 
 

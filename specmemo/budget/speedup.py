@@ -131,33 +131,46 @@ def pair_file(target: str, draft: str) -> Path:
     return profiles_dir() / "pairs" / f"{target}__{draft}.toml".replace("/", "_")
 
 
+def read_pair(path: Path) -> tuple[dict, str]:
+    """A pair profile's fields and where they came from. Its costs (c, the cost curves, the
+    speedup) were measured on one host: on a CPU of another class (profiling/machine.cpu_class)
+    they are left out; what the drafter accepts (α, ranks, shares) holds on any."""
+    if not path.exists():
+        return {}, ""
+    from specmemo.profiling.machine import cpu_class
+
+    data = tomllib.loads(path.read_text())
+    there, here = cpu_class(data["host"]) if "host" in data else None, cpu_class()
+    if there is None or there == here:
+        return data, path.name
+    kept = {k: v for k, v in data.items() if k not in ("c", "speedup") and not k.startswith("cost_curve_")}
+    return kept, f"{path.name} (acceptance only: its costs were measured on another CPU class, {there}; this one is {here})"
+
+
 def pair_profile(target: str, draft: str, drafter_kind: str, dtype: str = "fp32",
                  device_curve: tuple[float, ...] = (), weight_ratio: float | None = None,
-                 head_card: dict | None = None) -> PairProfile:
+                 head_card: dict | None = None, device_curve_source: str = "") -> PairProfile:
     """α, c and the cost curve for this pair: measured ones from profiles/pairs/ (written by
-    `specmemo profile --save-profile`), else the device profile's curve for `dtype`, c from the
-    draft's and target's weight bytes (weight_ratio; 0 for n-gram lookup) and a default α. A
-    draft head's α and rank acceptance default to its card's held-out figures."""
+    `specmemo profile --save-profile`; costs only where measured on a CPU of this machine's
+    class), else the device profile's curve for `dtype`, c from the draft's and target's weight
+    bytes (weight_ratio; 0 for n-gram lookup) and a default α. A draft head's α and rank
+    acceptance default to its card's held-out figures."""
     if drafter_kind == "ngram+head":
         # Where lookup finds a match it drafts as n-gram does, elsewhere as the head does: both
         # parts measured in its own profile run where one was saved, else from the n-gram and head
         # pairs' profiles.
-        own_file = pair_file(target, draft)
-        own = tomllib.loads(own_file.read_text()) if own_file.exists() else {}
+        own, own_name = read_pair(pair_file(target, draft))
         if "lookup_share" in own:
-            head = pair_profile(target, draft, "head", dtype, device_curve, weight_ratio, head_card)
-            lookup = PairProfile(float(own["lookup_alpha"]), 0.0, f"measured: {own_file.name}", head.curve,
-                                 drafted_share=float(own["lookup_share"]), drafted_share_source=f"measured: {own_file.name}")
+            head = pair_profile(target, draft, "head", dtype, device_curve, weight_ratio, head_card, device_curve_source)
+            lookup = PairProfile(float(own["lookup_alpha"]), 0.0, f"measured: {own_name}", head.curve,
+                                 drafted_share=float(own["lookup_share"]), drafted_share_source=f"measured: {own_name}")
         else:
-            head = pair_profile(target, "head", "head", dtype, device_curve, weight_ratio, head_card)
-            lookup = pair_profile(target, "ngram", "ngram", dtype, device_curve)
+            head = pair_profile(target, "head", "head", dtype, device_curve, weight_ratio, head_card, device_curve_source)
+            lookup = pair_profile(target, "ngram", "ngram", dtype, device_curve, device_curve_source=device_curve_source)
         return replace(head, lookup=lookup, source=f"{head.source}; lookup: {lookup.source}",
                        drafted_share_source=f"every step drafts: lookup on the share where it finds a match "
                                             f"({lookup.drafted_share:.4f}, {lookup.drafted_share_source}), else the head")
-    data, name = {}, ""
-    path = pair_file(target, draft)
-    if path.exists():
-        data, name = tomllib.loads(path.read_text()), path.name
+    data, name = read_pair(pair_file(target, draft))
     held_out = (head_card or {}).get("evaluation", {})
     if "alpha" in data:
         alpha, source = float(data["alpha"]), f"measured: {name}"
@@ -175,7 +188,7 @@ def pair_profile(target: str, draft: str, drafter_kind: str, dtype: str = "fp32"
         curve = tuple(float(x) for x in data[f"cost_curve_{dtype}"])
         curve_source = f"measured: {name}" + (f" on {data['host']}" if "host" in data else "")
     elif device_curve:
-        curve, curve_source = tuple(device_curve), f"device profile ({dtype})"
+        curve, curve_source = tuple(device_curve), device_curve_source or f"device profile ({dtype})"
     else:
         curve, curve_source = (), "flat: none measured"
     ranks, ranks_source = (), ""

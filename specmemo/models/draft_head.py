@@ -100,10 +100,13 @@ class RunningHead:
     packed against 2.9 ms in fp32, against 12-14 ms for the target's one-token step. Drafts need
     not round like training did: verification decides what is kept."""
 
-    def __init__(self, head: DraftHead, model, dtype: torch.dtype = torch.float32, packed: bool = False):
-        """model: the target, our decoder (its embedding, final norm and LM-head rows)."""
-        from specmemo.models.quant import PackedMatrix
+    def __init__(self, head: DraftHead, model, dtype: torch.dtype = torch.float32, packed: bool = False,
+                 int8: bool = False):
+        """model: the target, our decoder (its embedding, final norm and LM-head rows). int8: the
+        matrices in int8 (models/quant.Int8Matrix), the rest in bf16."""
+        from specmemo.models.quant import Int8Matrix, PackedMatrix
 
+        dtype = torch.bfloat16 if int8 else dtype
         self.model, self.dtype, self.eps = model, dtype, model.cfg.rms_eps
         self.vocab = head.vocab
         norms = [head.norm_h, head.norm_x, head.norm_m, model.norm]
@@ -111,17 +114,19 @@ class RunningHead:
         operands = [head.fuse.weight.t(), head.gate_up.weight.t(), head.down.weight.t(),
                     model.head_rows(head.vocab).t()]                                    # each [in, out]
         as_dtype = [w.detach().to(dtype).contiguous() for w in operands]
-        self.fuse, self.gate_up, self.down, self.rows = (PackedMatrix(w) for w in as_dtype) if packed else as_dtype
+        self.fuse, self.gate_up, self.down, self.rows = \
+            (Int8Matrix(w) for w in operands) if int8 else (PackedMatrix(w) for w in as_dtype) if packed else as_dtype
 
     @classmethod
     def for_machine(cls, head: DraftHead, model) -> "RunningHead":
-        """bf16 packed where this machine packs a bf16 LM head (the device profile measured it, and
-        the probe passes: models/quant.packs), else fp32 as trained."""
-        from specmemo.models.quant import packs
+        """As models/quant.draft_head_weights decides for this CPU: bf16 packed, int8, or fp32 as
+        trained (and on a GPU)."""
+        from specmemo.models.quant import draft_head_weights
 
-        if model.device.type == "cpu" and packs(torch.bfloat16, "head"):
+        weights = draft_head_weights() if model.device.type == "cpu" else "fp32"
+        if weights == "bf16":
             return cls(head, model, torch.bfloat16, packed=True)
-        return cls(head, model)
+        return cls(head, model, int8=weights == "int8")
 
     def step(self, h: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h [n, E] (any dtype), token_ids [n] -> (predicted states [n, E], logits [n, Vh] fp32)."""

@@ -98,6 +98,52 @@ class PackedMatrix:
         return (self.in_features, self.out_features)
 
 
+class Int8Matrix:
+    """A matrix held in int8, one bf16 scale per output, multiplied by torch's int8 kernel with bf16
+    activations (`_weight_int8pack_mm`). For a draft head only, where the device profile measured
+    it faster (`draft_head_weights`): its products need not round like anything, since verification
+    decides what is kept. On the AVX2 host its step read 7.7 MB instead of fp32's 31 MB."""
+
+    def __init__(self, weight: torch.Tensor):
+        """weight: the [in, out] operand, any float dtype."""
+        rows = weight.detach().float().t().contiguous()                                  # [out, in]
+        scale = rows.abs().amax(1).clamp(min=1e-12) / 127
+        self.q = torch.round(rows / scale[:, None]).clamp(-127, 127).to(torch.int8)    # [out, in]
+        self.scale = scale.to(torch.bfloat16)                                          # [out]
+        self.dtype = torch.bfloat16
+        self.in_features, self.out_features = weight.shape
+
+    def times(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., out] bf16."""
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        return torch._weight_int8pack_mm(flat, self.q, self.scale).reshape(*x.shape[:-1], self.out_features)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.q, self.scale]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.in_features, self.out_features)
+
+
+def draft_head_weights() -> str:
+    """What a draft head drafts in on this CPU: "bf16" packed where a bf16 head packs (packs), else
+    "int8" where the device profile measured int8 faster for this CPU's class and the kernel runs,
+    else "fp32" as trained. RunningHead.for_machine builds it so; `plan` counts it so."""
+    from specmemo.budget.devices import load_device
+
+    if packs(torch.bfloat16, "head"):
+        return "bf16"
+    if load_device("cpu").draft_head_weights == "int8":
+        try:
+            probe = Int8Matrix(torch.randn(64, 96, generator=torch.Generator().manual_seed(0)))
+            probe.times(torch.ones(2, 64))
+            return "int8"
+        except (RuntimeError, AttributeError):   # no int8 kernel in this torch
+            pass
+    return "fp32"
+
+
 def packs(dtype: torch.dtype, what: str) -> bool:
     """Whether this machine packs a `dtype` model's `what` ("head": bf16 only, or "layers") for
     oneDNN: the device profile measured it faster, oneDNN runs that dtype here, and the packed

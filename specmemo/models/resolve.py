@@ -173,23 +173,36 @@ def head_header(path: Path) -> tuple[tuple[int, int, int], dict]:
     return (int(meta["hidden"]), int(meta["inner"]), header["vocab"]["shape"][0]), json.loads(meta.get("card", "{}"))
 
 
-def fastest_drafter(target: str) -> str:
+def fastest_drafter(target: "ModelRef") -> str:
     """For `--draft auto`: of the weightless drafters and the shipped head, the one whose pair
-    profile (profiles/pairs/, written by `specmemo profile --save-profile` on this machine)
-    measured the highest speedup over plain decoding; n-gram lookup (no weights, never slower
-    than a step without drafts by more than its lookup) when nothing measured faster than 1.0×."""
-    import tomllib
+    profile (profiles/pairs/, written by `specmemo profile --save-profile`) says is fastest: its
+    measured speedup over plain decoding where it was measured on a CPU of this machine's class,
+    else the speedup `plan` predicts from its measured acceptance and this machine's cost curve.
+    N-gram lookup (no weights, never slower than a step without drafts by more than its lookup)
+    when nothing is faster than 1.0×."""
+    from specmemo.budget.speedup import pair_file, read_pair
 
-    from specmemo.budget.speedup import pair_file
-
-    measured = {}
+    speedups = {}
     for name in ("head", "ngram", "ngram+head"):
-        path = pair_file(target, name)
-        if path.exists() and (name not in HEAD_DRAFTERS or shipped_head(target)):
-            speedup = tomllib.loads(path.read_text()).get("speedup")
-            if speedup is not None and float(speedup) > 1.0:
-                measured[name] = float(speedup)
-    return max(measured, key=measured.get) if measured else "ngram"
+        if name in HEAD_DRAFTERS and not shipped_head(target.name):
+            continue
+        data, _ = read_pair(pair_file(target.name, name))
+        if "speedup" in data:
+            speedups[name] = float(data["speedup"])
+        elif data:   # measured elsewhere: its acceptance, with this machine's costs
+            speedups[name] = predicted_here(target, name)
+    speedups = {name: s for name, s in speedups.items() if s > 1.0}
+    return max(speedups, key=speedups.get) if speedups else "ngram"
+
+
+def predicted_here(target: "ModelRef", drafter: str) -> float:
+    """plan's predicted speedup for target with `drafter` on this machine's CPU, at its default dtype."""
+    from specmemo.budget.devices import load_device
+    from specmemo.budget.fit import fit
+    from specmemo.pipeline import default_weights
+
+    dtype, _ = default_weights(load_device("cpu"), target, None, None, None)
+    return fit(target.arch, None, drafter, dtype=dtype, context=1024, budget=1 << 40, sampling=False).predicted_speedup
 
 
 def resolve_pair(target: str, draft: str) -> tuple[ModelRef, ModelRef | None, str]:
@@ -197,7 +210,7 @@ def resolve_pair(target: str, draft: str) -> tuple[ModelRef, ModelRef | None, st
     draft "auto": the fastest measured drafter for this target (fastest_drafter)."""
     t = resolve(target)
     if draft == "auto":
-        draft = fastest_drafter(t.name)
+        draft = fastest_drafter(t)
     if draft in DRAFTER_NAMES:
         return t, None, draft
     if draft in HEAD_DRAFTERS:

@@ -205,6 +205,9 @@ def write_outputs(report: dict, runs: dict, out: Path) -> None:
     atomic_write_text(out / "report.md", markdown(report, plots))
 
 
+MIN_RANK_VISITS = 30
+
+
 def save_pair_profile(target: str, draft: str, runs: dict, dtype: str | None = None,
                       curve: list[float] | None = None, host: str = "") -> Path:
     """Measured α (per drafted token), c (draft cost per token / target cost per step) and, when
@@ -227,8 +230,14 @@ def save_pair_profile(target: str, draft: str, runs: dict, dtype: str | None = N
     drafting = sum((spec.get("accepted_histogram") or {}).values())   # steps that drafted
     if spec.get("steps") and drafting:
         text += f"drafted_share = {drafting / spec['steps']:.4f}  # of {spec['steps']} steps, {drafting} drafted\n"
-    # Only the ranks some node offered were measured (a chain offers rank 1 alone).
-    ranks = [round(h / v, 4) for h, v in zip(spec.get("rank_hits") or [], spec.get("rank_visits") or []) if v]
+    # Only the ranks nodes offered often enough were measured (a chain offers rank 1 alone): a rank
+    # saved from a handful of offers (0 of 3, say) would keep the engine's trees from ever offering
+    # it again, and so from measuring it; the later ranks come from the head's card.
+    ranks = []
+    for h, v in zip(spec.get("rank_hits") or [], spec.get("rank_visits") or []):
+        if v < MIN_RANK_VISITS:
+            break
+        ranks.append(round(h / v, 4))
     if ranks:
         text += ("# Candidate trees: how often the target's token was a node's r-th candidate, where offered.\n"
                  f"ranks = {json.dumps(ranks)}\n")

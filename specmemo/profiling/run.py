@@ -8,6 +8,7 @@ from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from specmemo.atomic import atomic_write_text
 from specmemo.errors import BadInput
 from specmemo.profiling.engines import ENGINES
 from specmemo.profiling.prompts import load_prompts
@@ -111,4 +112,5 @@ def profile(target: str, draft: str, out: Path, *, prompts: str | None = None, t
         report["cost_curve"] = curve
         report["saved_profile"] = str(save_pair_profile(t_ref.name, d_ref.name if d_ref else drafter, runs, dtype,
                                                         curve, facts.get("cpu", "")))
+        atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")   # with the curve saved
     return report
