@@ -112,9 +112,15 @@ def test_the_shipped_draft_head_drafts_and_leaves_the_output_unchanged(tmp_path)
     assert head["token_ids"] == runs["none"]["token_ids"]          # greedy: exactly the target's tokens
     assert head["drafted_tokens"] >= head["accepted_tokens"] > 0  # and the head's drafts were accepted
     assert head["drafter"] == "head" and runs["none"]["drafter"] == "none"
-    # The head is built while the target loads and counted with the weights (16-29 MB, bf16 or fp32):
-    # drafting adds only its small activations to what generation holds, and stays within the plan.
-    assert head["generation_peak_bytes"] <= runs["none"]["generation_peak_bytes"] + 8 * 2**20
+    # The head is built while the target loads and counted with the weights (8-32 MB: int8, bf16 or
+    # fp32 by this CPU): drafting adds only its activations to what generation holds, well under the
+    # head's own bytes, and stays within the plan.
+    from specmemo.budget.footprint import draft_head_bytes
+    from specmemo.models.quant import draft_head_weights
+    from specmemo.models.resolve import head_file, head_header
+
+    head_bytes = draft_head_bytes(*head_header(head_file("smollm2-135m-instruct"))[0], draft_head_weights())
+    assert head["generation_peak_bytes"] - runs["none"]["generation_peak_bytes"] < 0.75 * head_bytes
     assert head["generation_peak_bytes"] <= head["predicted_generation_bytes"]
     assert head["process_peak_bytes"] <= head["plan_total_bytes"]
 

@@ -95,10 +95,11 @@ class TargetParts:
 
 class RunningHead:
     """The head as a drafter runs it: its three matrices and the target's rows for its vocabulary
-    in `dtype`, each packed once for oneDNN when `packed` (models/quant.PackedMatrix). Zen 4 host,
-    28 Nov 2026, the default model's head (E 576, I 1536, Vh 6,666): a step took 0.56 ms bf16
-    packed against 2.9 ms in fp32, against 12-14 ms for the target's one-token step. Drafts need
-    not round like training did: verification decides what is kept."""
+    in `dtype`, each packed once for oneDNN when `packed` (models/quant.PackedMatrix), or in int8
+    (models/quant.Int8Matrix). A step of the default model's head: Zen 4 host, 28 Nov 2026 (Vh
+    6,666), 0.56 ms bf16 packed against 2.9 ms in fp32 (the target's step: 12-14 ms); AVX2 host
+    (Vh 8,192), 1.09 ms int8 against 3.0 ms in fp32 (the target's: 31 ms). Drafts need not round
+    like training did: verification decides what is kept."""
 
     def __init__(self, head: DraftHead, model, dtype: torch.dtype = torch.float32, packed: bool = False,
                  int8: bool = False):
@@ -113,9 +114,11 @@ class RunningHead:
         self.norm_h, self.norm_x, self.norm_m, self.norm = (n.detach().to(dtype) for n in norms)
         operands = [head.fuse.weight.t(), head.gate_up.weight.t(), head.down.weight.t(),
                     model.head_rows(head.vocab).t()]                                    # each [in, out]
-        as_dtype = [w.detach().to(dtype).contiguous() for w in operands]
-        self.fuse, self.gate_up, self.down, self.rows = \
-            (Int8Matrix(w) for w in operands) if int8 else (PackedMatrix(w) for w in as_dtype) if packed else as_dtype
+        if int8:
+            self.fuse, self.gate_up, self.down, self.rows = (Int8Matrix(w) for w in operands)
+        else:
+            as_dtype = [w.detach().to(dtype).contiguous() for w in operands]
+            self.fuse, self.gate_up, self.down, self.rows = (PackedMatrix(w) for w in as_dtype) if packed else as_dtype
 
     @classmethod
     def for_machine(cls, head: DraftHead, model) -> "RunningHead":

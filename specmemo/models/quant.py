@@ -102,7 +102,8 @@ class Int8Matrix:
     """A matrix held in int8, one bf16 scale per output, multiplied by torch's int8 kernel with bf16
     activations (`_weight_int8pack_mm`). For a draft head only, where the device profile measured
     it faster (`draft_head_weights`): its products need not round like anything, since verification
-    decides what is kept. On the AVX2 host its step read 7.7 MB instead of fp32's 31 MB."""
+    decides what is kept. On the AVX2 host the head held 8.1 MB instead of fp32's 32.2 MB: 1.09 ms a
+    step against 3.0 (bench/results/kernels_avx2_zen3_2026-11-28.txt)."""
 
     def __init__(self, weight: torch.Tensor):
         """weight: the [in, out] operand, any float dtype."""
