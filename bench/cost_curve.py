@@ -5,7 +5,9 @@ of 15 runs for each n; prints t(n) in ms and t(n)/t(1). Speculation pays when k 
 accepted often enough to cover t(k+1)/t(1).
 --torch-attention also times each half-precision dtype with exact attention in torch (one query
 at a time) instead of the compiled kernel (models/native.py), in the same run ("<dtype>/torch").
-Usage: python bench/cost_curve.py [--dtypes fp32,bf16] [--max-tokens 16] [--torch-attention]
+--torch-head also times q4 with its LM head through torch's bf16 product where the compiled
+row-exact kernel is chosen (models/quant.NativeHead), in the same run ("q4/torch-head").
+Usage: python bench/cost_curve.py [--dtypes fp32,bf16] [--max-tokens 16] [--torch-attention] [--torch-head]
 """
 
 import argparse
@@ -28,6 +30,7 @@ def main():
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--torch-attention", action="store_true")
+    ap.add_argument("--torch-head", action="store_true")
     args = ap.parse_args()
     tame_glibc_malloc()
     print(f"host: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
@@ -37,6 +40,8 @@ def main():
         times[dt] = forward_times(ref, dt, args.max_tokens)
         if args.torch_attention and dt != "fp32":
             times[f"{dt}/torch"] = forward_times(ref, dt, args.max_tokens, torch_attention=True)
+        if args.torch_head and dt == "q4":
+            times[f"{dt}/torch-head"] = forward_times(ref, dt, args.max_tokens, torch_head=True)
     print("| n | " + " | ".join(f"{dt} ms | {dt} t(n)/t(1)" for dt in times) + " |")
     print("|---:|" + "---:|---:|" * len(times))
     for n in range(1, args.max_tokens + 1):

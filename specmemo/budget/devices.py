@@ -34,6 +34,8 @@ class Device:
     packed_head: bool = False  # measured faster: a bf16 LM head (q4's too) packed once for oneDNN (models/quant.py)
     packed_layers: tuple = ()  # measured faster: dense dtypes whose layer matrices are packed once for oneDNN
     native_attention: bool = False  # measured faster: half-precision exact attention through the compiled kernel (models/native.py)
+    native_q4: bool = False    # measured faster: q4 layer matrices through the compiled row-exact kernel (models/quant.NativeQ4)
+    native_head: bool = False  # measured faster: a q4 model's bf16 LM head through that kernel (models/quant.NativeHead)
     # A q4/q8 model's embedding and LM head held quantized too (footprint.weight_bytes), as GGUF files
     # hold them; False where the runtime holds them in half precision (the CPU: models/load.py).
     quantized_head: bool = True
@@ -134,6 +136,8 @@ def load_device(name: str) -> Device:
         packed_head=bool(data.get("packed_head", False)),
         packed_layers=tuple(data.get("packed_layers", ())),
         native_attention=bool(data.get("native_attention", False)),
+        native_q4=bool(data.get("native_q4", False)),
+        native_head=bool(data.get("native_head", False)),
         draft_head_weights=str(data.get("draft_head_weights", "")),
         **_curves(data),
     )

@@ -395,7 +395,8 @@ def load_gguf_q4(gguf_path: str, config: dict, dtype: torch.dtype):
 
     from specmemo.models.gguf_file import open_gguf
     from specmemo.models.llama import LlamaConfig, LlamaModel
-    from specmemo.models.quant import GROUP, FileRows, Int4Weight, pack_head, packs, q4_blocks, rope_rows
+    from specmemo.models.quant import (GROUP, FileRows, Int4Weight, NativeHead, NativeQ4, native_kernels,
+                                       pack_head, packs, q4_blocks, rope_rows)
 
     f = open_gguf(gguf_path)
     arch = f.metadata.get("general.architecture")
@@ -403,6 +404,10 @@ def load_gguf_q4(gguf_path: str, config: dict, dtype: torch.dtype):
         raise UnknownModel(f"{f.path.name}: packed q4 runs GGUF architecture 'llama', not {arch!r}; "
                            "use --dtype fp32 or bf16")
     cfg = LlamaConfig.from_hf(config)
+    # The compiled row-exact kernel where measured faster on this CPU's class (models/row_matmul.c):
+    # it takes bf16 activations, so only for a bf16-activation model.
+    kernel = native_kernels("q4") if dtype == torch.bfloat16 else None
+    head_kernel = native_kernels("head") if dtype == torch.bfloat16 else None
     model = LlamaModel(cfg, dtype, "cpu")  # dense buffers stay untouched (never resident) and are replaced
     unpacked: set[str] = set()  # tensor types of layer matrices that could not run packed
 
@@ -438,7 +443,8 @@ def load_gguf_q4(gguf_path: str, config: dict, dtype: torch.dtype):
         """[in, out] for `x @ w`, the parts' outputs side by side: packed when all are Q4 (they are
         packed together: the kernel's layout tiles rows, so packed matrices do not concatenate)."""
         if all(isinstance(p, tuple) for p in parts):
-            return Int4Weight.from_q4(*(torch.cat(x) for x in zip(*parts)), dtype)
+            q, scale, zero = (torch.cat(x) for x in zip(*parts))
+            return NativeQ4.from_q4(q, scale, zero, kernel) if kernel else Int4Weight.from_q4(q, scale, zero, dtype)
         dense = [(p[0] - 8) * p[1].repeat_interleave(GROUP, 1) + p[2].repeat_interleave(GROUP, 1)
                  if isinstance(p, tuple) else p for p in parts]
         return model.place(torch.cat(dense))
@@ -470,7 +476,12 @@ def load_gguf_q4(gguf_path: str, config: dict, dtype: torch.dtype):
     model.norm = vector("output_norm.weight")
     model.embed = transposed("token_embd.weight")                                 # [E, V] operand
     model.head = model.embed if cfg.tie_embeddings else transposed("output.weight")
-    if packs(dtype, "head"):   # packed for oneDNN; its rows (the tied embedding's too) read from the file
+    if head_kernel and isinstance(model.head, torch.Tensor):   # [V, E] rows: the operand's storage when out-major
+        model.head = NativeHead(model.head.t(), head_kernel)
+        if cfg.tie_embeddings:
+            model.embed = model.head
+        # (an untied embedding stays a tensor: only the head's product is the kernel's)
+    elif packs(dtype, "head"):   # packed for oneDNN; its rows (the tied embedding's too) read from the file
         pack_head(model, FileRows.gguf(f.path, entry("token_embd.weight" if cfg.tie_embeddings else "output.weight"),
                                        dtype))
     if unpacked:

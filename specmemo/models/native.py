@@ -4,8 +4,10 @@ a name keyed by the source, the flags, the compiler and the CPU, and loaded with
 there is no compiler or the build fails, `exact_attention()` returns None and the decoder keeps
 its torch path; SPECMEMO_NATIVE=0 asks for that path outright.
 
-The one kernel today is exact_attention.c: half-precision verification rows attended as one-token
-steps attend, reading each key once for all rows (see that file, and LlamaModel.attend).
+exact_attention.c: half-precision verification rows attended as one-token steps attend, reading
+each key once for all rows (see that file, and LlamaModel.attend). row_matmul.c: a q4 model's layer
+products and bf16 LM head with every row rounding as that row alone, the weights read once for all
+rows, columns split across torch's OpenMP threads (see that file, and models/quant.NativeQ4).
 """
 
 import ctypes
@@ -22,6 +24,7 @@ from specmemo.atomic import atomic_write
 from specmemo.paths import cache_root
 
 SOURCE = Path(__file__).with_name("exact_attention.c")
+MATMUL_SOURCE = Path(__file__).with_name("row_matmul.c")
 # -march=native: the vector width and FMA of the machine that runs it (the cache key holds the CPU).
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-std=gnu11", "-shared", "-fPIC"]
 _P, _L, _I, _F = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_float
@@ -39,9 +42,9 @@ def _cpu_flags() -> str:
         return ""
 
 
-def build(source: Path, compiler: str | None = None) -> Path:
-    """The shared library for `source`, compiled now unless the cache has it. Raises
-    RuntimeError with the compiler's first error line when it cannot be built."""
+def build(source: Path, compiler: str | None = None, extra: tuple[str, ...] = ()) -> Path:
+    """The shared library for `source` (with `extra` flags), compiled now unless the cache has it.
+    Raises RuntimeError with the compiler's first error line when it cannot be built."""
     cc = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc or not shutil.which(cc):
         raise RuntimeError(f"no C compiler found (tried {cc or 'cc, gcc'}); set CC")
@@ -49,7 +52,7 @@ def build(source: Path, compiler: str | None = None) -> Path:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.TimeoutExpired) as e:
         raise RuntimeError(f"{cc} --version failed: {e}") from None
-    key = hashlib.sha256("\0".join([source.read_text(), " ".join(FLAGS), version, _cpu_flags()]).encode())
+    key = hashlib.sha256("\0".join([source.read_text(), " ".join(FLAGS + list(extra)), version, _cpu_flags()]).encode())
     target = cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
@@ -57,7 +60,7 @@ def build(source: Path, compiler: str | None = None) -> Path:
 
     def compile_to(partial: str) -> None:
         try:
-            done = subprocess.run([cc, *FLAGS, "-o", partial, str(source)], capture_output=True, text=True, timeout=300)
+            done = subprocess.run([cc, *FLAGS, *extra, "-o", partial, str(source)], capture_output=True, text=True, timeout=300)
         except subprocess.TimeoutExpired:
             raise RuntimeError(f"{cc} took over 300 s to build {source.name}") from None
         if done.returncode != 0:
@@ -141,6 +144,98 @@ class Rows:
     def tree(cls, prefix: int, paths: list[list[int]]) -> "Rows":
         """Candidate-tree nodes behind a committed prefix: node i sees the prefix and its path."""
         return cls([prefix] * len(paths), [[prefix + j for j in path] for path in paths])
+
+
+class RowMatmul:
+    """q4_matmul and bf16_matmul from row_matmul.c, with a work buffer kept across calls."""
+
+    MAX_ROWS = 256   # rows one call takes (MAX_M there); more are multiplied in slices
+
+    def __init__(self, path: Path):
+        lib = ctypes.CDLL(str(path))
+        self.path = path
+        self._q4 = lib.q4_matmul
+        self._bf16 = lib.bf16_matmul
+        for f in (self._q4, self._bf16):
+            f.restype = _I
+        self._q4.argtypes = [_P, _L, _L, _L, _P, _P, _P, _L, _P]
+        self._bf16.argtypes = [_P, _L, _L, _L, _P, _P, _L, _P]
+        self._q4_work = lib.q4_work_bytes
+        self._q4_work.restype = _L
+        self._q4_work.argtypes = [_L, _L]
+        self._work = torch.empty(0, dtype=torch.uint8)
+        self._rows_fit: dict[int, int] = {}   # inputs K -> rows the work buffer holds
+
+    def _rows(self, x: torch.Tensor, N: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """x [..., K] as contiguous bf16 rows [M, K], the output [M, N] in `dtype`, and K; the work
+        buffer grown to M rows (a decode step makes 121 products: kept to a few µs of Python each)."""
+        K = x.shape[-1]
+        flat = x.reshape(-1, K)
+        if flat.dtype != torch.bfloat16 or not flat.is_contiguous():
+            flat = flat.to(torch.bfloat16).contiguous()
+        M = flat.shape[0]
+        if M > self._rows_fit.get(K, 0):
+            rows = min(M, self.MAX_ROWS)
+            need = max(4 * rows * K, self._q4_work(rows, K))   # bytes: bf16_matmul's fp32 rows, q4's quantized ones
+            if self._work.numel() < need:
+                self._work = torch.empty(0, dtype=torch.uint8)
+                self._work = torch.empty(need, dtype=torch.uint8)
+            self._rows_fit[K] = rows
+        return flat, torch.empty(M, N, dtype=dtype), K
+
+    def _each_slice(self, flat, y, call) -> None:
+        """call(rows, out) on slices of ≤ MAX_ROWS rows (a long prefill)."""
+        for r in range(0, flat.shape[0], self.MAX_ROWS):
+            call(flat[r:r + self.MAX_ROWS], y[r:r + self.MAX_ROWS])
+
+    def q4(self, x: torch.Tensor, nibbles: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
+        """x [..., K] (bf16) @ a q4 matrix (nibbles [N, K/2] uint8, dm [N, K/32, 2] fp16) -> [..., N] bf16.
+        Rows are quantized to 16 bits per group of 32 first (finer than the bf16 they come in) and
+        multiplied in exact integer arithmetic."""
+        N = nibbles.shape[0]
+        flat, y, K = self._rows(x, N, torch.bfloat16)
+
+        def call(a, out):
+            if self._q4(a.data_ptr(), a.shape[0], K, N, nibbles.data_ptr(), dm.data_ptr(), out.data_ptr(), N,
+                        self._work.data_ptr()):
+                raise ValueError(f"row_matmul refused its inputs: {a.shape[0]} x {K} -> q4 {N}")
+
+        if flat.shape[0] <= self.MAX_ROWS:
+            call(flat, y)
+        else:
+            self._each_slice(flat, y, call)
+        return y.view(*x.shape[:-1], N)
+
+    def bf16(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """x [..., K] (bf16) @ rows.T (rows [N, K] bf16, contiguous) -> [..., N] fp32."""
+        N = rows.shape[0]
+        flat, y, K = self._rows(x, N, torch.float32)
+        if K != rows.shape[1]:
+            raise ValueError(f"row_matmul: {K} inputs against a [{N}, {rows.shape[1]}] matrix")
+
+        def call(a, out):
+            if self._bf16(a.data_ptr(), a.shape[0], K, N, rows.data_ptr(), out.data_ptr(), N, self._work.data_ptr()):
+                raise ValueError(f"row_matmul refused its inputs: {a.shape[0]} x {K} -> {N}")
+
+        if flat.shape[0] <= self.MAX_ROWS:
+            call(flat, y)
+        else:
+            self._each_slice(flat, y, call)
+        return y.view(*x.shape[:-1], N)
+
+
+@functools.cache
+def row_matmul() -> RowMatmul | None:
+    """The compiled row-exact products (needs AVX2, FMA and F16C, and OpenMP), or None
+    (SPECMEMO_NATIVE=0, no compiler, a failed build: `why_not()` says which)."""
+    if os.environ.get("SPECMEMO_NATIVE", "1") == "0":
+        _why.append("SPECMEMO_NATIVE=0")
+        return None
+    try:
+        return RowMatmul(build(MATMUL_SOURCE, extra=("-fopenmp",)))
+    except (RuntimeError, OSError) as e:
+        _why.append(str(e))
+        return None
 
 
 @functools.cache

@@ -57,6 +57,80 @@ class Int4Weight:
         return cls(packed, scale_zero)
 
 
+class NativeQ4:
+    """A q4 matrix multiplied by the compiled row-exact kernel (models/row_matmul.c): nibbles
+    [out, in/2] uint8 in the GGUF's order and dm [out, in/32, 2] fp16 (w = q·d + m, the file's own
+    d and m: Q4_1 exactly, Q4_0 with m = −8d), 0.625 bytes a weight as Int4Weight. Where the device
+    profile measured it faster for this CPU's class (`native_q4`): on the AVX2 host torch's int4
+    kernel cost 11.3 ms a pass at 1 row and 36.7 at 6, this 12.0 and 28.0 (bench/q4_kernels.py)."""
+
+    def __init__(self, nibbles: torch.Tensor, dm: torch.Tensor, kernel):
+        self.nibbles, self.dm, self.kernel = nibbles, dm, kernel
+        self.out_features, self.in_features = nibbles.shape[0], nibbles.shape[1] * 2
+
+    def times(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., out] bf16."""
+        return self.kernel.q4(x, self.nibbles, self.dm)
+
+    __rmatmul__ = times
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.nibbles, self.dm]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.in_features, self.out_features)
+
+    @classmethod
+    def from_q4(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, kernel) -> "NativeQ4":
+        """q [out, in] in 0..15; scale, zero [out, in/32] (q4_blocks' w = (q − 8)·scale + zero)."""
+        out, n_in = q.shape
+        halves = q.to(torch.uint8).reshape(out, n_in // GROUP, 2, GROUP // 2)
+        nibbles = (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(out, n_in // 2).contiguous()
+        dm = torch.stack([scale, zero - 8 * scale], dim=-1).half().contiguous()   # back to the file's fp16 d, m
+        return cls(nibbles, dm, kernel)
+
+
+class NativeHead:
+    """A bf16 LM head [vocab, hidden] multiplied by the compiled row-exact kernel into fp32 logits
+    (models/row_matmul.c), its rows (a tied embedding's) gathered in place. Where the device
+    profile measured it faster (`native_head`): on the AVX2 host torch's bf16 product took 5.0 ms
+    for one row and 24.6 for six, this 3.7 and 6.7 (bench/head_kernels.py)."""
+
+    def __init__(self, rows: torch.Tensor, kernel):
+        """rows: [V, E] bf16, contiguous (the [E, V] operand's transpose)."""
+        self.weight, self.kernel = rows.contiguous(), kernel
+        self.dtype = rows.dtype
+        self.out_features, self.in_features = rows.shape
+
+    def times(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernel.bf16(x, self.weight)
+
+    __rmatmul__ = times
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight.index_select(0, ids.reshape(-1))
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.weight]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.in_features, self.out_features)
+
+
+def native_kernels(what: str):
+    """The compiled row-exact kernel where the device profile measured it faster for `what` ("q4":
+    layer matrices, "head": a q4 model's bf16 LM head) on this CPU's class and it builds here, else None."""
+    from specmemo.budget.devices import load_device
+    from specmemo.models import native
+
+    device = load_device("cpu")
+    if not (device.native_q4 if what == "q4" else device.native_head):
+        return None
+    return native.row_matmul()
+
+
 class PackedMatrix:
     """A dense matrix (bf16 where measured) packed once into oneDNN's blocked layout (`x @ w`
     through torch's bf16 matmul reorders the whole weight on every call). For the default model's 49,152 × 576 LM head

@@ -13,6 +13,7 @@ import torch
 from specmemo.budget.fit import fit
 from specmemo.memory.allocator import allocate_target
 from specmemo.models.load import load_model
+from specmemo.models.quant import NativeHead
 from specmemo.models.resolve import ModelRef
 
 CACHED = 512      # tokens already in the store: a mid-conversation step
@@ -20,16 +21,21 @@ CACHED = 512      # tokens already in the store: a mid-conversation step
 
 @torch.inference_mode()
 def forward_times(ref: ModelRef, dtype: str, max_tokens: int = 16, repeats: int = 15,
-                  progress=None, torch_attention: bool = False) -> dict[int, float]:
+                  progress=None, torch_attention: bool = False, torch_head: bool = False) -> dict[int, float]:
     """Median seconds of one target forward over n new tokens, n = 1..max_tokens, with CACHED
     tokens in the store. The widths are timed in rounds, each round every n once, so a shared
     machine's slow spells fall on every n alike rather than on a few (timed n by n, three runs
     on the Zen 4 host gave bf16 C(6) = 1.09, 1.16 and 1.30). progress(done, total) after each
     round. torch_attention: half precision attends through torch one query at a time even where
-    the compiled kernel is chosen."""
+    the compiled kernel is chosen. torch_head: a q4 model's LM head multiplied by torch's bf16
+    product even where the compiled one is chosen (models/quant.NativeHead)."""
     model = load_model(ref, dtype, with_tokenizer=False, forward="specmemo").model
     if torch_attention:
         model.attention_kernel = None
+    if torch_head and isinstance(model.head, NativeHead):
+        model.head = model.head.weight.t()   # the [E, V] operand torch multiplies (out-major storage)
+        if model.cfg.tie_embeddings:
+            model.embed = model.head
     report = fit(ref.arch, None, "none", context=CACHED + max_tokens, dtype=dtype, sampling=False, budget=1 << 40)
     store = allocate_target(report.plan, model.dtype, model.device)
     ids = torch.randint(0, ref.arch.vocab_size, (1, CACHED + max_tokens), generator=torch.Generator().manual_seed(0))
