@@ -58,11 +58,12 @@ class Int4Weight:
 
 
 class NativeQ4:
-    """A q4 matrix multiplied by the compiled row-exact kernel (models/row_matmul.c): nibbles
-    [out, in/2] uint8 in the GGUF's order and dm [out, in/32, 2] fp16 (w = q·d + m, the file's own
-    d and m: Q4_1 exactly, Q4_0 with m = −8d), 0.625 bytes a weight as Int4Weight. Where the device
-    profile measured it faster for this CPU's class (`native_q4`): on the AVX2 host torch's int4
-    kernel cost 11.3 ms a pass at 1 row and 36.7 at 6, this 12.0 and 28.0 (bench/q4_kernels.py)."""
+    """A q4 matrix multiplied by the compiled row-exact kernel (models/row_matmul.c: rows quantized
+    to int16 per group of 32, exact integer dot products): nibbles [out, in/2] uint8 in the GGUF's
+    order and dm [out, in/32, 2] fp16 (w = q·d + m, the file's own d and m: Q4_1 exactly, Q4_0 with
+    m = −8d), 0.625 bytes a weight as Int4Weight. Where the device profile measured it faster for
+    this CPU's class (`native_q4`): on the AVX2 host a pass over SmolLM2's layers took 12.2 ms at 1
+    row and 29.7 at 6 against torch's int4 kernel's 16.8 and 45.2 (bench/row_matmul.py)."""
 
     def __init__(self, nibbles: torch.Tensor, dm: torch.Tensor, kernel):
         self.nibbles, self.dm, self.kernel = nibbles, dm, kernel
@@ -94,8 +95,8 @@ class NativeQ4:
 class NativeHead:
     """A bf16 LM head [vocab, hidden] multiplied by the compiled row-exact kernel into fp32 logits
     (models/row_matmul.c), its rows (a tied embedding's) gathered in place. Where the device
-    profile measured it faster (`native_head`): on the AVX2 host torch's bf16 product took 5.0 ms
-    for one row and 24.6 for six, this 3.7 and 6.7 (bench/head_kernels.py)."""
+    profile measured it faster (`native_head`): on the AVX2 host torch's bf16 product took 6.0 ms
+    for one row and 32.9 for six, this 4.2 and 8.8 (bench/row_matmul.py)."""
 
     def __init__(self, rows: torch.Tensor, kernel):
         """rows: [V, E] bf16, contiguous (the [E, V] operand's transpose)."""
