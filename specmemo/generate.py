@@ -42,6 +42,7 @@ class GenerateResult:
     kv_dtype: str
     forward: str
     attention: str | None         # "native" / "torch": how half precision attends exactly (None: fp32)
+    products: str | None          # "compiled" / "torch": which kernels multiply the matrices (None: transformers)
     drafter: str                  # what drafted: model, head, ngram or none (--draft auto picks one)
     accepted_histogram: dict[int, int] = field(default_factory=dict)
 
@@ -105,7 +106,7 @@ def generate(target: str, draft: str, prompt: str, *, chat: bool = False, max_ne
         draft_len=plan.request.draft_len, draft_window=plan.request.draft_window,
         acceptance_rate=stats.acceptance_rate, stop_reason=stats.stop_reason,
         seconds=stats.prefill_seconds + stats.decode_seconds, dtype=plan.request.dtype, kv_dtype=plan.request.kv,
-        forward=rt.target.forward_path, attention=rt.target.attention, drafter=rt.report.drafter, accepted_histogram=dict(sorted(stats.accepted_histogram.items())),
+        forward=rt.target.forward_path, attention=rt.target.attention, products=rt.target.products, drafter=rt.report.drafter, accepted_histogram=dict(sorted(stats.accepted_histogram.items())),
     )
 
 
@@ -167,6 +168,7 @@ class BatchSummary:
     kv_dtype: str
     forward: str
     attention: str | None
+    products: str | None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -268,5 +270,6 @@ def generate_batch(target: str, draft: str, prompts: list[str], *, batch: int | 
         plan_total_bytes=plan.total_bytes, budget_bytes=rt.report.budget_bytes,
         weights_bytes=weights_nbytes(rt.target.model), context=plan.request.context,
         draft_len=plan.request.draft_len, drafter=rt.report.drafter, dtype=plan.request.dtype,
-        kv_dtype=plan.request.kv, forward=rt.target.forward_path, attention=rt.target.attention)
+        kv_dtype=plan.request.kv, forward=rt.target.forward_path, attention=rt.target.attention,
+        products=rt.target.products)
     return out, summary

@@ -55,6 +55,9 @@ def test_json_output_has_every_field_and_ngram_equals_plain():
     assert out["dtype"] == "q4" and out["weights_bytes"] == 123_048_576 + 128
     assert out["forward"] == "specmemo"  # the Llama family runs on our own decoder
     assert out["attention"] in ("native", "torch")   # q4: bf16 activations attend exactly, one of two ways
+    from specmemo.models.quant import native_kernels
+
+    assert out["products"] == ("compiled" if native_kernels("q4") or native_kernels("head") else "torch")
     assert 0 < out["generation_peak_bytes"]
 
 

@@ -45,6 +45,7 @@ class TurnRecord:
     forward: str                 # "specmemo" (our decoder) or "transformers" (the adapter)
     accepted_histogram: dict
     attention: str | None = None  # half precision: "native" (compiled kernel) or "torch" (LoadedModel.attention)
+    products: str | None = None   # "compiled" (models/row_matmul.c) or "torch" (LoadedModel.products)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -166,7 +167,7 @@ class ChatSession:
             prefill_seconds=stats.prefill_seconds, peak_bytes=peak, budget_bytes=self.budget_bytes,
             over_budget=peak > self.budget_bytes, evicted_tokens=prep.evicted_tokens,
             evicted_turns=prep.evicted_turns, stop_reason=stats.stop_reason, seconds=time.perf_counter() - start,
-            forward=self.rt.target.forward_path, attention=self.rt.target.attention,
+            forward=self.rt.target.forward_path, attention=self.rt.target.attention, products=self.rt.target.products,
             accepted_histogram=dict(sorted(stats.accepted_histogram.items())),
         )
         self.turns.append(record)

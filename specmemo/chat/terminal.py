@@ -159,6 +159,7 @@ class ChatTerminal:
         self.console.print(f"[bold]specmemo chat[/] · {self.session.rt.target.ref.name} + {self.session.rt.report.drafter}"
                            f" · {self.session.rt.target.forward_path} forward"
                            + (f" ({self.session.rt.target.attention} attention)" if self.session.rt.target.attention else "")
+                           + (" (compiled products)" if self.session.rt.target.products == "compiled" else "")
                            + f" · context {self.session.context_cap} tokens · budget "
                            f"{format_bytes(self.session.rt.report.budget_bytes)}\n[dim]{HELP}[/]")
         while True:

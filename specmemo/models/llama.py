@@ -225,6 +225,15 @@ class LlamaModel:
             return None
         return "native" if self.attention_kernel is not None else "torch"
 
+    @property
+    def products_path(self) -> str:
+        """Which kernels multiply the matrices: "compiled" where the row-exact products of
+        models/row_matmul.c hold the q4 layers or the head (quant.NativeQ4, NativeHead), else "torch"."""
+        from specmemo.models.quant import NativeHead, NativeQ4
+
+        mats = [self.head, self.layers[0].w_qkv] if self.layers else [self.head]
+        return "compiled" if any(isinstance(m, (NativeQ4, NativeHead)) for m in mats) else "torch"
+
     def matrix(self, n_in: int, n_out: int) -> torch.Tensor:
         """An empty [n_in, n_out] operand for `x @ w`, in this model's layout."""
         if self.out_major:

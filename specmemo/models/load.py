@@ -34,6 +34,12 @@ class LoadedModel:
         "torch", or None where it need not (fp32, the transformers adapter)."""
         return getattr(self.model, "attention_path", None)
 
+    @property
+    def products(self) -> str | None:
+        """Which kernels multiply our decoder's matrices: "compiled" (models/row_matmul.c, where the
+        device profile chose it) or "torch"; None for the transformers adapter."""
+        return getattr(self.model, "products_path", None)
+
 
 def torch_dtype(name: str) -> torch.dtype:
     try:

@@ -45,6 +45,7 @@ class Built:
     plan_total_bytes: int | None
     forward: str = "transformers"   # which forward pass ran: specmemo's own decoder or transformers
     attention: str | None = None    # specmemo engines in half precision: "native" or "torch" (LoadedModel.attention)
+    products: str | None = None     # specmemo engines: "compiled" or "torch" (LoadedModel.products)
 
 
 def build_engine(cfg) -> Built:
@@ -65,7 +66,7 @@ def build_engine(cfg) -> Built:
         weights = weights_nbytes(rt.target.model) + (weights_nbytes(rt.draft.model) if rt.draft else 0)
         return Built(SpecmemoEngine(rt), rt.tokenizer, stop_ids(rt.tokenizer, rt.target.model),
                      rt.report.plan.generation_bytes, weights, meter.above_baseline(), rt.report.plan.total_bytes,
-                     rt.target.forward_path, rt.target.attention)
+                     rt.target.forward_path, rt.target.attention, rt.target.products)
     if name == "llama.cpp":
         return _llama_cpp(cfg, meter)
     # transformers runs dense weights only: with quantized specmemo weights, its baselines run fp32.
@@ -160,6 +161,7 @@ def main(config_path: str, result_path: str) -> None:
         "engine": cfg["engine"],
         "forward": built.forward,
         "attention": built.attention,
+        "products": built.products,
         "tokens_per_s": new_tokens / seconds if seconds else 0.0,
         "new_tokens": new_tokens,
         "seconds": seconds,
