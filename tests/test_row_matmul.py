@@ -35,6 +35,8 @@ def test_the_head_product_is_row_exact_and_the_dense_products_value():
     assert torch.allclose(got, x.float() @ w.float().t(), atol=1e-4)
     assert torch.equal(head.rows(torch.tensor([5, 0, 299])), w[[5, 0, 299]])
     assert torch.equal(head.times(x.reshape(1, 17, 96))[0], got)     # [B, n, E] as the decoder passes it
+    long = torch.randn(KERNEL.MAX_ROWS + 44, 96, generator=gen).bfloat16()   # a long prefill: in slices
+    assert torch.allclose(head.times(long), long.float() @ w.float().t(), atol=1e-4)
 
 
 def test_the_q4_product_is_row_exact_and_near_the_dequantized_product():

@@ -154,74 +154,48 @@ class RowMatmul:
     def __init__(self, path: Path):
         lib = ctypes.CDLL(str(path))
         self.path = path
-        self._q4 = lib.q4_matmul
-        self._bf16 = lib.bf16_matmul
-        for f in (self._q4, self._bf16):
-            f.restype = _I
-        self._q4.argtypes = [_P, _L, _L, _L, _P, _P, _P, _L, _P]
-        self._bf16.argtypes = [_P, _L, _L, _L, _P, _P, _L, _P]
-        self._q4_work = lib.q4_work_bytes
-        self._q4_work.restype = _L
-        self._q4_work.argtypes = [_L, _L]
+        self._q4, self._bf16 = lib.q4_matmul, lib.bf16_matmul
+        self._q4.argtypes = [_P, _L, _L, _L, _P, _P, _P, _L, _P]   # x, M, K, N, nibbles, dm, y, ldy, work
+        self._bf16.argtypes = [_P, _L, _L, _L, _P, _P, _L, _P]     # x, M, K, N, rows, y, ldy, work
+        self._q4.restype = self._bf16.restype = _I
         self._work = torch.empty(0, dtype=torch.uint8)
-        self._rows_fit: dict[int, int] = {}   # inputs K -> rows the work buffer holds
 
-    def _rows(self, x: torch.Tensor, N: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """x [..., K] as contiguous bf16 rows [M, K], the output [M, N] in `dtype`, and K; the work
-        buffer grown to M rows (a decode step makes 121 products: kept to a few µs of Python each)."""
+    def _multiply(self, kernel, x: torch.Tensor, weights: tuple[torch.Tensor, ...], N: int,
+                  dtype: torch.dtype) -> torch.Tensor:
+        """x [..., K] -> [..., N] in `dtype` through `kernel` (its weight pointers: `weights`), in
+        slices of ≤ MAX_ROWS rows. A decode step makes 121 products: kept to a few µs of Python each."""
         K = x.shape[-1]
         flat = x.reshape(-1, K)
         if flat.dtype != torch.bfloat16 or not flat.is_contiguous():
             flat = flat.to(torch.bfloat16).contiguous()
         M = flat.shape[0]
-        if M > self._rows_fit.get(K, 0):
-            rows = min(M, self.MAX_ROWS)
-            need = max(4 * rows * K, self._q4_work(rows, K))   # bytes: bf16_matmul's fp32 rows, q4's quantized ones
-            if self._work.numel() < need:
-                self._work = torch.empty(0, dtype=torch.uint8)
-                self._work = torch.empty(need, dtype=torch.uint8)
-            self._rows_fit[K] = rows
-        return flat, torch.empty(M, N, dtype=dtype), K
-
-    def _each_slice(self, flat, y, call) -> None:
-        """call(rows, out) on slices of ≤ MAX_ROWS rows (a long prefill)."""
-        for r in range(0, flat.shape[0], self.MAX_ROWS):
-            call(flat[r:r + self.MAX_ROWS], y[r:r + self.MAX_ROWS])
+        # Work bytes of either kernel: bf16's rows in fp32 (4MK); q4's in int16 with two floats a
+        # group and 8 of slack (2MK + MK/4 + 32).
+        need = 4 * min(M, self.MAX_ROWS) * K + 32
+        if self._work.numel() < need:
+            self._work = torch.empty(0, dtype=torch.uint8)
+            self._work = torch.empty(need, dtype=torch.uint8)
+        y = torch.empty(M, N, dtype=dtype)
+        pointers = [w.data_ptr() for w in weights]
+        for r in range(0, M, self.MAX_ROWS):
+            a, out = (flat, y) if M <= self.MAX_ROWS else (flat[r:r + self.MAX_ROWS], y[r:r + self.MAX_ROWS])
+            if kernel(a.data_ptr(), a.shape[0], K, N, *pointers, out.data_ptr(), N, self._work.data_ptr()):
+                raise ValueError(f"row_matmul refused its inputs: {a.shape[0]} x {K} -> {N}")
+        return y.view(*x.shape[:-1], N)
 
     def q4(self, x: torch.Tensor, nibbles: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
         """x [..., K] (bf16) @ a q4 matrix (nibbles [N, K/2] uint8, dm [N, K/32, 2] fp16) -> [..., N] bf16.
         Rows are quantized to 16 bits per group of 32 first (finer than the bf16 they come in) and
         multiplied in exact integer arithmetic."""
-        N = nibbles.shape[0]
-        flat, y, K = self._rows(x, N, torch.bfloat16)
-
-        def call(a, out):
-            if self._q4(a.data_ptr(), a.shape[0], K, N, nibbles.data_ptr(), dm.data_ptr(), out.data_ptr(), N,
-                        self._work.data_ptr()):
-                raise ValueError(f"row_matmul refused its inputs: {a.shape[0]} x {K} -> q4 {N}")
-
-        if flat.shape[0] <= self.MAX_ROWS:
-            call(flat, y)
-        else:
-            self._each_slice(flat, y, call)
-        return y.view(*x.shape[:-1], N)
+        if x.shape[-1] != 2 * nibbles.shape[1]:
+            raise ValueError(f"row_matmul: {x.shape[-1]} inputs against a q4 matrix of {2 * nibbles.shape[1]}")
+        return self._multiply(self._q4, x, (nibbles, dm), nibbles.shape[0], torch.bfloat16)
 
     def bf16(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """x [..., K] (bf16) @ rows.T (rows [N, K] bf16, contiguous) -> [..., N] fp32."""
-        N = rows.shape[0]
-        flat, y, K = self._rows(x, N, torch.float32)
-        if K != rows.shape[1]:
-            raise ValueError(f"row_matmul: {K} inputs against a [{N}, {rows.shape[1]}] matrix")
-
-        def call(a, out):
-            if self._bf16(a.data_ptr(), a.shape[0], K, N, rows.data_ptr(), out.data_ptr(), N, self._work.data_ptr()):
-                raise ValueError(f"row_matmul refused its inputs: {a.shape[0]} x {K} -> {N}")
-
-        if flat.shape[0] <= self.MAX_ROWS:
-            call(flat, y)
-        else:
-            self._each_slice(flat, y, call)
-        return y.view(*x.shape[:-1], N)
+        if x.shape[-1] != rows.shape[1]:
+            raise ValueError(f"row_matmul: {x.shape[-1]} inputs against a [{rows.shape[0]}, {rows.shape[1]}] matrix")
+        return self._multiply(self._bf16, x, (rows,), rows.shape[0], torch.float32)
 
 
 @functools.cache

@@ -166,10 +166,8 @@ static inline void q4_column(const uint8_t* nib, const uint16_t* dm, const int16
 #undef REST
 }
 
-/* Bytes of work space a q4 call needs: the rows quantized (int16), their dx and sx (fp32). */
-int64_t q4_work_bytes(int64_t M, int64_t K) { return 2 * M * K + 4 * (2 * M * (K / 32) + 8); }
-
-/* Returns 0, or 1 when the shapes are out of range. */
+/* work: 2*M*K + 8*M*(K/32) + 32 bytes (the rows in int16, their dx and sx, slack). Returns 0, or 1
+   when the shapes are out of range. */
 int q4_matmul(const uint16_t* x, int64_t M, int64_t K, int64_t N, const uint8_t* nib, const uint16_t* dm,
               uint16_t* y, int64_t ldy, void* work) {
   if (K % 32 || K > MAX_K || M < 1 || M > MAX_M) return 1;
