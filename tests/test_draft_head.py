@@ -223,3 +223,22 @@ def test_batched_rows_draft_from_their_own_hidden_states():
     assert [done[i].stats.accepted_tokens for i in range(4)] == [stats.accepted_tokens for _, stats in alone]
     assert [done[i].stats.drafted_tokens for i in range(4)] == [stats.drafted_tokens for _, stats in alone]
     assert sum(stats.accepted_tokens for _, stats in alone) > 0
+
+
+def test_corpus_keeps_the_layers_a_head_variant_reads(tmp_path):
+    """With feature_layers set, each reply token keeps those layers' outputs at the row that chose
+    it: the last layer's output is the hidden state itself, and the corpus file round-trips them."""
+    from specmemo.training.draft_head import load_corpus, save_corpus
+
+    own = own_model(TARGET)
+    last = own.cfg.num_layers - 1
+    own.feature_layers = (0, last)
+    prompts = [torch.randint(3, VOCAB, (6,)).tolist() for _ in range(3)]
+    corpus = write_corpus(own, prompts, stop=set(), max_new=12, batch=8)
+    for c in corpus:
+        assert c["layers"].shape == (len(c["reply"]), 2, own.cfg.hidden_size)
+        assert torch.equal(c["layers"][:, 1], c["hidden"])
+        assert not torch.equal(c["layers"][:, 0], c["hidden"])
+    save_corpus(tmp_path / "c.safetensors", corpus, {"k": 1})
+    back = load_corpus(tmp_path / "c.safetensors", {"k": 1})
+    assert all(torch.equal(a["layers"], b["layers"]) for a, b in zip(corpus, back))

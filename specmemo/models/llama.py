@@ -204,6 +204,10 @@ class LlamaModel:
         self._widened: dict = {}   # fp32 copies of one layer's K/V for that attention (see `widen`)
         self._exactness: dict[str, str] | None = None   # probed on first use (see `exactness`)
         self.last_hidden: torch.Tensor | None = None     # [B, keep, E] of the last forward (see _stack)
+        # Layers whose outputs a draft head also reads (its card says which): their kept rows,
+        # [B, keep, E] each in this order, in `layer_hidden` after every forward.
+        self.feature_layers: tuple[int, ...] = ()
+        self.layer_hidden: list[torch.Tensor] = []
 
     def _native_attention(self):
         if not self.row_exact_tokens or self.device.type != "cpu":
@@ -441,9 +445,12 @@ class LlamaModel:
         self._rows = {}
         h = self.embed_tokens(ids)                                    # [B, n, E]
         eps = self.cfg.rms_eps
+        self.layer_hidden = []
         for i, layer in enumerate(self.layers):
             h = h + self.attention(layer, i, rms_norm(h, layer.attn_norm, eps), segments, write, cos, sin)
             h = h + self.mlp(layer, rms_norm(h, layer.mlp_norm, eps))
+            if i in self.feature_layers:
+                self.layer_hidden.append(h[:, -keep:] if isinstance(keep, int) else h[:, keep])
         # The kept rows' last hidden states, before the final norm: what a draft head reads.
         self.last_hidden = h[:, -keep:] if isinstance(keep, int) else h[:, keep]   # [B, keep, E]
         h = rms_norm(self.last_hidden, self.norm, eps)

@@ -50,8 +50,10 @@ class HeadRecipe:
 def write_corpus(model, prompt_ids: list[list[int]], stop: set[int], max_new: int, batch: int,
                  progress=None) -> list[dict]:
     """Greedy replies of the target (our decoder) to each prompt: [{"reply": [m] int64,
-    "hidden": [m, E] in the compute dtype}], in prompt order. Prompts of equal length share a
-    batch (their positions agree, so the plain causal mask holds). progress(n) per finished prompt."""
+    "hidden": [m, E] in the compute dtype}], plus "layers" [m, L, E] (the outputs of
+    model.feature_layers) where the model keeps some, in prompt order. Prompts of equal length
+    share a batch (their positions agree, so the plain causal mask holds). progress(n) per
+    finished prompt."""
     cfg = model.cfg
     by_length: dict[int, list[int]] = {}
     for i, ids in enumerate(prompt_ids):
@@ -63,13 +65,15 @@ def write_corpus(model, prompt_ids: list[list[int]], stop: set[int], max_new: in
             store = KVStore(KVShape(cfg.num_layers, len(rows), cfg.num_kv_heads, cfg.head_dim, length + max_new),
                             model.dtype, model.device)
             logits = model(store, torch.tensor([prompt_ids[r] for r in rows]), 1)       # [b, 1, V]
-            tokens, hidden = [], []
+            tokens, hidden, layers = [], [], []
             done = torch.zeros(len(rows), dtype=torch.bool)
             ends = torch.full((len(rows),), max_new)
             for step in range(max_new):
                 tok = logits[:, -1].argmax(-1)                                          # [b]
                 tokens.append(tok)
                 hidden.append(model.last_hidden[:, -1].clone())                          # [b, E]
+                if model.feature_layers:
+                    layers.append(torch.stack([x[:, -1] for x in model.layer_hidden], 1))  # [b, L, E]
                 finished = torch.tensor([int(t) in stop for t in tok]) & ~done
                 ends[finished] = step + 1
                 done |= finished
@@ -77,9 +81,12 @@ def write_corpus(model, prompt_ids: list[list[int]], stop: set[int], max_new: in
                     break
                 logits = model(store, tok[:, None], 1)
             tokens, hidden = torch.stack(tokens, 1), torch.stack(hidden, 1)              # [b, m], [b, m, E]
+            layers = torch.stack(layers, 1) if layers else None                          # [b, m, L, E]
             for j, r in enumerate(rows):
                 m = int(ends[j])
                 out[r] = {"reply": tokens[j, :m].clone(), "hidden": hidden[j, :m].clone()}
+                if layers is not None:
+                    out[r]["layers"] = layers[j, :m].clone()
                 if progress:
                     progress(1)
     return out
@@ -93,6 +100,8 @@ def save_corpus(path: Path, corpus: list[dict], key: dict) -> None:
     tensors = {"reply": torch.cat([c["reply"] for c in corpus]).to(torch.int32),
                "hidden": torch.cat([c["hidden"] for c in corpus]).contiguous(),
                "lengths": torch.tensor([len(c["reply"]) for c in corpus], dtype=torch.int32)}
+    if "layers" in corpus[0]:
+        tensors["layers"] = torch.cat([c["layers"] for c in corpus]).contiguous()
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"recipe": json.dumps(key)}))
 
 
@@ -116,9 +125,12 @@ def load_corpus(path: Path, key: dict) -> list[dict] | None:
         if json.loads((f.metadata() or {}).get("recipe", "{}")) != key:
             return None
         reply, hidden, lengths = f.get_tensor("reply").long(), f.get_tensor("hidden"), f.get_tensor("lengths")
+        layers = f.get_tensor("layers") if "layers" in f.keys() else None
     out, at = [], 0
     for m in lengths.tolist():
         out.append({"reply": reply[at : at + m], "hidden": hidden[at : at + m]})
+        if layers is not None:
+            out[-1]["layers"] = layers[at : at + m]
         at += m
     return out
 
@@ -133,12 +145,14 @@ def head_vocab(corpus: list[dict], size: int) -> torch.Tensor:
 
 
 class Positions:
-    """The corpus flattened: reply tokens R [T], hidden states H [T, E] (fp32), and for each depth
-    d ≥ 1 which positions p have p + d inside their own reply."""
+    """The corpus flattened: reply tokens R [T], hidden states H [T, E] (fp32), the layer outputs
+    L [T, L, E] where the corpus kept some (else None), and for each depth d ≥ 1 which positions
+    p have p + d inside their own reply."""
 
     def __init__(self, corpus: list[dict], depth: int):
         self.R = torch.cat([c["reply"] for c in corpus])
         self.H = torch.cat([c["hidden"] for c in corpus]).float()
+        self.L = torch.cat([c["layers"] for c in corpus]).float() if "layers" in corpus[0] else None
         left = torch.cat([torch.arange(len(c["reply"]) - 1, -1, -1) for c in corpus])   # tokens after p in its reply
         self.valid = [left >= d for d in range(depth + 1)]                                 # valid[d]: [T] bool
 
@@ -147,12 +161,14 @@ class Positions:
 
 
 def head_losses(head: DraftHead, parts: TargetParts, pos: Positions, p: torch.Tensor, index: torch.Tensor,
-                depth: int, soft: float = 0.0) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+                depth: int, soft: float = 0.0, first=None) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
     """Loss over start positions p [P] unrolled `depth` steps, each depth's top-1 hits [P] (False
     where the depth runs past the reply), and depth 1's logits [P, Vh]. index: [V] token -> head
     vocabulary slot, −100 if absent. soft: see HeadRecipe (the target's distribution over the
-    head's vocabulary comes from its hidden state, H_q through its own norm and head rows)."""
-    h, x = pos.H[p], pos.R[p]
+    head's vocabulary comes from its hidden state, H_q through its own norm and head rows).
+    first(pos, p) -> [P, E]: the state the first step starts from (default H_p; head variants in
+    bench/head_variants.py start from other layers too)."""
+    h, x = first(pos, p) if first else pos.H[p], pos.R[p]
     loss, hits, first = 0.0, [], None
     for d in range(1, depth + 1):
         valid = pos.valid[d][p]
@@ -178,7 +194,8 @@ def head_losses(head: DraftHead, parts: TargetParts, pos: Positions, p: torch.Te
 RANKS = 4   # candidates per node a tree may use: the share the target's token was each, reported
 
 
-def evaluate(head: DraftHead, parts: TargetParts, pos: Positions, index: torch.Tensor, depth: int) -> dict:
+def evaluate(head: DraftHead, parts: TargetParts, pos: Positions, index: torch.Tensor, depth: int,
+             first=None) -> dict:
     """Teacher-forced on held-out replies: 'first' = top-1 agreement at depth 1 over all positions
     (the greedy acceptance of a first draft token), 'chain' = at each depth, the share of
     positions whose drafts agreed at every depth so far, 'ranks' = at depth 1, the share where
@@ -188,7 +205,7 @@ def evaluate(head: DraftHead, parts: TargetParts, pos: Positions, index: torch.T
     with torch.no_grad():
         for i in range(0, len(p_all), 2048):
             p = p_all[i : i + 2048]
-            _, hits, scores = head_losses(head, parts, pos, p, index, depth)
+            _, hits, scores = head_losses(head, parts, pos, p, index, depth, first=first)
             # Depth 1: where the target's token ranks among the head's candidates.
             top = scores.topk(RANKS, dim=-1).indices                                  # [P, RANKS]
             ranks += (top == index[pos.R[p + 1]][:, None]).sum(0)
@@ -202,11 +219,16 @@ def evaluate(head: DraftHead, parts: TargetParts, pos: Positions, index: torch.T
             "ranks": [round(float(r) / total, 4) for r in ranks], "positions": total}
 
 
-def train_head(recipe: HeadRecipe, model, corpus: list[dict], progress=None, log=print) -> tuple[DraftHead, dict]:
-    """Train on all but the last `holdout` replies; returns the head and its evaluation."""
+def train_head(recipe: HeadRecipe, model, corpus: list[dict], progress=None, log=print, *,
+               vocab: torch.Tensor | None = None, first: torch.nn.Module | None = None,
+               noise: float = 0.0) -> tuple[DraftHead, dict]:
+    """Train on all but the last `holdout` replies; returns the head and its evaluation. For
+    experiments (bench/head_variants.py): vocab overrides the head's vocabulary; first (pos, p)
+    -> [P, E] is the first step's state, its parameters trained along; noise adds uniform noise
+    of that size relative to each row's RMS to the first state while training (EAGLE's)."""
     torch.manual_seed(recipe.seed)
     train, held = corpus[: -recipe.holdout], corpus[-recipe.holdout :]
-    vocab = head_vocab(train, recipe.vocab)
+    vocab = head_vocab(train, recipe.vocab) if vocab is None else vocab
     index = torch.full((model.cfg.vocab_size,), -100, dtype=torch.long)
     index[vocab] = torch.arange(len(vocab))
     parts = TargetParts(model, vocab)
@@ -217,25 +239,33 @@ def train_head(recipe: HeadRecipe, model, corpus: list[dict], progress=None, log
         raise BadInput("the corpus holds no reply of two tokens or more: nothing to train on")
     batch = min(recipe.batch, len(starts))   # a small corpus (a smoke run) still trains
     steps = recipe.epochs * (len(starts) // batch)
-    opt = torch.optim.AdamW(head.parameters(), lr=recipe.lr, weight_decay=0.0)
+    params = [*head.parameters(), *(first.parameters() if first is not None else ())]
+    start = first if first is not None else (lambda pos_, p: pos_.H[p])
+
+    def noisy(pos_, p):
+        h = start(pos_, p)
+        return h + noise * h.pow(2).mean(-1, keepdim=True).sqrt() * (torch.rand_like(h) * 2 - 1)
+
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=steps, pct_start=0.05)
     gen = torch.Generator().manual_seed(recipe.seed)
     step, t0 = 0, time.perf_counter()
     for epoch in range(recipe.epochs):
         order = starts[torch.randperm(len(starts), generator=gen)]
         for i in range(0, len(order) - batch + 1, batch):
-            loss, _, _ = head_losses(head, parts, pos, order[i : i + batch], index, recipe.depth, recipe.soft)
+            loss, _, _ = head_losses(head, parts, pos, order[i : i + batch], index, recipe.depth, recipe.soft,
+                                     first=noisy if noise else first)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
             step += 1
             if progress:
                 progress(step, steps, float(loss.detach()))
-        log(f"epoch {epoch + 1}: held-out {evaluate(head, parts, held_pos, index, recipe.depth)}")
+        log(f"epoch {epoch + 1}: held-out {evaluate(head, parts, held_pos, index, recipe.depth, first)}")
     head.requires_grad_(False)
-    result = evaluate(head, parts, held_pos, index, recipe.depth)
+    result = evaluate(head, parts, held_pos, index, recipe.depth, first)
     coverage = float(torch.isin(held_pos.R, vocab).float().mean())
     return head, {**result, "steps": step, "train_seconds": round(time.perf_counter() - t0, 1),
                   "train_positions": len(starts), "vocab_coverage_heldout": round(coverage, 4)}
