@@ -47,7 +47,7 @@ def test_the_corpus_keeps_each_reply_with_the_hidden_state_that_chose_it():
     own = own_model(TARGET)
     head, _, corpus, _ = trained()
     prompt = torch.randint(0, VOCAB, (7,), generator=torch.Generator().manual_seed(0)).tolist()
-    # Prompts of one length were batched; a reply is the target's plain greedy decoding all the same.
+    # Replies were written 8 rows at a time; each is the target's plain greedy decoding all the same.
     plain = run(engine("none"), prompt, max_new=40)[0]
     assert len(corpus) == 24 and all(len(c["reply"]) == 40 for c in corpus)
     assert corpus[0]["hidden"].shape == (40, own.cfg.hidden_size)
@@ -242,3 +242,48 @@ def test_corpus_keeps_the_layers_a_head_variant_reads(tmp_path):
     save_corpus(tmp_path / "c.safetensors", corpus, {"k": 1})
     back = load_corpus(tmp_path / "c.safetensors", {"k": 1})
     assert all(torch.equal(a["layers"], b["layers"]) for a, b in zip(corpus, back))
+
+
+def test_the_pool_refills_rows_and_each_reply_is_plain_greedy_decoding():
+    """Prompts of different lengths, replies that end at a stop token at different steps, fewer
+    rows than prompts: a row that finished takes the next prompt while the others decode, and
+    every reply is that prompt's plain greedy decoding, with the hidden states it gets alone, in
+    prompt order."""
+    own = own_model(TARGET)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, VOCAB, (4 + 3 * i % 7,), generator=gen).tolist() for i in range(7)]
+    plain = [run(engine("none"), p, max_new=30)[0] for p in prompts]
+    # a stop token that ends the first reply mid-way (its first occurrence), the others wherever it occurs
+    first_end = next(j for j in range(5, 30) if plain[0][j] not in plain[0][:j]) + 1
+    stop = {plain[0][first_end - 1]}
+    corpus = write_corpus(own, prompts, stop=stop, max_new=30, batch=3)
+    alone = [write_corpus(own, [p], stop=stop, max_new=30, batch=1)[0] for p in prompts]
+    lengths = []
+    for c, a, p in zip(corpus, alone, plain):
+        ends = [j + 1 for j, t in enumerate(p) if t in stop]
+        assert c["reply"].tolist() == p[: ends[0] if ends else 30]
+        # fp32 products round a little differently in a packed forward (half precision is row-exact)
+        torch.testing.assert_close(c["hidden"], a["hidden"], rtol=1e-4, atol=1e-5)
+        lengths.append(len(c["reply"]))
+    assert lengths[0] == first_end < 30 and len(set(lengths)) > 1   # rows really did finish at different steps
+
+
+def test_evaluation_runs_over_more_positions_than_one_chunk():
+    """evaluate() walks held-out positions in chunks of 2,048; its first-token agreement over
+    several chunks equals the share of depth-1 hits over all positions at once."""
+    from specmemo.training.draft_head import Positions, evaluate, head_losses
+
+    own = own_model(TARGET)
+    head, _, _, _ = trained()
+    gen = torch.Generator().manual_seed(5)
+    E = own.cfg.hidden_size
+    corpus = [{"reply": torch.randint(0, VOCAB, (m,), generator=gen), "hidden": torch.randn(m, E, generator=gen)}
+              for m in (1500, 1400, 900)]                       # 3,797 positions: two chunks
+    index = torch.full((VOCAB,), -100, dtype=torch.long)
+    index[head.vocab] = torch.arange(len(head.vocab))
+    parts = TargetParts(own, head.vocab)
+    pos = Positions(corpus, 2)
+    result = evaluate(head, parts, pos, index, 2)
+    _, hits, _ = head_losses(head, parts, pos, pos.starts(), index, 2)
+    assert result["positions"] == len(pos.starts()) > 2048
+    assert result["first"] == round(float(hits[0].float().mean()), 4)
