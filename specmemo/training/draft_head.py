@@ -13,7 +13,7 @@ whose logits chose reply token r_j. The head maps (H_j, r_j) to H_{j+1} and r_{j
 
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -47,6 +47,16 @@ class HeadRecipe:
 
 # -- corpus --------------------------------------------------------------------------------------
 
+@dataclass
+class _Reply:
+    """One prompt being answered in a row of write_corpus's pool."""
+    index: int                                   # the prompt's place in the input
+    feed: list[int]                              # the next forward's tokens: the prompt, then the newest token
+    tokens: list[int] = field(default_factory=list)
+    hidden: list[torch.Tensor] = field(default_factory=list)   # [E] per token: the state that chose it
+    layers: list[torch.Tensor] = field(default_factory=list)   # [L, E] per token, where feature_layers are kept
+
+
 @torch.inference_mode()
 def write_corpus(model, prompt_ids: list[list[int]], stop: set[int], max_new: int, batch: int,
                  progress=None) -> list[dict]:
@@ -61,39 +71,38 @@ def write_corpus(model, prompt_ids: list[list[int]], stop: set[int], max_new: in
     prompt in the very next forward. Each row attends over its own keys, so a reply is the
     target's plain greedy decoding; no row waits for a longer one or for prompts of its length
     (batches of equal-length prompts wrote 53 tok/s, this pool 76, both 16 rows, AVX2 host)."""
-    cfg = model.cfg
-    out: list[dict | None] = [None] * len(prompt_ids)
     if not prompt_ids:
         return []
+    cfg = model.cfg
+    out: list[dict | None] = [None] * len(prompt_ids)
     shape = KVShape(cfg.num_layers, min(batch, len(prompt_ids)), cfg.num_kv_heads, cfg.head_dim,
                     max(map(len, prompt_ids)) + max_new)
     store = KVStore(shape, model.dtype, model.device)
     rows = [store.row(b) for b in range(shape.batch)]
     queue = deque(enumerate(prompt_ids))
-    # per row: [prompt index, its next tokens, reply tokens, their hidden states, their layers]
-    slots: list[list | None] = [None] * len(rows)
+    slots: list[_Reply | None] = [None] * len(rows)
     while queue or any(slots):
         for b, slot in enumerate(slots):
             if slot is None and queue:
                 i, ids = queue.popleft()
                 rows[b].reset()
-                slots[b] = [i, list(ids), [], [], []]
+                slots[b] = _Reply(i, list(ids))
         live = [b for b, slot in enumerate(slots) if slot is not None]
-        logits = model.forward_rows([rows[b] for b in live], [slots[b][1] for b in live], [1] * len(live))
+        logits = model.forward_rows([rows[b] for b in live], [slots[b].feed for b in live], [1] * len(live))
         chosen = torch.cat(logits).argmax(-1).tolist()                           # [rows]
         hidden = model.last_hidden[0]                                             # [rows, E]
         layers = torch.stack([x[0] for x in model.layer_hidden], 1) if model.feature_layers else None  # [rows, L, E]
         for j, b in enumerate(live):
-            i, _, reply, states, kept = slot = slots[b]
-            reply.append(chosen[j])
-            states.append(hidden[j].clone())
+            slot = slots[b]
+            slot.tokens.append(chosen[j])
+            slot.hidden.append(hidden[j].clone())
             if layers is not None:
-                kept.append(layers[j].clone())
-            slot[1] = [chosen[j]]
-            if chosen[j] in stop or len(reply) == max_new:
-                out[i] = {"reply": torch.tensor(reply), "hidden": torch.stack(states)}
-                if kept:
-                    out[i]["layers"] = torch.stack(kept)
+                slot.layers.append(layers[j].clone())
+            slot.feed = [chosen[j]]
+            if chosen[j] in stop or len(slot.tokens) == max_new:
+                out[slot.index] = {"reply": torch.tensor(slot.tokens), "hidden": torch.stack(slot.hidden)}
+                if slot.layers:
+                    out[slot.index]["layers"] = torch.stack(slot.layers)
                 slots[b] = None
                 if progress:
                     progress(1)
