@@ -7,7 +7,11 @@ accepted often enough to cover t(k+1)/t(1).
 at a time) instead of the compiled kernel (models/native.py), in the same run ("<dtype>/torch").
 --torch-head also times q4 with its LM head through torch's bf16 product where the compiled
 row-exact kernel is chosen (models/quant.NativeHead), in the same run ("q4/torch-head").
+--against-attention FILE also times each half-precision dtype with another version of
+exact_attention.c (e.g. `git show HEAD~1:specmemo/models/exact_attention.c > /tmp/before.c`), in the
+same run ("<dtype>/FILE").
 Usage: python bench/cost_curve.py [--dtypes fp32,bf16] [--max-tokens 16] [--torch-attention] [--torch-head]
+       [--against-attention FILE]
 """
 
 import argparse
@@ -20,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from specmemo.memory.malloc import tame_glibc_malloc  # noqa: E402
+from specmemo.models import native  # noqa: E402
 from specmemo.models.resolve import resolve  # noqa: E402
 from specmemo.profiling.cost_curve import cost_curve, forward_times  # noqa: E402
 from specmemo.profiling.machine import cpu_name  # noqa: E402
@@ -31,7 +36,11 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--torch-attention", action="store_true")
     ap.add_argument("--torch-head", action="store_true")
+    ap.add_argument("--against-attention", type=Path, help="another exact_attention.c, timed in the same run")
     args = ap.parse_args()
+    other = None
+    if args.against_attention:
+        other = native.ExactAttention(native.build(args.against_attention, extra=("-fopenmp",)))
     tame_glibc_malloc()
     print(f"host: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     ref = resolve("smollm2-135m-instruct")
@@ -40,6 +49,8 @@ def main():
         times[dt] = forward_times(ref, dt, args.max_tokens)
         if args.torch_attention and dt != "fp32":
             times[f"{dt}/torch"] = forward_times(ref, dt, args.max_tokens, torch_attention=True)
+        if other is not None and dt != "fp32":
+            times[f"{dt}/{args.against_attention.name}"] = forward_times(ref, dt, args.max_tokens, attention_kernel=other)
         if args.torch_head and dt == "q4":
             times[f"{dt}/torch-head"] = forward_times(ref, dt, args.max_tokens, torch_head=True)
     print("| n | " + " | ".join(f"{dt} ms | {dt} t(n)/t(1)" for dt in times) + " |")

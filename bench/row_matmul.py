@@ -6,8 +6,10 @@ activations); its 49,152 × 576 bf16 LM head through quant.NativeHead and throug
 product (the [out, in] storage's transposed view, as the decoder holds it). ms per pass by rows M,
 timed in rounds (each round every kernel once) so a shared machine's slow spells fall on all
 alike; then whether every row of an 8-row product equals that row alone. Feeds `native_q4` and
-`native_head` in profiles/devices/cpu.toml.
-Usage: python bench/row_matmul.py [--ms 1,2,4,6,8,16] [--rounds 7]
+`native_head` in profiles/devices/cpu.toml. --against FILE adds another version of row_matmul.c
+(e.g. `git show HEAD~1:specmemo/models/row_matmul.c > /tmp/before.c`) to the same rounds: a kernel
+change's A/B on one machine in one run, with how far its q4 outputs move.
+Usage: python bench/row_matmul.py [--ms 1,2,4,6,8,16] [--rounds 7] [--against FILE]
 """
 
 import argparse
@@ -46,6 +48,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ms", default="1,2,4,6,8,16")
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--against", type=Path, help="another row_matmul.c, timed in the same rounds")
     args = ap.parse_args()
     kernel = native.row_matmul()
     if kernel is None:
@@ -61,6 +64,10 @@ def main():
         "bf16 head, torch": lambda xs: xs[HIDDEN] @ torch_head,
         "bf16 head, compiled": lambda xs: native_head.times(xs[HIDDEN]),
     }
+    if args.against:
+        other = native.RowMatmul(native.build(args.against, extra=("-fopenmp",)))
+        kernels[f"q4 layers, {args.against.name}"] = lambda xs: [other.q4(xs[n.in_features], n.nibbles, n.dm) for _, n in pairs]
+        kernels[f"bf16 head, {args.against.name}"] = lambda xs: other.bf16(xs[HIDDEN], rows)
     ms = [int(v) for v in args.ms.split(",")]
     best = {(name, m): float("inf") for name in kernels for m in ms}
     for m in ms:
@@ -79,6 +86,19 @@ def main():
     print(f"\nrow-exact at 8 rows: q4 compiled {row_exact(pairs[0][1].times, x8[576])}, "
           f"q4 torch {row_exact(lambda x: x @ pairs[0][0], x8[576])}, "
           f"head compiled {row_exact(native_head.times, x8[HIDDEN])}, head torch {row_exact(lambda x: x @ torch_head, x8[HIDDEN])}")
+    if args.against:
+        q = torch.randint(0, 16, (3072, 576), generator=gen)   # a gate_up matrix, dequantized in fp32
+        scale = torch.rand(3072, 18, generator=gen).half().float() * 0.02
+        zero = 8 * scale - torch.rand(3072, 18, generator=gen).half().float() * 0.1
+        n = NativeQ4.from_q4(q, scale, zero, kernel)
+        w = (q - 8) * scale.repeat_interleave(32, 1) + zero.repeat_interleave(32, 1)   # [out, in]
+        x = (torch.randn(16, 576, generator=gen) * torch.randn(16, 576, generator=gen).exp()).bfloat16()
+        dense = x.float() @ w.t()
+        ours, theirs = n.times(x).float(), other.q4(x, n.nibbles, n.dm).float()
+        rel = lambda y: ((y - dense).norm() / dense.norm()).item()   # noqa: E731
+        print(f"{args.against.name}: row-exact at 8 rows {row_exact(lambda x: other.q4(x, n.nibbles, n.dm), x8[576])}; "
+              f"q4 outputs equal to this tree's {(ours == theirs).float().mean().item():.2%}, error against the "
+              f"dequantized product {rel(theirs):.2e} vs this tree's {rel(ours):.2e}")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def test_each_causal_row_equals_the_row_alone_and_sdpa(dtype):
     gen = torch.Generator().manual_seed(0)
     for trial in range(24):
         G, D = [(3, 64), (1, 32), (4, 128), (2, 64)][trial % 4]
-        B, Hkv = 1 + trial % 2, 2
+        B, Hkv = 1 + trial % 2, 3 if trial % 3 == 0 else 2   # 3 KV heads: split in pieces on 2 threads
         S = int(torch.randint(1, 700, (), generator=gen))
         n = int(torch.randint(1, min(16, S) + 1, (), generator=gen))
         (K, V), (k, v) = store_view(gen, B, Hkv, S, D, dtype)
@@ -46,6 +46,24 @@ def test_each_causal_row_equals_the_row_alone_and_sdpa(dtype):
         mask = torch.ones(n, S, dtype=torch.bool).tril(S - n)
         ref = F.scaled_dot_product_attention(q, k.float(), v.float(), attn_mask=mask, scale=D ** -0.5, enable_gqa=G > 1)
         torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-5, atol=2e-6)
+
+
+@needs_kernel
+def test_the_threads_split_heads_and_queries_without_changing_a_bit():
+    """One thread, two and three (SmolLM2's 3 KV heads on 2 threads: each head's queries in
+    pieces; on 3: a head each) give the same bits."""
+    gen = torch.Generator().manual_seed(2)
+    _, (k, v) = store_view(gen, 1, 3, 517, 64, torch.bfloat16)
+    q = torch.randn(1, 9, 6, 64, generator=gen)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outs.append(KERNEL.attend(q, k, v, Rows.causal(517, 6), 0.125))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
 @needs_kernel

@@ -146,6 +146,11 @@ def test_train_draft_writes_a_head_and_its_card(tmp_path):
     # A second run with the same corpus settings reuses the corpus instead of generating it again.
     again = train(tmp_path / "head2.safetensors")
     assert again.returncode == 0 and "reusing" in again.stderr
+    # Its card says the corpus came from the earlier run, with that run's writing time.
+    assert not card["corpus_reused"] and card["corpus_seconds"] > 0
+    _, card2 = load_head(tmp_path / "head2.safetensors")
+    assert card2["corpus_reused"] and card2["corpus_seconds"] == card["corpus_seconds"]
+    assert "by an earlier run" in (tmp_path / "head2.md").read_text()
 
 
 BATCH_PROMPTS = ["Name three colors.", "Write a haiku about rain.", "What is 2 + 2?", "Say hello in French."]

@@ -15,6 +15,9 @@
  */
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 /* 8 floats (one AVX2 register); unaligned loads and stores. The same instructions run for every
    row and row count, with no remainder loops (keys padded to 8, head_dim a multiple of 8), so
@@ -76,114 +79,154 @@ static inline int64_t padded(int64_t n, int64_t to) { return (n + to - 1) / to *
 #define CHUNK 4   /* vectors of head dims per pass (32 dims) */
 #define MAX_QUERIES 128   /* rows x grouped heads per KV head */
 
-/* Floats of work memory attend_rows needs for S keys, head_dim D, R rows of G grouped heads. */
-long long attention_work_floats(long long S, long long D, long long R, long long G) {
+/* Threads a call may use: torch's OpenMP pool (libgomp under the same soname) where built with it. */
+static int threads(void) {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+/* Floats of one thread's work memory for S keys, head_dim D, R rows of G grouped heads. */
+static int64_t block_floats(int64_t S, int64_t D, int64_t R, int64_t G) {
   return padded(S, 8) * D + padded(R * G, GROUP) * (padded(S, 8) + D + 1) + 8;
 }
 
+/* Floats of work memory attend_rows needs: a block for each thread it may use. */
+long long attention_work_floats(long long S, long long D, long long R, long long G) {
+  return block_floats(S, D, R, G) * threads();
+}
+
+/* Queries i0..i1-1 (i = r * G + g; i1 - i0 a multiple of GROUP, those past nq padding) of KV head h
+   of batch row b. Each query's numbers are the same chains whichever queries share the pass. */
+static void attend_queries(const float* q, long long qs_b, long long qs_h, long long qs_r, const char* kh,
+                           const char* vh, int bf16, float* out, int64_t b, int64_t h, int64_t H, int64_t G,
+                           int64_t R, int64_t D, int64_t S, int64_t i0, int64_t i1, int64_t nq,
+                           const int32_t* prefix, const int32_t* extra_at, const int32_t* extra, float scale,
+                           float* work) {
+  const int64_t n = i1 - i0, sp = padded(S, 8);
+  const size_t esize = bf16 ? 2 : 4;
+  float* vf = work;                  /* [sp, D] this head's values in fp32 (bf16 stores) */
+  float* qs = vf + sp * D;           /* [n, D] the queries, zero past nq */
+  float* sc = qs + n * D;            /* [n, sp] scores, then exp */
+  float* inv = sc + n * sp;          /* [n] 1 / softmax sum */
+  for (int64_t l = 0; l < n; ++l) {
+    const int64_t i = i0 + l, r = i / G, g = i % G;
+    if (i < nq) memcpy(qs + l * D, q + b * qs_b + (h * G + g) * qs_h + r * qs_r, sizeof(float) * D);
+    else memset(qs + l * D, 0, sizeof(float) * D);
+  }
+  /* scores, 8 keys a vector: a chain over d per key, tiles of 8 keys x 8 dims transposed */
+  for (int64_t t0 = 0; t0 < sp; t0 += 8) {
+    v8 acc[MAX_QUERIES];
+    for (int64_t l = 0; l < n; ++l) acc[l] = (v8){0};
+    for (int64_t d0 = 0; d0 < D; d0 += 8) {
+      v8 rows[8], cols[8];
+      for (int j = 0; j < 8; ++j)
+        rows[j] = t0 + j < S ? load8(kh + (t0 + j) * D * esize, bf16, d0) : (v8){0};
+      transpose8(rows, cols);
+      for (int64_t l = 0; l < n; l += GROUP) {   /* GROUP chains in flight */
+        v8 a[GROUP];
+        for (int g = 0; g < GROUP; ++g) a[g] = acc[l + g];
+        for (int j = 0; j < 8; ++j)
+          for (int g = 0; g < GROUP; ++g) a[g] += qs[(l + g) * D + d0 + j] * cols[j];
+        for (int g = 0; g < GROUP; ++g) acc[l + g] = a[g];
+      }
+    }
+    for (int64_t l = 0; l < n; ++l) *(v8*)(sc + l * sp + t0) = acc[l] * scale;
+  }
+  /* keys a row does not see: -inf, so exp gives an exact 0 */
+  for (int64_t l = 0; l < n && i0 + l < nq; ++l) {
+    const int64_t r = (i0 + l) / G;
+    for (int64_t t = prefix[r]; t < sp; ++t) {
+      int seen = 0;
+      for (int32_t e = extra_at[r]; e < extra_at[r + 1] && !seen; ++e) seen = extra[e] == t;
+      if (!seen) sc[l * sp + t] = -__builtin_inff();
+    }
+  }
+  /* softmax: the max is order-free; the sum runs over keys in order */
+  for (int64_t l = 0; l < n; ++l) {
+    if (i0 + l >= nq) {
+      memset(sc + l * sp, 0, sizeof(float) * sp), inv[l] = 0.0f;
+      continue;
+    }
+    float* s = sc + l * sp;
+    v8 m = (v8){0} - __builtin_inff();
+    for (int64_t t = 0; t < sp; t += 8) m = pick(*(v8*)(s + t) > m, *(v8*)(s + t), m);
+    float top = m[0];
+    for (int j = 1; j < 8; ++j) top = m[j] > top ? m[j] : top;
+    for (int64_t t = 0; t < sp; t += 8) *(v8*)(s + t) = exp_nonpositive(*(v8*)(s + t) - top);
+    float total = 0.0f;
+    for (int64_t t = 0; t < S; ++t) total += s[t];
+    inv[l] = 1.0f / total;
+  }
+  /* out = (sum_t e_t V_t) / sum, 8 head dims a vector, a chain over keys per dim; GROUP
+     queries x CHUNK dims at a time, in registers. bf16 values are widened once into vf when
+     several groups read them (exact), on the fly otherwise. */
+  const void* vrows = vh;
+  int vbf16 = bf16;
+  if (bf16 && n / GROUP > 2) {
+    for (int64_t t = 0; t < S; ++t)
+      for (int64_t d0 = 0; d0 < D; d0 += 8) *(v8*)(vf + t * D + d0) = load8(vh + t * D * esize, 1, d0);
+    vrows = vf, vbf16 = 0;
+  }
+  const size_t vsize = vbf16 ? 2 : 4;
+  for (int64_t l0 = 0; l0 < n; l0 += GROUP)
+    for (int64_t d0 = 0; d0 < D; d0 += 8 * CHUNK) {
+      v8 acc[GROUP][CHUNK];
+      for (int g = 0; g < GROUP; ++g)
+        for (int j = 0; j < CHUNK; ++j) acc[g][j] = (v8){0};
+      for (int64_t t = 0; t < S; ++t) {
+        const char* vt = (const char*)vrows + t * D * vsize;
+        v8 vv[CHUNK];
+        for (int j = 0; j < CHUNK; ++j) vv[j] = load8(vt, vbf16, d0 + 8 * j);
+        for (int g = 0; g < GROUP; ++g) {
+          const float e = sc[(l0 + g) * sp + t];
+          for (int j = 0; j < CHUNK; ++j) acc[g][j] += e * vv[j];
+        }
+      }
+      for (int g = 0; g < GROUP && i0 + l0 + g < nq; ++g) {
+        const int64_t i = i0 + l0 + g, r = i / G, gh = i % G;
+        float* o = out + ((b * R + r) * H + h * G + gh) * D + d0;
+        for (int j = 0; j < CHUNK; ++j) *(v8*)(o + 8 * j) = acc[g][j] * inv[l0 + g];
+      }
+    }
+}
+
 /* Returns 0, or 1 for a bad row description, 2 for a head_dim that is not a multiple of 32 (or
-   over 256), 3 for more than MAX_QUERIES queries per KV head. */
+   over 256), 3 for more than MAX_QUERIES queries per KV head. The (batch row, KV head) pairs are
+   split across threads, and each head's queries in pieces of whole GROUPs where the pairs alone
+   would leave a thread idle (SmolLM2: 3 KV heads on 2 threads). */
 int attend_rows(const float* q, long long qs_b, long long qs_h, long long qs_r,
                 const void* keys, const void* values, int bf16, long long kv_b, long long kv_h,
                 float* out, long long B, long long Hkv, long long G, long long R, long long D,
                 long long S, const int32_t* prefix, const int32_t* extra_at, const int32_t* extra,
                 float scale, float* work) {
   if (D % (8 * CHUNK) || D > 256) return 2;
-  const int64_t nq = R * G, nqp = padded(nq, GROUP), sp = padded(S, 8), H = Hkv * G;
+  const int64_t nq = R * G, nqp = padded(nq, GROUP), H = Hkv * G;
   if (nqp > MAX_QUERIES) return 3;
-  const size_t esize = bf16 ? 2 : 4;
-  float* vf = work;                  /* [sp, D] this head's values in fp32 (bf16 stores) */
-  float* qs = vf + sp * D;           /* [nqp, D] queries, i = r * G + g, zero past nq */
-  float* sc = qs + nqp * D;          /* [nqp, sp] scores, then exp */
-  float* inv = sc + nqp * sp;        /* [nqp] 1 / softmax sum */
-  int32_t min_prefix = (int32_t)S;
   for (int64_t r = 0; r < R; ++r) {
     if (prefix[r] < 1 || prefix[r] > S) return 1;
     for (int32_t e = extra_at[r]; e < extra_at[r + 1]; ++e)
       if (extra[e] < prefix[r] || extra[e] >= S || (e > extra_at[r] && extra[e] <= extra[e - 1])) return 1;
-    if (prefix[r] < min_prefix) min_prefix = prefix[r];
   }
-  memset(qs + nq * D, 0, sizeof(float) * (nqp - nq) * D);
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t h = 0; h < Hkv; ++h) {
-      const char* kh = (const char*)keys + (b * kv_b + h * kv_h) * esize;
-      const char* vh = (const char*)values + (b * kv_b + h * kv_h) * esize;
-      for (int64_t r = 0; r < R; ++r)
-        for (int64_t g = 0; g < G; ++g)
-          memcpy(qs + (r * G + g) * D, q + b * qs_b + (h * G + g) * qs_h + r * qs_r, sizeof(float) * D);
-      /* scores, 8 keys a vector: a chain over d per key, tiles of 8 keys x 8 dims transposed */
-      for (int64_t t0 = 0; t0 < sp; t0 += 8) {
-        v8 acc[MAX_QUERIES];
-        for (int64_t i = 0; i < nqp; ++i) acc[i] = (v8){0};
-        for (int64_t d0 = 0; d0 < D; d0 += 8) {
-          v8 rows[8], cols[8];
-          for (int j = 0; j < 8; ++j)
-            rows[j] = t0 + j < S ? load8(kh + (t0 + j) * D * esize, bf16, d0) : (v8){0};
-          transpose8(rows, cols);
-          for (int64_t i = 0; i < nqp; i += GROUP) {   /* GROUP chains in flight */
-            v8 a[GROUP];
-            for (int g = 0; g < GROUP; ++g) a[g] = acc[i + g];
-            for (int j = 0; j < 8; ++j)
-              for (int g = 0; g < GROUP; ++g) a[g] += qs[(i + g) * D + d0 + j] * cols[j];
-            for (int g = 0; g < GROUP; ++g) acc[i + g] = a[g];
-          }
-        }
-        for (int64_t i = 0; i < nq; ++i) *(v8*)(sc + i * sp + t0) = acc[i] * scale;
-      }
-      /* keys a row does not see: -inf, so exp gives an exact 0 */
-      for (int64_t r = 0; r < R; ++r)
-        for (int64_t t = prefix[r]; t < sp; ++t) {
-          int seen = 0;
-          for (int32_t e = extra_at[r]; e < extra_at[r + 1] && !seen; ++e) seen = extra[e] == t;
-          if (!seen)
-            for (int64_t g = 0; g < G; ++g) sc[(r * G + g) * sp + t] = -__builtin_inff();
-        }
-      /* softmax: the max is order-free; the sum runs over keys in order */
-      for (int64_t i = 0; i < nq; ++i) {
-        float* s = sc + i * sp;
-        v8 m = (v8){0} - __builtin_inff();
-        for (int64_t t = 0; t < sp; t += 8) m = pick(*(v8*)(s + t) > m, *(v8*)(s + t), m);
-        float top = m[0];
-        for (int j = 1; j < 8; ++j) top = m[j] > top ? m[j] : top;
-        for (int64_t t = 0; t < sp; t += 8) *(v8*)(s + t) = exp_nonpositive(*(v8*)(s + t) - top);
-        float total = 0.0f;
-        for (int64_t t = 0; t < S; ++t) total += s[t];
-        inv[i] = 1.0f / total;
-      }
-      for (int64_t i = nq; i < nqp; ++i) memset(sc + i * sp, 0, sizeof(float) * sp), inv[i] = 0.0f;
-      /* out = (sum_t e_t V_t) / sum, 8 head dims a vector, a chain over keys per dim; GROUP
-         queries x CHUNK dims at a time, in registers. bf16 values are widened once into vf when
-         several groups read them, on the fly otherwise. */
-      const int groups = (int)(nqp / GROUP);
-      const void* vrows = vh;
-      int vbf16 = bf16;
-      if (bf16 && groups > 2) {
-        for (int64_t t = 0; t < S; ++t)
-          for (int64_t d0 = 0; d0 < D; d0 += 8) *(v8*)(vf + t * D + d0) = load8(vh + t * D * esize, 1, d0);
-        vrows = vf, vbf16 = 0;
-      }
-      const size_t vsize = vbf16 ? 2 : 4;
-      for (int64_t i0 = 0; i0 < nqp; i0 += GROUP)
-        for (int64_t d0 = 0; d0 < D; d0 += 8 * CHUNK) {
-          v8 acc[GROUP][CHUNK];
-          for (int g = 0; g < GROUP; ++g)
-            for (int j = 0; j < CHUNK; ++j) acc[g][j] = (v8){0};
-          for (int64_t t = 0; t < S; ++t) {
-            const char* vt = (const char*)vrows + t * D * vsize;
-            v8 vv[CHUNK];
-            for (int j = 0; j < CHUNK; ++j) vv[j] = load8(vt, vbf16, d0 + 8 * j);
-            for (int g = 0; g < GROUP; ++g) {
-              const float e = sc[(i0 + g) * sp + t];
-              for (int j = 0; j < CHUNK; ++j) acc[g][j] += e * vv[j];
-            }
-          }
-          for (int g = 0; g < GROUP && i0 + g < nq; ++g) {
-            const int64_t i = i0 + g, r = i / G, gh = i % G;
-            float* o = out + ((b * R + r) * H + h * G + gh) * D + d0;
-            for (int j = 0; j < CHUNK; ++j) *(v8*)(o + 8 * j) = acc[g][j] * inv[i];
-          }
-        }
-    }
+  const size_t esize = bf16 ? 2 : 4;
+  const int T = threads();
+  const int64_t groups = nqp / GROUP, heads = B * Hkv;
+  const int64_t pieces = heads % T == 0 ? 1 : (groups < T ? groups : T);
+  const int64_t items = heads * pieces, block = block_floats(S, D, R, G);
+#pragma omp parallel for schedule(static) num_threads(items < T ? (int)items : T) if (T > 1 && items > 1)
+  for (int64_t it = 0; it < items; ++it) {
+    const int64_t bh = it / pieces, p = it % pieces, b = bh / Hkv, h = bh % Hkv;
+    const int64_t i0 = groups * p / pieces * GROUP, i1 = groups * (p + 1) / pieces * GROUP;
+#ifdef _OPENMP
+    float* mine = work + block * omp_get_thread_num();
+#else
+    float* mine = work;
+#endif
+    attend_queries(q, qs_b, qs_h, qs_r, (const char*)keys + (b * kv_b + h * kv_h) * esize,
+                   (const char*)values + (b * kv_b + h * kv_h) * esize, bf16, out, b, h, H, G, R, D, S,
+                   i0, i1, nq, prefix, extra_at, extra, scale, mine);
   }
   return 0;
 }

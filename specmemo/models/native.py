@@ -5,9 +5,10 @@ there is no compiler or the build fails, `exact_attention()` returns None and th
 its torch path; SPECMEMO_NATIVE=0 asks for that path outright.
 
 exact_attention.c: half-precision verification rows attended as one-token steps attend, reading
-each key once for all rows (see that file, and LlamaModel.attend). row_matmul.c: a q4 model's layer
-products and bf16 LM head with every row rounding as that row alone, the weights read once for all
-rows, columns split across torch's OpenMP threads (see that file, and models/quant.NativeQ4).
+each key once for all rows, KV heads split across torch's OpenMP threads (see that file, and
+LlamaModel.attend). row_matmul.c: a q4 model's layer products and bf16 LM head with every row
+rounding as that row alone, the weights read once for all rows, columns split across torch's
+OpenMP threads (see that file, and models/quant.NativeQ4).
 """
 
 import ctypes
@@ -220,7 +221,11 @@ def exact_attention() -> ExactAttention | None:
         _why.append("SPECMEMO_NATIVE=0")
         return None
     try:
-        return ExactAttention(build(SOURCE))
+        return ExactAttention(build(SOURCE, extra=("-fopenmp",)))   # KV heads across torch's threads
+    except (RuntimeError, OSError):
+        pass
+    try:
+        return ExactAttention(build(SOURCE))   # a compiler without OpenMP: one thread
     except (RuntimeError, OSError) as e:
         _why.append(str(e))
         return None

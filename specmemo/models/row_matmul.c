@@ -88,28 +88,41 @@ static inline void widen_bf16(const uint16_t* src, int64_t K, float* w) {
 
 
 /* Rows quantized to 16 bits per group of 32 (finer than the bf16 they come in): per row r and
-   group g, dx = max|x| / 32767, xq = round(x / dx) in int16, sx = dx * sum(xq); stored
-   group-major (xq [G, M, 32], dx and sx [G, M]) so that a tile's rows sit at fixed offsets. */
+   group g, dx = max|x| / 32767, xq = x / dx rounded to nearest (ties to even) in int16, sx = dx *
+   sum(xq); stored group-major (xq [G, M, 32], dx and sx [G, M]) so that a tile's rows sit at fixed
+   offsets. Vectors of 8, the same instructions for every row. */
 static void quantize_rows(const uint16_t* x, int64_t M, int64_t K, int16_t* xq, float* dx, float* sx) {
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   for (int64_t r = 0; r < M; r++)
     for (int64_t g = 0; g < K / 32; g++) {
-      float v[32], amax = 0.0f;
-      for (int i = 0; i < 32; i++) {
-        uint32_t u = (uint32_t)x[r * K + g * 32 + i] << 16;
-        memcpy(v + i, &u, 4);
-        float a = v[i] < 0 ? -v[i] : v[i];
-        amax = a > amax ? a : amax;
+      __m256 v[4];
+      __m256 amax = _mm256_setzero_ps();
+      for (int j = 0; j < 4; j++) {
+        __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(x + r * K + g * 32 + 8 * j)));
+        v[j] = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+        amax = _mm256_max_ps(amax, _mm256_and_ps(v[j], absmask));
       }
-      float d = amax / 32767.0f, inv = d > 0 ? 1.0f / d : 0.0f;
-      int sum = 0;
-      for (int i = 0; i < 32; i++) {
-        int q = (int)__builtin_roundf(v[i] * inv);
-        q = q > 32767 ? 32767 : q < -32767 ? -32767 : q;
-        xq[(g * M + r) * 32 + i] = (int16_t)q;
-        sum += q;
+      __m128 h = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+      h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+      h = _mm_max_ss(h, _mm_movehdup_ps(h));
+      float top = _mm_cvtss_f32(h), d = top / 32767.0f, inv = d > 0 ? 1.0f / d : 0.0f;
+      __m256 vi = _mm256_set1_ps(inv);
+      const __m256i hi_q = _mm256_set1_epi32(32767), lo_q = _mm256_set1_epi32(-32767);
+      __m256i q[4], total = _mm256_setzero_si256();
+      for (int j = 0; j < 4; j++) {
+        q[j] = _mm256_max_epi32(lo_q, _mm256_min_epi32(hi_q, _mm256_cvtps_epi32(_mm256_mul_ps(v[j], vi))));
+        total = _mm256_add_epi32(total, q[j]);
       }
+      /* packs works within 128-bit halves: put the 16 values of each pair back in order */
+      int16_t* dst = xq + (g * M + r) * 32;
+      for (int j = 0; j < 4; j += 2)
+        _mm256_storeu_si256((__m256i*)(dst + 8 * j),
+                            _mm256_permute4x64_epi64(_mm256_packs_epi32(q[j], q[j + 1]), 0xd8));
+      __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+      t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
+      t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
       dx[g * M + r] = d;
-      sx[g * M + r] = d * (float)sum;
+      sx[g * M + r] = d * (float)_mm_cvtsi128_si32(t);
     }
 }
 

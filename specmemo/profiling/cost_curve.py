@@ -21,17 +21,21 @@ CACHED = 512      # tokens already in the store: a mid-conversation step
 
 @torch.inference_mode()
 def forward_times(ref: ModelRef, dtype: str, max_tokens: int = 16, repeats: int = 15,
-                  progress=None, torch_attention: bool = False, torch_head: bool = False) -> dict[int, float]:
+                  progress=None, torch_attention: bool = False, torch_head: bool = False,
+                  attention_kernel=None) -> dict[int, float]:
     """Median seconds of one target forward over n new tokens, n = 1..max_tokens, with CACHED
     tokens in the store. The widths are timed in rounds, each round every n once, so a shared
     machine's slow spells fall on every n alike rather than on a few (timed n by n, three runs
     on the Zen 4 host gave bf16 C(6) = 1.09, 1.16 and 1.30). progress(done, total) after each
     round. torch_attention: half precision attends through torch one query at a time even where
     the compiled kernel is chosen. torch_head: a q4 model's LM head multiplied by torch's bf16
-    product even where the compiled one is chosen (models/quant.NativeHead)."""
+    product even where the compiled one is chosen (models/quant.NativeHead). attention_kernel: another
+    build of the exact-attention kernel in place of the chosen one (a kernel change's A/B)."""
     model = load_model(ref, dtype, with_tokenizer=False, forward="specmemo").model
     if torch_attention:
         model.attention_kernel = None
+    elif attention_kernel is not None and model.attention_kernel is not None:
+        model.attention_kernel = attention_kernel
     if torch_head and isinstance(model.head, NativeHead):
         model.head = model.head.weight.t()   # the [E, V] operand torch multiplies (out-major storage)
         if model.cfg.tie_embeddings:

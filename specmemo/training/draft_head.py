@@ -109,7 +109,9 @@ def write_corpus(model, prompt_ids: list[list[int]], stop: set[int], max_new: in
     return out
 
 
-def save_corpus(path: Path, corpus: list[dict], key: dict) -> None:
+def save_corpus(path: Path, corpus: list[dict], key: dict, seconds: float | None = None) -> None:
+    """The corpus, under its key (and the seconds its writing took, for the card of a run that
+    reuses it)."""
     import json
 
     from safetensors.torch import save_file
@@ -119,7 +121,8 @@ def save_corpus(path: Path, corpus: list[dict], key: dict) -> None:
                "lengths": torch.tensor([len(c["reply"]) for c in corpus], dtype=torch.int32)}
     if "layers" in corpus[0]:
         tensors["layers"] = torch.cat([c["layers"] for c in corpus]).contiguous()
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"recipe": json.dumps(key)}))
+    meta = {"recipe": json.dumps(key)} | ({"seconds": f"{seconds:.1f}"} if seconds is not None else {})
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def corpus_key(recipe: HeadRecipe, prompts: list[str]) -> dict:
@@ -150,6 +153,15 @@ def load_corpus(path: Path, key: dict) -> list[dict] | None:
             out[-1]["layers"] = layers[at : at + m]
         at += m
     return out
+
+
+def corpus_seconds(path: Path) -> float | None:
+    """How long the saved corpus took to write (None where its file does not say)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        seconds = (f.metadata() or {}).get("seconds")
+    return float(seconds) if seconds is not None else None
 
 
 # -- training --------------------------------------------------------------------------------------
@@ -291,6 +303,10 @@ def train_head(recipe: HeadRecipe, model, corpus: list[dict], progress=None, log
 def card_markdown(card: dict, vocab: int) -> str:
     """The head's card for people: what it was trained on, how long, and how often it is right."""
     r, e = card["recipe"], card["evaluation"]
+    seconds = card.get("corpus_seconds")
+    written = "" if seconds is None else f" in {seconds:.0f} s"
+    if card.get("corpus_reused"):   # this run trained on a corpus an earlier run wrote
+        written += " (by an earlier run; this run reused it)"
     return "\n".join([
         f"# Draft head for {r['target']}",
         "",
@@ -299,13 +315,13 @@ def card_markdown(card: dict, vocab: int) -> str:
         "",
         f"- Data: the target ({r['dtype']} weights) answered {r['prompts']} training prompts greedily (composed from",
         "  templates in specmemo/training/prompts.py; none from MT-Bench or any test set), at most",
-        f"  {r['max_new_tokens']} tokens each: {card['corpus_tokens']:,} reply tokens in {card['corpus_seconds']:.0f} s.",
+        f"  {r['max_new_tokens']} tokens each: {card['corpus_tokens']:,} reply tokens{written}.",
         f"- Head: fused input [2E -> E], SwiGLU MLP of width {r['inner']}, output over the {vocab:,} most frequent",
         f"  reply tokens (at most {r['vocab']:,}; the target's LM-head rows); {card['head_bytes'] / 2**20:.1f} MiB of",
         "  fp32 weights.",
         f"- Training: {e['steps']} steps of {r['batch']} positions ({r['epochs']} epochs, depth {r['depth']}, AdamW,",
         f"  lr {r['lr']}, seed {r['seed']}; token loss {r.get('soft', 0):.0%} KL to the target's distribution, the rest",
-        f"  cross-entropy to its token) in {e['train_seconds']:.0f} s; whole recipe {card['total_seconds'] / 60:.1f} min",
+        f"  cross-entropy to its token) in {e['train_seconds']:.0f} s; {'this run' if card.get('corpus_reused') else 'whole recipe'} {card['total_seconds'] / 60:.1f} min",
         f"  on {card['host']}, {card['threads']} threads, torch {card['torch']}.",
         f"- Held-out ({r['holdout']} prompts, {e['positions']:,} positions, teacher-forced): first-token acceptance",
         f"  {e['first']:.3f}; all drafts right to depth 1/2/3: {e['chain']}; the target's token was the head's",
@@ -338,8 +354,8 @@ def run(recipe: HeadRecipe, out: Path, work: Path, console=None) -> dict:
     corpus = load_corpus(corpus_path, key)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                TextColumn("{task.fields[info]}"))
-    gen_seconds = 0.0
-    if corpus is None:
+    reused = corpus is not None
+    if not reused:
         ids = [encode_prompt(tok, p, chat=True) for p in prompts]
         t0 = time.perf_counter()
         with Progress(*columns, console=console) as bar:
@@ -347,9 +363,10 @@ def run(recipe: HeadRecipe, out: Path, work: Path, console=None) -> dict:
             corpus = write_corpus(model, ids, stop_ids(tok, model), recipe.max_new_tokens, recipe.gen_batch,
                                   progress=lambda n: bar.advance(task, n))
         gen_seconds = time.perf_counter() - t0
-        save_corpus(corpus_path, corpus, key)
+        save_corpus(corpus_path, corpus, key, gen_seconds)
         say(f"corpus: {sum(len(c['reply']) for c in corpus)} reply tokens in {gen_seconds:.0f} s -> {corpus_path}")
     else:
+        gen_seconds = corpus_seconds(corpus_path)
         say(f"corpus: reusing {corpus_path} ({sum(len(c['reply']) for c in corpus)} reply tokens)")
     with Progress(*columns, console=console) as bar:
         task = bar.add_task("training the head", total=None, info="")
@@ -359,7 +376,8 @@ def run(recipe: HeadRecipe, out: Path, work: Path, console=None) -> dict:
                                   log=say)
     card = {"recipe": asdict(recipe), "evaluation": result, "host": cpu_name(),
             "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "corpus_seconds": round(gen_seconds, 1), "total_seconds": round(time.perf_counter() - t_start, 1),
+            "corpus_seconds": None if gen_seconds is None else round(gen_seconds, 1), "corpus_reused": reused,
+            "total_seconds": round(time.perf_counter() - t_start, 1),
             "corpus_tokens": sum(len(c["reply"]) for c in corpus), "head_bytes": head.nbytes()}
     out.parent.mkdir(parents=True, exist_ok=True)
     save_head(out, head, card)
