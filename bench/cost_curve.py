@@ -40,7 +40,9 @@ def main():
     args = ap.parse_args()
     other = None
     if args.against_attention:
-        other = native.ExactAttention(native.build(args.against_attention, extra=("-fopenmp",)))
+        other = native.exact_attention(args.against_attention)
+        if other is None:
+            sys.exit(f"--against-attention {args.against_attention}: {native.why_not()}")
     tame_glibc_malloc()
     print(f"host: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     ref = resolve("smollm2-135m-instruct")

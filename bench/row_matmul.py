@@ -53,6 +53,9 @@ def main():
     kernel = native.row_matmul()
     if kernel is None:
         sys.exit(f"no compiled row_matmul here: {native.why_not()}")
+    other = native.row_matmul(args.against) if args.against else None
+    if args.against and other is None:
+        sys.exit(f"--against {args.against}: {native.why_not()}")
     print(f"host: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     gen = torch.Generator().manual_seed(0)
     pairs = [q4_pair(k, n, kernel, gen) for _ in range(LAYERS) for k, n in LAYER]
@@ -65,7 +68,6 @@ def main():
         "bf16 head, compiled": lambda xs: native_head.times(xs[HIDDEN]),
     }
     if args.against:
-        other = native.RowMatmul(native.build(args.against, extra=("-fopenmp",)))
         kernels[f"q4 layers, {args.against.name}"] = lambda xs: [other.q4(xs[n.in_features], n.nibbles, n.dm) for _, n in pairs]
         kernels[f"bf16 head, {args.against.name}"] = lambda xs: other.bf16(xs[HIDDEN], rows)
     ms = [int(v) for v in args.ms.split(",")]

@@ -200,32 +200,34 @@ class RowMatmul:
 
 
 @functools.cache
-def row_matmul() -> RowMatmul | None:
+def row_matmul(source: Path = MATMUL_SOURCE) -> RowMatmul | None:
     """The compiled row-exact products (needs AVX2, FMA and F16C, and OpenMP), or None
-    (SPECMEMO_NATIVE=0, no compiler, a failed build: `why_not()` says which)."""
+    (SPECMEMO_NATIVE=0, no compiler, a failed build: `why_not()` says which). `source`: another
+    version of row_matmul.c, built alike (bench/row_matmul.py --against)."""
     if os.environ.get("SPECMEMO_NATIVE", "1") == "0":
         _why.append("SPECMEMO_NATIVE=0")
         return None
     try:
-        return RowMatmul(build(MATMUL_SOURCE, extra=("-fopenmp",)))
+        return RowMatmul(build(source, extra=("-fopenmp",)))
     except (RuntimeError, OSError) as e:
         _why.append(str(e))
         return None
 
 
 @functools.cache
-def exact_attention() -> ExactAttention | None:
+def exact_attention(source: Path = SOURCE) -> ExactAttention | None:
     """The compiled exact-attention kernel, or None (SPECMEMO_NATIVE=0, no compiler, a failed
-    build: `why_not()` says which)."""
+    build: `why_not()` says which). `source`: another version of exact_attention.c, built alike
+    (bench/cost_curve.py --against-attention)."""
     if os.environ.get("SPECMEMO_NATIVE", "1") == "0":
         _why.append("SPECMEMO_NATIVE=0")
         return None
     try:
-        return ExactAttention(build(SOURCE, extra=("-fopenmp",)))   # KV heads across torch's threads
+        return ExactAttention(build(source, extra=("-fopenmp",)))   # KV heads across torch's threads
     except (RuntimeError, OSError):
         pass
     try:
-        return ExactAttention(build(SOURCE))   # a compiler without OpenMP: one thread
+        return ExactAttention(build(source))   # a compiler without OpenMP: one thread
     except (RuntimeError, OSError) as e:
         _why.append(str(e))
         return None
@@ -235,5 +237,5 @@ _why: list[str] = []
 
 
 def why_not() -> str | None:
-    """Why exact_attention() returned None, if it did."""
+    """Why exact_attention() or row_matmul() returned None, if one did."""
     return _why[-1] if _why else None
