@@ -41,7 +41,7 @@ from specmemo.models.resolve import resolve  # noqa: E402
 from specmemo.models.text import encode_prompt, stop_ids  # noqa: E402
 from specmemo.profiling.machine import cpu_name  # noqa: E402
 from specmemo.profiling.prompts import load_prompts  # noqa: E402
-from specmemo.training.draft_head import head_vocab, load_corpus, save_corpus, write_corpus  # noqa: E402
+from specmemo.training.draft_head import cached_corpus, head_vocab, step_loss, write_corpus  # noqa: E402
 from specmemo.training.prompts import training_prompts  # noqa: E402
 
 MT_BENCH = ROOT.parent / "shared" / "data" / "mt_bench_questions.jsonl"
@@ -82,14 +82,10 @@ def target_written_prompts(model, tok, count: int, seed: int, batch: int = 16, l
 
 def corpus_for(model, tok, prompts: list[str], max_new: int, batch: int, path: Path) -> list[dict]:
     key = {"prompts": prompts, "max_new": max_new, "layers": [EARLY]}
-    corpus = load_corpus(path, key)
-    if corpus is None:
-        t0 = time.perf_counter()
-        corpus = write_corpus(model, [encode_prompt(tok, p, chat=True) for p in prompts], stop_ids(tok, model),
-                              max_new, batch)
-        save_corpus(path, corpus, key, time.perf_counter() - t0)
-        print(f"{path.name}: {sum(len(c['reply']) for c in corpus)} reply tokens in "
-              f"{time.perf_counter() - t0:.0f} s", flush=True)
+    corpus, seconds, reused = cached_corpus(path, key, lambda: write_corpus(
+        model, [encode_prompt(tok, p, chat=True) for p in prompts], stop_ids(tok, model), max_new, batch))
+    if not reused:
+        print(f"{path.name}: {sum(len(c['reply']) for c in corpus)} reply tokens in {seconds:.0f} s", flush=True)
     return corpus
 
 
@@ -153,42 +149,37 @@ def train(name: str, model, dense, parts: TargetParts, index: torch.Tensor, trai
     if name == "attention":
         module = Attention(dense, dense.layers[-1])
         predict = lambda ex: module(ex["h"], parts.embed(ex["x"]))                    # noqa: E731
-        epochs, lr = 6, 1e-3
-        batches = lambda g: [pad([train_set[i] for i in idx])                          # noqa: E731
-                             for idx in torch.randperm(len(train_set), generator=g).split(2)]
+        epochs, lr, per_step = 6, 1e-3, 2
+        count = len(train_set)
+        batch_of = lambda idx: pad([train_set[i] for i in idx])                         # noqa: E731
     else:
         module = DraftHead(E, model.cfg.intermediate_size, (index >= 0).nonzero()[:, 0])
         if name == "early":
             predict = lambda ex: module.block(ex["early"], ex["h"])                   # noqa: E731
         else:
             predict = lambda ex: module.block(ex["h"], parts.embed(ex["x"]))          # noqa: E731
+        flat = {k: torch.cat([r[k] for r in train_set]) for k in train_set[0]}
         if name == "init":
             last = dense.layers[-1]
             with torch.no_grad():
                 module.gate_up.weight.copy_(last.w_gate_up.float().t())
                 module.down.weight.copy_(last.w_down.float().t())
                 module.norm_m.copy_(last.mlp_norm.float())
-                module.fuse.weight[:, :E].copy_(torch.eye(E) * float(torch.cat([r["h"] for r in train_set]).pow(2)
-                                                                      .mean().sqrt()))
+                module.fuse.weight[:, :E].copy_(torch.eye(E) * float(flat["h"].pow(2).mean().sqrt()))
                 module.fuse.weight[:, E:].mul_(0.1)
-        epochs, lr = 2, 2e-3
-        flat = {k: torch.cat([r[k] for r in train_set]) for k in train_set[0]}
-        batches = lambda g: [{k: v[idx] for k, v in flat.items()}                      # noqa: E731
-                             for idx in torch.randperm(len(flat["x"]), generator=g).split(256) if len(idx) == 256]
+        epochs, lr, per_step = 2, 2e-3, 256
+        count = len(flat["x"])
+        batch_of = lambda idx: {k: v[idx] for k, v in flat.items()}                    # noqa: E731
+    steps = count // per_step if name != "attention" else -(-count // per_step)   # positions: whole batches only
     gen = torch.Generator().manual_seed(seed)
-    plan = [batches(gen) for _ in range(epochs)]
     opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=sum(map(len, plan)), pct_start=0.05)
-    for epoch in plan:
-        for ex in epoch:
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps, pct_start=0.05)
+    for _ in range(epochs):   # each epoch's order drawn as it starts; its batches built one at a time
+        for idx in torch.randperm(count, generator=gen).split(per_step)[:steps]:
+            ex = batch_of(idx)
             valid = ex["next"] >= 0
-            f = predict(ex)[valid]
-            logits, next_h = parts.logits(f), ex["next_h"][valid]
-            with torch.no_grad():
-                target = torch.log_softmax(parts.logits(next_h), -1)
-            ce = F.cross_entropy(logits, index[ex["next"][valid]], ignore_index=-100)
-            kl = F.kl_div(torch.log_softmax(logits, -1), target, log_target=True, reduction="batchmean")
-            loss = 0.5 * ce + 0.5 * kl + (unit_rms(f) - unit_rms(next_h)).pow(2).mean()
+            _, loss = step_loss(parts, predict(ex)[valid], ex["next_h"][valid], index[ex["next"][valid]],
+                                valid[valid], soft=0.5)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)

@@ -34,8 +34,8 @@ from specmemo.models.resolve import resolve  # noqa: E402
 from specmemo.models.text import encode_prompt, stop_ids  # noqa: E402
 from specmemo.profiling.machine import cpu_name  # noqa: E402
 from specmemo.profiling.prompts import load_prompts  # noqa: E402
-from specmemo.training.draft_head import (HeadRecipe, Positions, evaluate, head_vocab, load_corpus,  # noqa: E402
-                                          save_corpus, train_head, write_corpus)
+from specmemo.training.draft_head import (HeadRecipe, Positions, cached_corpus, evaluate, head_vocab,  # noqa: E402
+                                          train_head, write_corpus)
 from specmemo.training.prompts import training_prompts  # noqa: E402
 
 MT_BENCH = ROOT.parent / "shared" / "data" / "mt_bench_questions.jsonl"
@@ -58,14 +58,10 @@ class FusedLayers(nn.Module):
 
 def corpus_for(model, tok, prompts: list[str], max_new: int, batch: int, path: Path) -> list[dict]:
     key = {"prompts": prompts, "max_new": max_new, "layers": list(LAYERS)}
-    corpus = load_corpus(path, key)
-    if corpus is None:
-        t0 = time.perf_counter()
-        corpus = write_corpus(model, [encode_prompt(tok, p, chat=True) for p in prompts], stop_ids(tok, model),
-                              max_new, batch)
-        save_corpus(path, corpus, key)
-        print(f"{path.name}: {sum(len(c['reply']) for c in corpus)} reply tokens in "
-              f"{time.perf_counter() - t0:.0f} s", flush=True)
+    corpus, seconds, reused = cached_corpus(path, key, lambda: write_corpus(
+        model, [encode_prompt(tok, p, chat=True) for p in prompts], stop_ids(tok, model), max_new, batch))
+    if not reused:
+        print(f"{path.name}: {sum(len(c['reply']) for c in corpus)} reply tokens in {seconds:.0f} s", flush=True)
     return corpus
 
 

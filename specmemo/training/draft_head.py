@@ -155,6 +155,19 @@ def load_corpus(path: Path, key: dict) -> list[dict] | None:
     return out
 
 
+def cached_corpus(path: Path, key: dict, write) -> tuple[list[dict], float | None, bool]:
+    """The corpus saved at `path` under `key`, else write() -> corpus, timed and saved there:
+    (corpus, the seconds its writing took, whether it was reused)."""
+    corpus = load_corpus(path, key)
+    if corpus is not None:
+        return corpus, corpus_seconds(path), True
+    t0 = time.perf_counter()
+    corpus = write()
+    seconds = time.perf_counter() - t0
+    save_corpus(path, corpus, key, seconds)
+    return corpus, seconds, False
+
+
 def corpus_seconds(path: Path) -> float | None:
     """How long the saved corpus took to write (None where its file does not say)."""
     from safetensors import safe_open
@@ -189,6 +202,24 @@ class Positions:
         return self.valid[1].nonzero()[:, 0]
 
 
+def step_loss(parts: TargetParts, f: torch.Tensor, next_h: torch.Tensor, label: torch.Tensor, valid: torch.Tensor,
+              soft: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One draft step's loss, averaged over the valid positions: predicted states f [P, E] against
+    the target's next states next_h [P, E] and tokens label [P] (head-vocabulary slots, −100 where
+    absent or invalid); the token part (1 − soft) cross-entropy plus soft × KL to the target's
+    distribution, plus the distance between unit-RMS states. Returns (logits [P, Vh], loss)."""
+    logits = parts.logits(f)                               # [P, Vh]
+    token = F.cross_entropy(logits, label, ignore_index=-100) if bool((label >= 0).any()) else logits.sum() * 0
+    share = valid.float() / valid.sum().clamp(min=1)       # [P]: the mean over valid positions
+    if soft:
+        with torch.no_grad():
+            target = torch.log_softmax(parts.logits(next_h), dim=-1)                # [P, Vh]
+        kl = F.kl_div(torch.log_softmax(logits, dim=-1), target, log_target=True, reduction="none")
+        token = (1 - soft) * token + soft * (kl.sum(-1) * share).sum()
+    reg = ((unit_rms(f) - unit_rms(next_h)).pow(2).mean(-1) * share).sum()
+    return logits, token + reg
+
+
 def head_losses(head: DraftHead, parts: TargetParts, pos: Positions, p: torch.Tensor, index: torch.Tensor,
                 depth: int, soft: float = 0.0, first=None) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
     """Loss over start positions p [P] unrolled `depth` steps, each depth's top-1 hits [P] (False
@@ -203,17 +234,9 @@ def head_losses(head: DraftHead, parts: TargetParts, pos: Positions, p: torch.Te
         valid = pos.valid[d][p]
         q = torch.where(valid, p + d, p)                       # a safe index where the reply ended
         f = head.block(h, parts.embed(x))                      # [P, E]
-        logits = parts.logits(f)                               # [P, Vh]
         label = torch.where(valid, index[pos.R[q]], -100)
-        token = F.cross_entropy(logits, label, ignore_index=-100) if bool((label >= 0).any()) else logits.sum() * 0
-        share = valid.float() / valid.sum().clamp(min=1)       # [P]: the mean over valid positions
-        if soft:
-            with torch.no_grad():
-                target = torch.log_softmax(parts.logits(pos.H[q]), dim=-1)                # [P, Vh]
-            kl = F.kl_div(torch.log_softmax(logits, dim=-1), target, log_target=True, reduction="none")
-            token = (1 - soft) * token + soft * (kl.sum(-1) * share).sum()
-        reg = ((unit_rms(f) - unit_rms(pos.H[q])).pow(2).mean(-1) * share).sum()
-        loss = loss + (token + reg) / d
+        logits, step = step_loss(parts, f, pos.H[q], label, valid, soft)
+        loss = loss + step / d
         hits.append((logits.argmax(-1) == label) & valid)
         depth1 = logits if depth1 is None else depth1
         h, x = f, pos.R[q]
@@ -351,23 +374,22 @@ def run(recipe: HeadRecipe, out: Path, work: Path, console=None) -> dict:
     corpus_path = work / "corpus.safetensors"
     prompts = training_prompts(recipe.prompts, recipe.seed)
     key = corpus_key(recipe, prompts)
-    corpus = load_corpus(corpus_path, key)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                TextColumn("{task.fields[info]}"))
-    reused = corpus is not None
-    if not reused:
+
+    def write() -> list[dict]:
         ids = [encode_prompt(tok, p, chat=True) for p in prompts]
-        t0 = time.perf_counter()
         with Progress(*columns, console=console) as bar:
             task = bar.add_task("target writes replies", total=len(ids), info="")
-            corpus = write_corpus(model, ids, stop_ids(tok, model), recipe.max_new_tokens, recipe.gen_batch,
-                                  progress=lambda n: bar.advance(task, n))
-        gen_seconds = time.perf_counter() - t0
-        save_corpus(corpus_path, corpus, key, gen_seconds)
-        say(f"corpus: {sum(len(c['reply']) for c in corpus)} reply tokens in {gen_seconds:.0f} s -> {corpus_path}")
+            return write_corpus(model, ids, stop_ids(tok, model), recipe.max_new_tokens, recipe.gen_batch,
+                                progress=lambda n: bar.advance(task, n))
+
+    corpus, gen_seconds, reused = cached_corpus(corpus_path, key, write)
+    tokens = sum(len(c["reply"]) for c in corpus)
+    if reused:
+        say(f"corpus: reusing {corpus_path} ({tokens} reply tokens)")
     else:
-        gen_seconds = corpus_seconds(corpus_path)
-        say(f"corpus: reusing {corpus_path} ({sum(len(c['reply']) for c in corpus)} reply tokens)")
+        say(f"corpus: {tokens} reply tokens in {gen_seconds:.0f} s -> {corpus_path}")
     with Progress(*columns, console=console) as bar:
         task = bar.add_task("training the head", total=None, info="")
         head, result = train_head(recipe, model, corpus,
@@ -378,7 +400,7 @@ def run(recipe: HeadRecipe, out: Path, work: Path, console=None) -> dict:
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "corpus_seconds": None if gen_seconds is None else round(gen_seconds, 1), "corpus_reused": reused,
             "total_seconds": round(time.perf_counter() - t_start, 1),
-            "corpus_tokens": sum(len(c["reply"]) for c in corpus), "head_bytes": head.nbytes()}
+            "corpus_tokens": tokens, "head_bytes": head.nbytes()}
     out.parent.mkdir(parents=True, exist_ok=True)
     save_head(out, head, card)
     atomic_write_text(out.with_suffix(".md"), card_markdown(card, len(head.vocab)))
