@@ -12,7 +12,7 @@ import time
 
 from specmemo.decoding.sampling import SamplingConfig
 from specmemo.pipeline import open_pipeline
-from specmemo.profiling.machine import cpu_name
+from specmemo.host import cpu_name
 
 
 def main() -> None:

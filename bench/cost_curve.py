@@ -27,7 +27,7 @@ from specmemo.memory.malloc import tame_glibc_malloc  # noqa: E402
 from specmemo.models import native  # noqa: E402
 from specmemo.models.resolve import resolve  # noqa: E402
 from specmemo.profiling.cost_curve import cost_curve, forward_times  # noqa: E402
-from specmemo.profiling.machine import cpu_name  # noqa: E402
+from specmemo.host import cpu_name  # noqa: E402
 
 
 def main():

@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 from specmemo.models import native  # noqa: E402
 from specmemo.models.native import Rows  # noqa: E402
-from specmemo.profiling.machine import cpu_name  # noqa: E402
+from specmemo.host import cpu_name  # noqa: E402
 
 Hkv, G, D = 3, 3, 64
 SCALE = D ** -0.5

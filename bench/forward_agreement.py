@@ -18,6 +18,7 @@ sys.path.insert(0, str(ROOT))
 
 from specmemo.budget.fit import fit  # noqa: E402
 from specmemo.memory.allocator import allocate_target  # noqa: E402
+from specmemo.budget.devices import load_device  # noqa: E402
 from specmemo.models.load import load_model  # noqa: E402
 from specmemo.models.resolve import resolve  # noqa: E402
 from specmemo.models.text import encode_prompt  # noqa: E402
@@ -35,7 +36,7 @@ def main():
     args = ap.parse_args()
     ref = resolve("smollm2-135m-instruct")
     hf = load_model(ref, args.dtype, forward="transformers")
-    ours = load_model(ref, args.dtype, with_tokenizer=False, forward="specmemo").model
+    ours = load_model(ref, args.dtype, with_tokenizer=False, forward="specmemo", kernels=load_device("cpu").kernels).model
     tok = hf.tokenizer
     convs = load_prompts(args.prompts, args.limit)
     positions = agree = 0

@@ -83,7 +83,8 @@ def specmemo_engines(case: dict, device: str, used0: int | None) -> dict:
     from specmemo.decoding.events import collect
     from specmemo.decoding.sampling import SamplingConfig
     from specmemo.errors import BudgetExceeded
-    from specmemo.models.load import LoadedModel, own_from_transformers, wrap
+    from specmemo.models.load import LoadedModel, wrap
+    from specmemo.models.load_safetensors import own_from_transformers
     from specmemo.models.resolve import resolve
     from specmemo.models.synthetic import random_model
     from specmemo.budget.plan import GRAPH_ROWS

@@ -16,7 +16,7 @@ from gpu_check import hf_config  # noqa: E402
 from specmemo.budget.plan import PlanRequest, make_plan  # noqa: E402
 from specmemo.memory import allocator  # noqa: E402
 from specmemo.models import graphs  # noqa: E402
-from specmemo.models.load import own_from_transformers  # noqa: E402
+from specmemo.models.load_safetensors import own_from_transformers  # noqa: E402
 from specmemo.models.resolve import resolve  # noqa: E402
 from specmemo.models.synthetic import random_model  # noqa: E402
 

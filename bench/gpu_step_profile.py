@@ -24,7 +24,7 @@ def main():
     from specmemo.budget.plan import PlanRequest, make_plan
     from specmemo.memory import allocator
     from specmemo.memory.attention import causal_mask
-    from specmemo.models.load import own_from_transformers
+    from specmemo.models.load_safetensors import own_from_transformers
     from specmemo.models.synthetic import random_model
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

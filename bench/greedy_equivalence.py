@@ -18,6 +18,7 @@ sys.path.insert(0, str(ROOT))
 from specmemo.budget.fit import fit  # noqa: E402
 from specmemo.decoding.events import collect  # noqa: E402
 from specmemo.decoding.sampling import SamplingConfig  # noqa: E402
+from specmemo.budget.devices import load_device  # noqa: E402
 from specmemo.models.load import load_model  # noqa: E402
 from specmemo.models.resolve import resolve  # noqa: E402
 from specmemo.models.synthetic import llama_config, save_random_model  # noqa: E402
@@ -37,7 +38,7 @@ def check_greedy_equivalence(prompts_file, limit, max_new: int, workdir: Path, p
                              dtype: str = "fp32") -> dict:
     """Returns {drafter: {prompts, identical, new_tokens, drafted, accepted, mismatches}}."""
     target_ref = resolve(TARGET)
-    target = load_model(target_ref, dtype, fast_layout=True)
+    target = load_model(target_ref, dtype, fast_layout=True, kernels=load_device("cpu").kernels)
     random_dir = save_random_model(llama_config(target_ref.arch.vocab_size), workdir / "random-draft", seed=1)
     drafts = {
         "none": ("none", None, None),
@@ -50,7 +51,7 @@ def check_greedy_equivalence(prompts_file, limit, max_new: int, workdir: Path, p
     context = max(len(p) for p in prompts) + max_new
     engines = {}
     for name, (kind, ref, dtype) in drafts.items():
-        draft = load_model(ref, dtype, with_tokenizer=False, fast_layout=True) if ref else None
+        draft = load_model(ref, dtype, with_tokenizer=False, fast_layout=True, kernels=load_device("cpu").kernels) if ref else None
         report = fit(target_ref.arch, ref.arch if ref else None, kind, budget=1 << 40, context=context, dtype=dtype,
                      draft_dtype=dtype, sampling=False)
         engines[name] = assemble(report, target, draft, SamplingConfig()).engine

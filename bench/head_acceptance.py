@@ -22,10 +22,11 @@ sys.path.insert(0, str(ROOT))
 
 from specmemo.memory.malloc import tame_glibc_malloc  # noqa: E402
 from specmemo.models.draft_head import TargetParts, load_head  # noqa: E402
+from specmemo.budget.devices import load_device  # noqa: E402
 from specmemo.models.load import load_model  # noqa: E402
 from specmemo.models.resolve import resolve, shipped_head  # noqa: E402
 from specmemo.models.text import encode_prompt, stop_ids  # noqa: E402
-from specmemo.profiling.machine import cpu_name  # noqa: E402
+from specmemo.host import cpu_name  # noqa: E402
 from specmemo.profiling.prompts import load_prompts  # noqa: E402
 from specmemo.training.draft_head import Positions, evaluate, write_corpus  # noqa: E402
 
@@ -42,7 +43,7 @@ def main():
     ap.add_argument("--reply-tokens", type=int, default=128)
     args = ap.parse_args()
     tame_glibc_malloc()
-    loaded = load_model(resolve(args.target), args.dtype, forward="specmemo")
+    loaded = load_model(resolve(args.target), args.dtype, forward="specmemo", kernels=load_device("cpu").kernels)
     model, tok = loaded.model, loaded.tokenizer
     head, card = load_head(Path(args.head) if args.head else shipped_head(args.target))
     convs = load_prompts(args.prompts, args.limit)

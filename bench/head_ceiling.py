@@ -36,10 +36,11 @@ sys.path.insert(0, str(ROOT))
 from specmemo.memory.kvstore import KVShape, KVStore  # noqa: E402
 from specmemo.memory.malloc import tame_glibc_malloc  # noqa: E402
 from specmemo.models.draft_head import DraftHead, TargetParts, unit_rms  # noqa: E402
+from specmemo.budget.devices import load_device  # noqa: E402
 from specmemo.models.load import load_model  # noqa: E402
 from specmemo.models.resolve import resolve  # noqa: E402
 from specmemo.models.text import encode_prompt, stop_ids  # noqa: E402
-from specmemo.profiling.machine import cpu_name  # noqa: E402
+from specmemo.host import cpu_name  # noqa: E402
 from specmemo.profiling.prompts import load_prompts  # noqa: E402
 from specmemo.training.draft_head import cached_corpus, head_vocab, step_loss, write_corpus  # noqa: E402
 from specmemo.training.prompts import training_prompts  # noqa: E402
@@ -215,7 +216,7 @@ def main():
     if not Path(args.mt_bench).is_file():
         ap.error(f"{args.mt_bench}: no such file (MT-Bench questions, evaluation only)")
     tame_glibc_malloc()
-    loaded = load_model(resolve("smollm2-135m-instruct"), "q4", forward="specmemo")
+    loaded = load_model(resolve("smollm2-135m-instruct"), "q4", forward="specmemo", kernels=load_device("cpu").kernels)
     model, tok = loaded.model, loaded.tokenizer
     model.feature_layers = (EARLY,)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -242,7 +243,7 @@ def main():
     for name in variants:
         t0 = time.perf_counter()
         if name in ("init", "attention") and dense is None:
-            dense = load_model(resolve("smollm2-135m-instruct"), "fp32", forward="specmemo").model
+            dense = load_model(resolve("smollm2-135m-instruct"), "fp32", forward="specmemo", kernels=load_device("cpu").kernels).model
         predict = train(name, model, dense, parts, index, train_set, args.seed)
         print(json.dumps({"variant": name, "mt_bench_first": acceptance(predict, parts, index, mt_set),
                           "trained_on_first": acceptance(predict, parts, index, train_set[:80]),

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from specmemo.models.quant import PackedMatrix  # noqa: E402
-from specmemo.profiling.machine import cpu_name  # noqa: E402
+from specmemo.host import cpu_name  # noqa: E402
 
 
 def timed(multiply, x, repeats: int) -> str:

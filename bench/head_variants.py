@@ -29,10 +29,11 @@ sys.path.insert(0, str(ROOT))
 
 from specmemo.memory.malloc import tame_glibc_malloc  # noqa: E402
 from specmemo.models.draft_head import TargetParts, unit_rms  # noqa: E402
+from specmemo.budget.devices import load_device  # noqa: E402
 from specmemo.models.load import load_model  # noqa: E402
 from specmemo.models.resolve import resolve  # noqa: E402
 from specmemo.models.text import encode_prompt, stop_ids  # noqa: E402
-from specmemo.profiling.machine import cpu_name  # noqa: E402
+from specmemo.host import cpu_name  # noqa: E402
 from specmemo.profiling.prompts import load_prompts  # noqa: E402
 from specmemo.training.draft_head import (HeadRecipe, Positions, cached_corpus, evaluate, head_vocab,  # noqa: E402
                                           train_head, write_corpus)
@@ -81,7 +82,7 @@ def main():
         ap.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     tame_glibc_malloc()
     recipe = replace(HeadRecipe(), prompts=args.prompts, holdout=min(100, args.prompts // 5), epochs=args.epochs)
-    model_loaded = load_model(resolve(recipe.target), recipe.dtype, forward="specmemo")
+    model_loaded = load_model(resolve(recipe.target), recipe.dtype, forward="specmemo", kernels=load_device("cpu").kernels)
     model, tok = model_loaded.model, model_loaded.tokenizer
     model.feature_layers = LAYERS
     args.work.mkdir(parents=True, exist_ok=True)

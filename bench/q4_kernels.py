@@ -19,7 +19,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from specmemo.profiling.machine import cpu_name  # noqa: E402
+from specmemo.host import cpu_name  # noqa: E402
 
 # (in, out) of one layer's four matmuls in decoding layout (q/k/v fused, gate/up fused), and the LM head.
 LAYER = [(576, 576 + 2 * 192), (576, 576), (576, 2 * 1536), (1536, 576)]

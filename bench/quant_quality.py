@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from specmemo.budget.fit import fit  # noqa: E402
 from specmemo.memory.allocator import allocate_target  # noqa: E402
+from specmemo.budget.devices import load_device  # noqa: E402
 from specmemo.models.load import load_model  # noqa: E402
 from specmemo.models.quant import q8_dequantize, q8_groups  # noqa: E402
 from specmemo.models.resolve import resolve  # noqa: E402
@@ -85,10 +86,10 @@ def main():
     ap.add_argument("--prompts", default=str(MT_BENCH) if MT_BENCH.exists() else None)
     args = ap.parse_args()
     ref_model = resolve("smollm2-135m-instruct")
-    fp32 = load_model(ref_model, "fp32", forward="specmemo")
+    fp32 = load_model(ref_model, "fp32", forward="specmemo", kernels=load_device("cpu").kernels)
     tok, arch = fp32.tokenizer, ref_model.arch
-    candidates = {"q4": load_model(ref_model, "q4", with_tokenizer=False).model,
-                  "bf16": load_model(ref_model, "bf16", with_tokenizer=False, forward="specmemo").model,
+    candidates = {"q4": load_model(ref_model, "q4", with_tokenizer=False, kernels=load_device("cpu").kernels).model,
+                  "bf16": load_model(ref_model, "bf16", with_tokenizer=False, forward="specmemo", kernels=load_device("cpu").kernels).model,
                   "q8": rounded(fp32.model, lambda w: q8_dequantize(*q8_groups(w))),
                   "Q8_0": rounded(fp32.model, q8_0)}
     stops = stop_ids(tok, fp32.model)

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from specmemo.models import native  # noqa: E402
 from specmemo.models.quant import Int4Weight, NativeHead, NativeQ4  # noqa: E402
-from specmemo.profiling.machine import cpu_name  # noqa: E402
+from specmemo.host import cpu_name  # noqa: E402
 
 LAYER = [(576, 576 + 2 * 192), (576, 576), (576, 2 * 1536), (1536, 576)]   # (in, out): qkv, o, gate_up, down
 LAYERS, VOCAB, HIDDEN = 30, 49152, 576

@@ -18,7 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from specmemo.profiling.machine import cpu_name  # noqa: E402
+from specmemo.host import cpu_name  # noqa: E402
 
 E, I, QKV, V, LAYERS = 576, 1536, 576 + 2 * 192, 49152, 30
 SHAPES = [(E, QKV), (E, E), (E, 2 * I), (I, E)] * LAYERS + [(E, V)]   # (in, out)

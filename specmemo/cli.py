@@ -64,7 +64,7 @@ def domain_errors(fn):
 @app.command()
 @domain_errors
 def plan(
-    target: TargetOpt,
+    target: TargetOpt = "smollm2-135m-instruct",
     draft: DraftOpt = "auto",
     device: DeviceOpt = "cpu",
     budget: BudgetOpt = None,
@@ -84,17 +84,12 @@ def plan(
     Exits 0 when the request fits, 3 when it does not (2: a usage error). A plan the engine cannot
     run yet (a batch drafting with a model, q8, int8/fp8) is still planned, and marked "not runnable yet".
     """
-    from specmemo.budget.devices import load_device
-    from specmemo.budget.fit import fit
     from specmemo.budget.units import parse_size
-    from specmemo.models.resolve import resolve_pair
-    from specmemo.pipeline import default_weights
+    from specmemo.models.resolve import plan_pair, resolve_pair
     from specmemo.render.plan_table import render_plan
 
-    t, d, drafter = resolve_pair(target, draft)
-    dtype, draft_dtype = default_weights(load_device(device), t, d, dtype, draft_dtype)  # as generate and chat do
-    report = fit(
-        t.arch, d.arch if d else None, drafter, device=device, budget=parse_size(budget) if budget else None,
+    report = plan_pair(
+        resolve_pair(target, draft), device=device, budget=parse_size(budget) if budget else None,
         context=context, draft_len=draft_len, draft_window=draft_window, dtype=dtype, kv_dtype=kv_dtype,
         draft_dtype=draft_dtype, batch=batch,
     )
@@ -293,17 +288,17 @@ def profile(
     token limits; outputs are compared token for token with hf-ar (with --batch: with the same
     engine at batch 1).
     """
-    from specmemo.budget.devices import load_device
+    from specmemo.budget.devices import default_weights, load_device
     from specmemo.budget.units import parse_size
     from specmemo.budget.footprint import dtype_bytes
     from specmemo.models.resolve import resolve_pair
-    from specmemo.pipeline import default_weights
     from specmemo.profiling.run import profile as run_profile
 
     if max_new_tokens < 1:
         raise typer.BadParameter("--max-new-tokens must be ≥ 1")
     t, d, _ = resolve_pair(target, draft)
-    dtype, draft_dtype = default_weights(load_device("cpu"), t, d, dtype, draft_dtype)   # as chat and generate do
+    dtype, draft_dtype = default_weights(load_device("cpu"), t.packed_q4, d.packed_q4 if d else None, dtype,
+                                         draft_dtype)   # as chat and generate do
     dtype = dtype or "fp32"
     for name in (dtype, kv_dtype, draft_dtype):   # a bad name fails here (as in plan), not in an engine's process
         if name is not None:

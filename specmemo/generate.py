@@ -188,15 +188,11 @@ def largest_batch(refs, *, context: int, budget: int | None, device: str, dtype:
                   kv_dtype: str | None, draft_len: int | None, sampling: bool, cap: int) -> int:
     """--batch's default: the most rows (≤ cap) whose plan fits the budget at this context.
     refs: the resolved (target, draft, drafter) of a batch (batch_pair)."""
-    from specmemo.budget.devices import load_device
-    from specmemo.budget.fit import fit
-    from specmemo.pipeline import default_weights
+    from specmemo.models.resolve import plan_pair
 
-    t_ref, d_ref, drafter = refs
-    dtype, _ = default_weights(load_device(device), t_ref, d_ref, dtype, None)
     for batch in range(cap, 0, -1):
-        report = fit(t_ref.arch, None, drafter, device=device, budget=budget, context=context, dtype=dtype,
-                     kv_dtype=kv_dtype, draft_len=draft_len, batch=batch, sampling=sampling)
+        report = plan_pair(refs, device=device, budget=budget, context=context, dtype=dtype, kv_dtype=kv_dtype,
+                           draft_len=draft_len, batch=batch, sampling=sampling)
         if report.fits:
             return batch
     return 1

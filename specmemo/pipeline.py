@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-from specmemo.budget.devices import default_dtype, load_device
-from specmemo.budget.fit import PlanReport, fit
-from specmemo.budget.plan import DEFAULT_PREFILL_CHUNK
+from specmemo.budget.devices import load_device
+from specmemo.budget.fit import PlanReport
+from specmemo.budget.plan import DEFAULT_PREFILL_CHUNK, HEAD_DRAFTERS
 from specmemo.decoding.batch import BatchEngine
 from specmemo.decoding.drafters import HeadDrafter, LookupHeadDrafter, ModelDrafter, NgramDrafter, NoDrafter
 from specmemo.decoding.engine import Engine
@@ -20,8 +20,8 @@ from specmemo.errors import BadInput, BudgetExceeded, UnknownDevice
 from specmemo.memory import allocator
 from specmemo.memory.malloc import tame_glibc_malloc
 from specmemo.memory.measure import PeakMeter
-from specmemo.models.load import LoadedModel, check_architecture, load_model, runs_packed, torch_dtype
-from specmemo.models.resolve import HEAD_DRAFTERS, resolve_pair
+from specmemo.models.load import LoadedModel, check_architecture, load_model, torch_dtype
+from specmemo.models.resolve import plan_pair, resolve_pair
 
 
 @dataclass
@@ -55,19 +55,6 @@ def cap_cuda_memory(report: PlanReport) -> None:
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(
         cuda_cap_fraction(report.budget_bytes, report.device.overhead_bytes, total), 0)
-
-
-def default_weights(dev, t_ref, d_ref, dtype: str | None, draft_dtype: str | None) -> tuple[str | None, str | None]:
-    """The dtypes to run when none is asked for: q4 for a 4-bit GGUF target where the device
-    profile measured packed 4-bit faster than dense (bench/q4_kernels.py); a draft that cannot run
-    packed then gets the device's dense default where q4 runs (a CPU; elsewhere q4 is planned
-    only, and the draft is planned in the target's format). None: the device's default. `plan`,
-    `generate` and `chat` all decide here."""
-    if dtype is None and dev.packed_q4 and runs_packed(t_ref):
-        dtype = "q4"
-    if draft_dtype is None and d_ref is not None and dtype == "q4" and dev.kind == "cpu" and not runs_packed(d_ref):
-        draft_dtype = default_dtype(dev.kind)
-    return dtype, draft_dtype
 
 
 def step_forward(model: LoadedModel, cuda_graphs: bool, verify_tokens: int | None = None):
@@ -170,13 +157,11 @@ def open_pipeline(target: str, draft: str, *, device: str = "cpu", budget: int |
         raise BadInput(f"--forward must be auto, specmemo or transformers, got {forward!r}")
     if kind == "cpu":
         tame_glibc_malloc()
-    t_ref, d_ref, drafter = refs or resolve_pair(target, draft)
-    dtype, draft_dtype = default_weights(dev, t_ref, d_ref, dtype, draft_dtype)
-    report = fit(t_ref.arch, d_ref.arch if d_ref else None, drafter, device=profile, budget=budget,
-                 context=context, draft_len=draft_len, draft_window=draft_window, dtype=dtype, kv_dtype=kv_dtype,
-                 draft_dtype=draft_dtype, prefill_chunk=prefill_chunk, sampling=not sampling.greedy, shrink=True,
-                 batch=batch or 1,
-                 baseline_bytes=meter.current() if kind == "cpu" else None)
+    t_ref, d_ref, drafter = refs = refs or resolve_pair(target, draft)
+    report = plan_pair(refs, device=profile, budget=budget, context=context, draft_len=draft_len,
+                       draft_window=draft_window, dtype=dtype, kv_dtype=kv_dtype, draft_dtype=draft_dtype,
+                       prefill_chunk=prefill_chunk, sampling=not sampling.greedy, shrink=True, batch=batch or 1,
+                       baseline_bytes=meter.current() if kind == "cpu" else None)
     if report.plan.request.context < min_context:
         raise BudgetExceeded(f"the budget holds only {report.plan.request.context} tokens of context; "
                              f"this request needs {min_context}", plan=report.plan)
@@ -191,14 +176,14 @@ def open_pipeline(target: str, draft: str, *, device: str = "cpu", budget: int |
     meter.start()
     req = report.plan.request
     t = load_model(t_ref, req.dtype, kind, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                   with_tokenizer=tokenizer is None, fast_layout=True, forward=forward)
+                   with_tokenizer=tokenizer is None, fast_layout=True, forward=forward, kernels=dev.kernels)
     if tokenizer is not None:
         t.tokenizer = tokenizer
     d = None
     if d_ref is not None:
         # A draft directory need not carry tokenizer files: its vocabulary size was checked.
         d = load_model(d_ref, req.ddtype, kind, with_tokenizer=False, allow_pickle=allow_pickle,
-                       trust_remote_code=trust_remote_code, fast_layout=True, forward=forward)
+                       trust_remote_code=trust_remote_code, fast_layout=True, forward=forward, kernels=dev.kernels)
     head = running_head(t, t.device, report.drafter) if report.drafter in HEAD_DRAFTERS else None
     return assemble(report, t, d, sampling, preload_bytes=meter.baseline, load_peak_bytes=meter.above_baseline(),
                     cuda_graphs=cuda_graphs, batched=batch is not None, head=head)

@@ -43,10 +43,13 @@ def test_piped_turns_are_answered_and_turn_two_prefills_only_its_new_tokens(tmp_
         assert key in turns[0]
     assert turns[0]["forward"] == "specmemo"
     # q4 runs bf16 activations: exact attention through the compiled kernel where this machine builds it
+    from specmemo.budget.devices import load_device
     from specmemo.models import native, quant
 
+    here = load_device("cpu").kernels
     assert turns[0]["attention"] == ("native" if native.exact_attention() else "torch")
-    assert turns[0]["products"] == ("compiled" if quant.native_kernels("q4") or quant.native_kernels("head") else "torch")
+    assert turns[0]["products"] == ("compiled" if quant.native_kernels("q4", here) or quant.native_kernels("head", here)
+                                    else "torch")
     # Turn 2 feeds: the token left pending at the end of turn 1, then the template's closing of
     # the reply plus the new user message and generation prompt. Nothing of turn 1 again.
     tok = load_tokenizer(resolve("smollm2-135m-instruct"))

@@ -55,9 +55,11 @@ def test_json_output_has_every_field_and_ngram_equals_plain():
     assert out["dtype"] == "q4" and out["weights_bytes"] == 123_048_576 + 128
     assert out["forward"] == "specmemo"  # the Llama family runs on our own decoder
     assert out["attention"] in ("native", "torch")   # q4: bf16 activations attend exactly, one of two ways
+    from specmemo.budget.devices import load_device
     from specmemo.models.quant import native_kernels
 
-    assert out["products"] == ("compiled" if native_kernels("q4") or native_kernels("head") else "torch")
+    here = load_device("cpu").kernels
+    assert out["products"] == ("compiled" if native_kernels("q4", here) or native_kernels("head", here) else "torch")
     assert 0 < out["generation_peak_bytes"]
 
 
@@ -119,10 +121,12 @@ def test_the_shipped_draft_head_drafts_and_leaves_the_output_unchanged(tmp_path)
     # fp32 by this CPU): drafting adds only its activations to what generation holds, well under the
     # head's own bytes, and stays within the plan.
     from specmemo.budget.footprint import draft_head_bytes
+    from specmemo.budget.devices import load_device
     from specmemo.models.quant import draft_head_weights
     from specmemo.models.resolve import head_file, head_header
 
-    head_bytes = draft_head_bytes(*head_header(head_file("smollm2-135m-instruct"))[0], draft_head_weights())
+    head_bytes = draft_head_bytes(*head_header(head_file("smollm2-135m-instruct"))[0],
+                                  draft_head_weights(load_device("cpu").kernels))
     assert head["generation_peak_bytes"] - runs["none"]["generation_peak_bytes"] < 0.75 * head_bytes
     assert head["generation_peak_bytes"] <= head["predicted_generation_bytes"]
     assert head["process_peak_bytes"] <= head["plan_total_bytes"]

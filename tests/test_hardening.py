@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from specmemo.budget.devices import nvml_index
+from specmemo.host import nvml_index
 from specmemo.errors import BadInput
 from specmemo.pipeline import cuda_cap_fraction
 from tests.tiny import VOCAB, make_engine, run, tiny_llama

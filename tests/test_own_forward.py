@@ -220,5 +220,7 @@ def test_a_half_precision_verification_rounds_each_row_as_a_one_token_step(dtype
     for kind, w in kinds.items():
         for rows in range(2, 14):
             x = torch.randn(1, rows, w.shape[0], generator=torch.Generator().manual_seed(rows)).to(dtype)
-            alone = torch.cat([own.product(x[:, i : i + 1], w, kind) for i in range(rows)], dim=1)
+            # Alone as a one-token step has it: a tensor of its own (a slice keeps the wide one's strides).
+            alone = torch.cat([own.product(x[:, i : i + 1].clone(memory_format=torch.contiguous_format), w, kind)
+                               for i in range(rows)], dim=1)
             assert torch.equal(own.product(x, w, kind), alone), (kind, rows)

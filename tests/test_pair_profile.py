@@ -49,7 +49,7 @@ def test_a_measured_cost_curve_lowers_the_prediction_and_names_its_source(tmp_pa
     device = json.loads(cli(*args).stdout)
     assert device["cost_curve_source"].startswith("device profile (q4") and device["cost_curve"][0] == 1.0
     steep = [1.0, 1.2, 1.4, 1.6, 1.9, 2.1, 2.3, 2.5, 2.7, 2.9, 3.1, 3.3, 3.5, 3.7, 3.9, 4.1]
-    from specmemo.profiling.machine import cpu_name
+    from specmemo.host import cpu_name
 
     save_pair_profile("smollm2-135m-instruct", "ngram", runs, "q4", steep, cpu_name())
     measured = json.loads(cli(*args).stdout)
@@ -179,7 +179,7 @@ def test_a_lookup_then_head_run_saves_both_parts_and_plan_predicts_from_them(tmp
 
 def other_class_host() -> str:
     """A host as profiles name them, of another kernel class than this machine's."""
-    from specmemo.profiling.machine import cpu_class
+    from specmemo.host import cpu_class
 
     return "Some CPU (family 1 model 1; AVX2)" if cpu_class() != "avx2" else \
         "Some CPU (family 1 model 1; AVX2, AVX-512, AVX512-BF16)"
@@ -201,7 +201,7 @@ def test_costs_measured_on_another_cpu_class_are_not_used_here(tmp_path, monkeyp
     assert "acceptance only" in got["speedup_source"]
     # auto ignores a speedup measured elsewhere: a head that measured 9× on another CPU but accepts
     # 1% of its drafts loses to lookup measured on this machine's class (any host of it).
-    from specmemo.profiling.machine import cpu_name
+    from specmemo.host import cpu_name
 
     (pairs / "smollm2-135m-instruct__head.toml").write_text("alpha = 0.01\nranks = [0.01]\nspeedup = 9.0\n" + elsewhere)
     (pairs / "smollm2-135m-instruct__ngram.toml").write_text(f'alpha = 0.5\nspeedup = 1.1\nhost = "{cpu_name()}"\n')
@@ -216,7 +216,7 @@ def test_costs_measured_on_another_cpu_class_are_not_used_here(tmp_path, monkeyp
 
 def test_the_device_profile_gives_the_cost_curve_of_this_cpus_class(tmp_path, monkeypatch):
     from specmemo.budget.devices import load_device
-    from specmemo.profiling.machine import cpu_class
+    from specmemo.host import cpu_class
 
     profiles = copy_profiles(tmp_path, monkeypatch)
     cpu = profiles / "devices" / "cpu.toml"
@@ -227,7 +227,7 @@ def test_the_device_profile_gives_the_cost_curve_of_this_cpus_class(tmp_path, mo
     cpu.write_text(text)
     dev = load_device("cpu")
     assert dev.cost_curve("q4")[1] > 1.0 and f"measured on {other} CPUs" in dev.curve_source("q4")
-    assert dev.draft_head_weights == ""
+    assert dev.kernels.draft_head_weights == ""
     # A table for this machine's class overrides the profile's keys: its curves, its head's weights.
     cpu.write_text(text + f'\n[classes.{here}]\ncost_curve_q4 = [1.0, 1.5, 2.5]\ndraft_head_weights = "int8"\n'
                           'packed_head = false\n')
@@ -236,4 +236,4 @@ def test_the_device_profile_gives_the_cost_curve_of_this_cpus_class(tmp_path, mo
     assert dev.cost_curve("fp32") == ()          # measured for the other class only
     from specmemo.models.quant import draft_head_weights
 
-    assert dev.draft_head_weights == "int8" and draft_head_weights() == "int8"
+    assert dev.kernels.draft_head_weights == "int8" and draft_head_weights(dev.kernels) == "int8"

@@ -15,11 +15,13 @@ from pathlib import Path
 from specmemo.budget.arch import Arch
 from specmemo.budget.plan import PlanRequest, make_plan
 from specmemo.memory.allocator import allocate_target
+from specmemo.budget.devices import load_device
 from specmemo.models.llama import LlamaConfig, LlamaModel
 from specmemo.models.quant import Int4Weight, q4_blocks, q8_dequantize, q8_groups, rope_rows
 
 Q = gguf.GGMLQuantizationType
 ROOT = Path(__file__).resolve().parent.parent
+HERE = load_device("cpu").kernels   # this machine's kernel choices, as a command decides them
 CONFIG = {"model_type": "llama", "vocab_size": 96, "hidden_size": 64, "intermediate_size": 128,
           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
           "rope_theta": 10000.0, "tie_word_embeddings": True, "max_position_embeddings": 256}
@@ -151,7 +153,7 @@ def logits_of(model, ids):
 
 @pytest.mark.parametrize("kind", [Q.Q4_0, Q.Q4_1])
 def test_a_packed_gguf_runs_like_its_dequantized_weights(tmp_path, kind):
-    from specmemo.models.load import load_gguf_q4
+    from specmemo.models.load_gguf import load_gguf_q4
 
     hf = write_tiny_gguf(tmp_path / "tiny.gguf", kind)
     packed = load_gguf_q4(str(tmp_path / "tiny.gguf"), CONFIG, torch.float32)
@@ -166,17 +168,17 @@ def test_a_packed_gguf_runs_like_its_dequantized_weights(tmp_path, kind):
 
 
 def test_a_packed_head_and_file_read_embedding_give_the_dense_heads_logits_bit_for_bit(tmp_path, monkeypatch):
-    import specmemo.models.load as load
+    import dataclasses
+
+    from specmemo.models.load_gguf import load_gguf_q4
     from specmemo.models.quant import PackedMatrix, packs
 
-    if not packs(torch.bfloat16, "head"):
+    if not packs(torch.bfloat16, "head", HERE):
         pytest.skip("this machine does not pack a bf16 head (device profile or oneDNN)")
     write_tiny_gguf(tmp_path / "tiny.gguf")
-    packed = load.load_gguf_q4(str(tmp_path / "tiny.gguf"), CONFIG, torch.bfloat16)
-    import specmemo.models.quant as quant
-
-    monkeypatch.setattr(quant, "packs", lambda dtype, what: False)   # what load_gguf_q4 asks
-    dense = load.load_gguf_q4(str(tmp_path / "tiny.gguf"), CONFIG, torch.bfloat16)
+    packed = load_gguf_q4(str(tmp_path / "tiny.gguf"), CONFIG, torch.bfloat16, HERE)
+    dense = load_gguf_q4(str(tmp_path / "tiny.gguf"), CONFIG, torch.bfloat16,
+                         dataclasses.replace(HERE, packed_head=False))
     assert isinstance(packed.head, PackedMatrix) and packed.embed is packed.head
     assert isinstance(dense.head, torch.Tensor)
     assert packed.nbytes() == dense.nbytes()                 # same bytes, another layout; no embedding copy
@@ -188,7 +190,7 @@ def test_a_packed_head_and_file_read_embedding_give_the_dense_heads_logits_bit_f
 
 
 def test_layer_matrices_of_another_type_are_dequantized_with_one_warning(tmp_path, capfd):
-    from specmemo.models.load import load_gguf_q4
+    from specmemo.models.load_gguf import load_gguf_q4
 
     hf = write_tiny_gguf(tmp_path / "q8.gguf", Q.Q8_0)
     model = load_gguf_q4(str(tmp_path / "q8.gguf"), CONFIG, torch.float32)
@@ -201,7 +203,7 @@ def test_layer_matrices_of_another_type_are_dequantized_with_one_warning(tmp_pat
 
 def test_a_tensor_type_that_cannot_load_is_refused_naming_it(tmp_path):
     from specmemo.errors import UnknownModel
-    from specmemo.models.load import load_gguf_q4
+    from specmemo.models.load_gguf import load_gguf_q4
 
     write_tiny_gguf(tmp_path / "f64.gguf", f64_norm=True)
     with pytest.raises(UnknownModel, match="tensor blk.1.ffn_norm.weight has type F64, which specmemo cannot load"):
@@ -210,7 +212,7 @@ def test_a_tensor_type_that_cannot_load_is_refused_naming_it(tmp_path):
 
 def test_a_gguf_of_another_architecture_is_refused_in_one_line(tmp_path):
     from specmemo.errors import UnknownModel
-    from specmemo.models.load import load_gguf_q4
+    from specmemo.models.load_gguf import load_gguf_q4
 
     write_tiny_gguf(tmp_path / "other.gguf", arch="qwen2")
     with pytest.raises(UnknownModel, match="packed q4 runs GGUF architecture 'llama', not 'qwen2'"):
@@ -262,7 +264,7 @@ def test_greedy_speculation_on_packed_weights_equals_plain_decoding(tmp_path, dr
     from specmemo.decoding.events import collect
     from specmemo.decoding.sampling import SamplingConfig
     from specmemo.memory.allocator import allocate_draft
-    from specmemo.models.load import load_gguf_q4
+    from specmemo.models.load_gguf import load_gguf_q4
 
     write_tiny_gguf(tmp_path / "t.gguf", Q.Q4_1)
     model = load_gguf_q4(str(tmp_path / "t.gguf"), CONFIG, torch.bfloat16)
@@ -319,20 +321,22 @@ def test_bf16_layers_and_head_packed_for_onednn_give_the_dense_models_logits_bit
 
     import transformers
 
+    import dataclasses
+
     import specmemo.models.quant as quant
     from specmemo.memory.kvstore import KVShape, KVStore
-    from specmemo.models.load import load_llama
+    from specmemo.models.load_safetensors import load_llama
 
-    if not quant.packs(torch.bfloat16, "layers"):
+    if not quant.packs(torch.bfloat16, "layers", HERE):
         pytest.skip("this machine does not pack bf16 layers (device profile or oneDNN)")
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=192, intermediate_size=1536, num_hidden_layers=2,
                                    num_attention_heads=3, num_key_value_heads=1, tie_word_embeddings=True)
     transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m", safe_serialization=True)
     config = json.loads((tmp_path / "m" / "config.json").read_text())
-    packed = load_llama(str(tmp_path / "m"), config, torch.bfloat16)
-    monkeypatch.setattr(quant, "packs", lambda dtype, what: False)
-    dense = load_llama(str(tmp_path / "m"), config, torch.bfloat16)
+    packed = load_llama(str(tmp_path / "m"), config, torch.bfloat16, "cpu", HERE)
+    dense = load_llama(str(tmp_path / "m"), config, torch.bfloat16, "cpu",
+                       dataclasses.replace(HERE, packed_head=False, packed_layers=()))
     assert all(isinstance(w, quant.PackedMatrix) for w in (packed.layers[0].w_qkv, packed.layers[1].w_gate_up))
     assert isinstance(packed.head, quant.PackedMatrix) and packed.embed is packed.head
     assert packed.nbytes() == dense.nbytes()                   # same bytes, another layout; no embedding copy

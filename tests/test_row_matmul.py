@@ -67,19 +67,21 @@ def test_the_q4_product_is_row_exact_and_near_the_dequantized_product():
 def test_a_q4_model_through_the_kernels_verifies_exactly_and_stays_near_the_dense_model(tmp_path, monkeypatch, layers):
     """Greedy speculation equals plain decoding with the head (and, where chosen, the layers) on
     the kernel; logits stay near the dense fp32 model's; embeddings are the head's rows."""
-    import specmemo.models.quant as quant
+    import dataclasses
+
     from specmemo.budget.arch import Arch
+    from specmemo.budget.devices import load_device
     from specmemo.budget.plan import PlanRequest, make_plan
     from specmemo.decoding.drafters import NgramDrafter, NoDrafter
     from specmemo.decoding.engine import Engine
     from specmemo.decoding.events import collect
     from specmemo.decoding.sampling import SamplingConfig
     from specmemo.memory.allocator import allocate_target
-    from specmemo.models.load import load_gguf_q4
+    from specmemo.models.load_gguf import load_gguf_q4
 
-    monkeypatch.setattr(quant, "native_kernels", lambda what: KERNEL if what == "head" or layers else None)
+    kernels = dataclasses.replace(load_device("cpu").kernels, native_head=True, native_q4=layers)
     hf = write_tiny_gguf(tmp_path / "t.gguf", Q.Q4_1)
-    model = load_gguf_q4(str(tmp_path / "t.gguf"), CONFIG, torch.bfloat16)
+    model = load_gguf_q4(str(tmp_path / "t.gguf"), CONFIG, torch.bfloat16, kernels)
     assert isinstance(model.head, NativeHead) and model.embed is model.head
     assert isinstance(model.layers[0].w_qkv, NativeQ4 if layers else Int4Weight)
     ids = torch.randint(0, 96, (1, 27), generator=torch.Generator().manual_seed(1))
@@ -104,13 +106,10 @@ def test_a_q4_model_through_the_kernels_verifies_exactly_and_stays_near_the_dens
 
 
 def test_the_kernel_is_chosen_only_where_the_device_profile_says(monkeypatch):
-    import dataclasses
+    from specmemo.budget.devices import Kernels
+    from specmemo.models.quant import native_kernels
 
-    import specmemo.budget.devices as devices
-    import specmemo.models.quant as quant
-
-    real = devices.load_device("cpu")
     for q4, head in [(False, False), (True, False), (False, True)]:
-        monkeypatch.setattr(devices, "load_device", lambda name, d=dataclasses.replace(real, native_q4=q4, native_head=head): d)
-        assert (quant.native_kernels("q4") is not None) == q4
-        assert (quant.native_kernels("head") is not None) == head
+        kernels = Kernels(native_q4=q4, native_head=head)
+        assert (native_kernels("q4", kernels) is not None) == q4
+        assert (native_kernels("head", kernels) is not None) == head

@@ -45,14 +45,15 @@ def own_model(model):
     import json
     import tempfile
 
-    from specmemo.models.load import load_llama
+    from specmemo.budget.devices import load_device
+    from specmemo.models.load_safetensors import load_llama
 
     if id(model) not in _OWN:
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             cfg = json.loads(open(f"{tmp}/config.json").read())
             p = next(model.parameters())
-            _OWN[id(model)] = (model, load_llama(tmp, cfg, p.dtype, p.device))
+            _OWN[id(model)] = (model, load_llama(tmp, cfg, p.dtype, p.device, load_device("cpu").kernels))
     return _OWN[id(model)][1]
 
 

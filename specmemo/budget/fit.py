@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from specmemo.budget.arch import Arch
 from specmemo.budget.devices import Device, default_dtype, load_device
 from specmemo.budget.plan import (
-    DEFAULT_DRAFT_LEN, DEFAULT_DRAFT_WINDOW, DEFAULT_PREFILL_CHUNK, Plan, PlanRequest, make_plan,
+    DEFAULT_DRAFT_LEN, DEFAULT_DRAFT_WINDOW, DEFAULT_PREFILL_CHUNK, HEAD_DRAFTERS, Plan, PlanRequest, make_plan,
 )
 from specmemo.budget.search import Fit, fit_at_context, lower_bound, max_context, speedup_budget
 from specmemo.budget import footprint as fp
@@ -111,28 +111,26 @@ def fit(target: Arch, draft: Arch | None, drafter: str, *, device: str = "cpu", 
         context: int | None = None, draft_len: int | None = None, draft_window: int | None = None,
         dtype: str | None = None, kv_dtype: str | None = None, draft_dtype: str | None = None, batch: int = 1,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK, sampling: bool = True, shrink: bool = False,
-        baseline_bytes: int | None = None) -> PlanReport:
+        baseline_bytes: int | None = None, head: tuple[int, int, int] | None = None,
+        head_card: dict | None = None) -> PlanReport:
     """Plan `context` tokens (default: the largest that fits) within `budget` (default: the device's
     memory). dtype None means the device's default. baseline_bytes: the process as measured now,
     when larger than the device profile's figure. With shrink, a request that does not fit is
-    reduced (k, W, prefill chunk) or refused with BudgetExceeded."""
+    reduced (k, W, prefill chunk) or refused with BudgetExceeded. head, head_card: a head
+    drafter's (hidden, inner, vocab) and card (models/resolve.head_facts)."""
     dev = load_device(device)
     budget_bytes = budget if budget is not None else dev.memory_bytes
     if drafter == "none" and draft_len:
         raise BadInput("--draft-len needs a drafter; with --draft none, k is 0")
     k = 0 if drafter == "none" else (draft_len if draft_len is not None else DEFAULT_DRAFT_LEN)
-    head, card = None, None
-    from specmemo.models.resolve import HEAD_DRAFTERS, head_file, head_header
-
-    head_dtype = "fp32"
-    if drafter in HEAD_DRAFTERS:
-        head, card = head_header(head_file(target.name))
-        if dev.kind == "cpu":
-            from specmemo.models.quant import draft_head_weights
-
-            head_dtype = draft_head_weights()   # as RunningHead.for_machine builds it
+    if drafter in HEAD_DRAFTERS and head is None:
+        raise BadInput(f"--draft {drafter} needs the draft head's dimensions to plan")
+    # What the head drafts in, as RunningHead.for_machine builds it on a CPU (fp32 elsewhere).
+    head_dtype = dev.kernels.head_dtype if dev.kind == "cpu" else "fp32"
+    card = head_card
     req = PlanRequest(
-        target=target, draft=draft, drafter=drafter, context=1, draft_len=k, head=head,
+        target=target, draft=draft, drafter=drafter, context=1, draft_len=k,
+        head=head if drafter in HEAD_DRAFTERS else None,
         head_dtype=head_dtype,
         draft_window=draft_window or DEFAULT_DRAFT_WINDOW, dtype=dtype or default_dtype(dev.kind),
         kv_dtype=kv_dtype, draft_dtype=draft_dtype, batch=batch, prefill_chunk=prefill_chunk,

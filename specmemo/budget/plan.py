@@ -10,6 +10,7 @@ DEFAULT_DRAFT_LEN = 5          # gpt-fast and HF assisted generation both start 
 DEFAULT_DRAFT_WINDOW = 1024    # a draft rarely gains from older context; its KV need not grow with the chat
 DEFAULT_PREFILL_CHUNK = 256    # bounds prefill activations; large enough to keep matmuls efficient
 DRAFTERS_WITHOUT_WEIGHTS = ("ngram", "none")
+HEAD_DRAFTERS = ("head", "ngram+head")   # drafters that run the target's shipped head (ngram+head: lookup first)
 HEAD_LOGITS_BYTES = 4          # a draft head's logits over its vocabulary, fp32, one step at a time
 
 # Components that exist before generation starts; the rest is "generation memory".

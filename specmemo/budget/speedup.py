@@ -23,7 +23,8 @@ import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from specmemo.models.resolve import HEAD_DRAFTERS
+from specmemo.host import cpu_class
+from specmemo.budget.plan import HEAD_DRAFTERS
 from specmemo.paths import profiles_dir
 
 # Defaults when no measured pair profile exists. A small model draft of the same family
@@ -133,12 +134,10 @@ def pair_file(target: str, draft: str) -> Path:
 
 def read_pair(path: Path) -> tuple[dict, str]:
     """A pair profile's fields and where they came from. Its costs (c, the cost curves, the
-    speedup) were measured on one host: on a CPU of another class (profiling/machine.cpu_class)
+    speedup) were measured on one host: on a CPU of another class (host.cpu_class)
     they are left out; what the drafter accepts (α, ranks, shares) holds on any."""
     if not path.exists():
         return {}, ""
-    from specmemo.profiling.machine import cpu_class
-
     data = tomllib.loads(path.read_text())
     there, here = cpu_class(data["host"]) if "host" in data else None, cpu_class()
     if there is None or there == here:

@@ -122,11 +122,11 @@ class RunningHead:
 
     @classmethod
     def for_machine(cls, head: DraftHead, model) -> "RunningHead":
-        """As models/quant.draft_head_weights decides for this CPU: bf16 packed, int8, or fp32 as
-        trained (and on a GPU)."""
+        """As models/quant.draft_head_weights decides for this CPU from the target's kernels: bf16
+        packed, int8, or fp32 as trained (and on a GPU)."""
         from specmemo.models.quant import draft_head_weights
 
-        weights = draft_head_weights() if model.device.type == "cpu" else "fp32"
+        weights = draft_head_weights(model.kernels) if model.device.type == "cpu" else "fp32"
         if weights == "bf16":
             return cls(head, model, torch.bfloat16, packed=True)
         return cls(head, model, int8=weights == "int8")

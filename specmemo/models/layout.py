@@ -19,17 +19,15 @@ def dtype_name(dtype: torch.dtype) -> str:
     return _DTYPE_NAMES.get(dtype, "")
 
 
-def out_major(dtype: torch.dtype, device) -> bool:
+def out_major(dtype: torch.dtype, device, kernels) -> bool:
     """Whether our decoder stores `dtype` matrices [out, in] and multiplies by their transposed
     view (torch's Linear layout) rather than [in, out] contiguous: on a CPU, as the device profile
-    measured (`out_major_dtypes`, bench/weight_layout.py; on the Zen 4 host fp16 [in, out] took 316
+    measured (Kernels.out_major_dtypes, bench/weight_layout.py; on the Zen 4 host fp16 [in, out] took 316
     ms per pass against 9.6, and bf16 [in, out] was neither faster nor row-exact); elsewhere never
     (the layout the GPU check measured)."""
     if torch.device(device).type != "cpu":
         return False
-    from specmemo.budget.devices import load_device
-
-    return dtype_name(dtype) in load_device("cpu").out_major_dtypes
+    return dtype_name(dtype) in kernels.out_major_dtypes
 
 
 class TransposedLinear(nn.Module):

@@ -14,19 +14,18 @@ query / key-value heads, D = head_dim, E = hidden size, I = intermediate size, V
 """
 
 import math
-import operator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from specmemo.budget.devices import Kernels
 from specmemo.memory.attention import CandidateTree, attention_mask
 from specmemo.memory.kvstore import KVStore
+from specmemo.models.exactness import CAUSAL_ROWS, RowExact
 from specmemo.models.layout import out_major as layout_out_major
-from specmemo.models.native import Rows
 
 FAMILY = ("llama", "mistral", "qwen2", "qwen3")
-CAUSAL_ROWS = object()  # a mask marker: causal, each query attended on its own (see LlamaModel.attention)
 
 
 @dataclass(frozen=True)
@@ -108,41 +107,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
-SPLIT_INPUTS = 1024   # the widest inner dimension a split product multiplies at once (see exactness)
-
-
-def split_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [B, n, in] @ w [in, out] as a sum of products over ≤ SPLIT_INPUTS inputs each, added in
-    the compute dtype in a fixed order: rounds a row alike at every n where one product over all
-    inputs did not (see LlamaModel.exactness)."""
-    inputs = w.shape[0]
-    pieces = -(-inputs // SPLIT_INPUTS)
-    size = -(-inputs // pieces)
-    out = x[..., :size] @ w[:size]
-    for i in range(size, inputs, size):
-        out = out + x[..., i : i + size] @ w[i : i + size]
-    return out
-
-
-def row_exact(multiply, x: torch.Tensor, w) -> bool:
-    """multiply(x, w) for x [1, n, in] equals each row multiplied alone ([1, in], the 2-D product
-    a one-token step's [1, 1, in] folds into)."""
-    alone = [multiply(x[:, i], w) for i in range(x.shape[1])]
-    return torch.equal(multiply(x, w), torch.stack(alone, dim=1))
-
-
-def exact_on_probes(multiply, w, dtype: torch.dtype, device, widths=(2, 6) * 5) -> bool:
-    """row_exact on random inputs in `dtype`, one per width (the same inputs on every call). Each
-    new width costs the CPU kernel library a cached primitive (0.7 MB measured): a few widths,
-    varied values (a kernel that is not row-exact shows it in about half the inputs)."""
-    gen = torch.Generator(device).manual_seed(0)
-    return all(row_exact(multiply, torch.randn(1, rows, w.shape[0], generator=gen, device=device).to(dtype), w)
-               for rows in widths)
-
-
-KINDS = {"qkv": "w_qkv", "o": "w_o", "gate_up": "w_gate_up", "down": "w_down"}   # matrix kind -> Layer field
-
-
 class Layer:
     """One decoder block's weights, in decoding layout (see the module docstring)."""
 
@@ -169,18 +133,18 @@ class Layer:
         return out
 
 
-class LlamaModel:
+class LlamaModel(RowExact):
     """The whole decoder. `forward` runs n new tokens against a KVStore and returns fp32 logits."""
 
     name = "specmemo"
 
     def __init__(self, cfg: LlamaConfig, dtype: torch.dtype = torch.float32, device="cpu",
-                 out_major: bool | None = None):
+                 out_major: bool | None = None, kernels: Kernels = Kernels()):
         """out_major: store each matrix [out, in] and multiply by its transposed view (torch's
-        Linear layout) instead of [in, out] contiguous; None: as the device profile measured
-        for this dtype (layout.out_major)."""
-        self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
-        self.out_major = layout_out_major(dtype, self.device) if out_major is None else out_major
+        Linear layout) instead of [in, out] contiguous; None: as `kernels` (this machine's device
+        profile, decided by the caller) has it for this dtype (layout.out_major)."""
+        self.cfg, self.dtype, self.device, self.kernels = cfg, dtype, torch.device(device), kernels
+        self.out_major = layout_out_major(dtype, self.device, kernels) if out_major is None else out_major
         E, V = cfg.hidden_size, cfg.vocab_size
         self.layers = [Layer(cfg, dtype, device, self.matrix) for _ in range(cfg.num_layers)]
         self.norm = torch.empty(E, dtype=dtype, device=device)
@@ -208,26 +172,6 @@ class LlamaModel:
         # [B, keep, E] each in this order, in `layer_hidden` after every forward.
         self.feature_layers: tuple[int, ...] = ()
         self.layer_hidden: list[torch.Tensor] = []
-
-    def _native_attention(self):
-        if not self.row_exact_tokens or self.device.type != "cpu":
-            return None
-        from specmemo.budget.devices import load_device
-        from specmemo.models import native
-
-        cfg = self.cfg
-        if not load_device("cpu").native_attention or not native.ExactAttention.fits(
-                cfg.head_dim, self.row_exact_tokens, cfg.num_heads // cfg.num_kv_heads):
-            return None
-        return native.exact_attention()
-
-    @property
-    def attention_path(self) -> str | None:
-        """How row-exact (half-precision) attention runs: "native" (the compiled kernel), "torch"
-        (one query at a time), None where attention need not be row-exact (fp32)."""
-        if not self.row_exact_tokens:
-            return None
-        return "native" if self.attention_kernel is not None else "torch"
 
     @property
     def products_path(self) -> str:
@@ -307,129 +251,6 @@ class LlamaModel:
         outs = [self.attend(q[:, :, span], keys, values, mask) for (span, mask), (keys, values) in zip(segments, seen)]
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)   # [B, H, n, D]
         return self.product(out.transpose(1, 2).reshape(B, n, H * D), layer.w_o, "o")
-
-    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask) -> torch.Tensor:
-        """q [B, H, n, D] over keys/values [B, Hkv, S, D] (the last n are the queries' own) -> [B, H, n, D].
-        mask: additive [n, S], None, CAUSAL_ROWS or a CandidateTree (see `forward`)."""
-        n, H, Hkv = q.shape[2], q.shape[1], keys.shape[1]
-        tree = isinstance(mask, CandidateTree)
-        causal_rows = mask is CAUSAL_ROWS or (n == 1 and mask is None and self.row_exact_tokens)
-        if (tree or causal_rows) and self.attention_kernel is not None:
-            S = keys.shape[2]
-            key = (id(mask), S, n)
-            if key not in self._rows:
-                self._rows[key] = Rows.tree(S - n, mask.paths) if tree else Rows.causal(S, n)
-            if not self.attention_kernel.reads(keys.dtype):
-                keys, values = self.widen(keys, values)
-            out = self.attention_kernel.attend(q, keys, values, self._rows[key], self.scale)   # [B, n, H, D]
-            return out.to(q.dtype).transpose(1, 2)
-        if tree:
-            return self.attend_tree(q, keys, values, mask)
-        if causal_rows:
-            # Query i sees keys[:S - n + i + 1], attended exactly as a one-token step would.
-            keys, values = self.widen(keys, values)
-            S = keys.shape[2]
-            rows = [self.attend_one(q[:, :, i : i + 1], keys[:, :, : S - n + i + 1], values[:, :, : S - n + i + 1])
-                    for i in range(n)]
-            return rows[0] if n == 1 else torch.cat(rows, dim=2)
-        if keys.dtype != q.dtype:  # a narrower KV store (--kv-dtype): widen one layer at a time
-            keys, values = keys.to(q.dtype), values.to(q.dtype)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
-                                              enable_gqa=Hkv != H)
-
-    def widen(self, keys: torch.Tensor, values: torch.Tensor, copy: bool = False,
-              rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
-        """A layer's keys and values [B, Hkv, S, D] (views of the store) in fp32, copied into two
-        buffers laid out like the store and kept for every layer and step (the plan's
-        fp32_attention): a fresh 0.8 MB tensor per layer cost 160 µs in page faults where the copy takes
-        11. A verification's rows then attend over slices with the strides a one-token step's
-        have (a matmul may take another path on other strides, and round otherwise). rows: only
-        these batch rows are copied and returned (the buffers still cover the whole batch)."""
-        if keys.dtype == torch.float32 and values.dtype == torch.float32 and not copy:
-            return keys[rows], values[rows]   # copy: the caller writes into what it gets (attend_tree)
-        B, Hkv, S, D = keys.shape
-        slots = keys.stride(1) // D
-        layout = (Hkv * slots * D, slots * D, D, 1)
-        if keys.stride() != layout or values.stride() != layout:  # not a store view: a one-off copy
-            return keys[rows].to(torch.float32, copy=True), values[rows].to(torch.float32, copy=True)
-        spec = (B, Hkv, slots, D, keys.device)
-        if self._widened.get("spec") != spec:
-            self._widened = {}   # the old buffers go before the new ones come
-            self._widened = {"spec": spec, "bufs": [torch.empty(B, Hkv, slots, D, device=keys.device)
-                                                    for _ in range(2)]}
-        kb, vb = self._widened["bufs"]
-        return kb[rows, :, :S].copy_(keys[rows]), vb[rows, :, :S].copy_(values[rows])
-
-    def attend_tree(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                    tree: CandidateTree) -> torch.Tensor:
-        """Each node of a candidate tree attended exactly as a one-token step on its own branch
-        would: q [B, H, n, D]; keys/values [B, Hkv, S, D] (the prefix, then the n nodes in tree
-        order). The node's ancestors are copied behind the prefix in fp32 (≤ depth rows) so it
-        attends over one contiguous run of keys, as decoding that branch would."""
-        n = q.shape[2]
-        prefix = keys.shape[2] - n
-        new_k, new_v = keys[:, :, prefix:].float(), values[:, :, prefix:].float()     # [B, Hkv, n, D]
-        kb, vb = self.widen(keys, values, copy=True)
-        rows = []
-        for i, path in enumerate(tree.paths):
-            end = prefix + len(path)
-            kb[:, :, prefix:end] = new_k[:, :, path]
-            vb[:, :, prefix:end] = new_v[:, :, path]
-            rows.append(self.attend_one(q[:, :, i : i + 1], kb[:, :, :end], vb[:, :, :end]))
-        return torch.cat(rows, dim=2)
-
-    def attend_one(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """One query per head over S keys, in fp32: q [B, H, 1, D], keys/values [B, Hkv, S, D]
-        fp32 (see `widen`) -> [B, H, 1, D] in q's dtype. For half precision: torch's CPU flash
-        kernel took 172 µs per bf16 call at S = 300 (1,063 at 2,000) where this takes 63 (224),
-        and both one-token steps and verified rows go through it, so they round alike."""
-        B, H, _, D = q.shape
-        Hkv = keys.shape[1]
-        # bmm on [B·Hkv, ...] views: what a 4-D matmul runs, without its reshaping (7 µs a call).
-        qg = q.reshape(B * Hkv, H // Hkv, D).float()                   # [B·Hkv, H/Hkv, D]: a group's queries
-        scores = torch.bmm(qg, keys.flatten(0, 1).transpose(1, 2)).mul_(self.scale)   # [B·Hkv, H/Hkv, S]
-        out = torch.bmm(torch.softmax(scores, dim=-1), values.flatten(0, 1))          # [B·Hkv, H/Hkv, D]
-        return out.to(q.dtype).reshape(B, H, 1, D)
-
-    def product(self, x: torch.Tensor, w, kind: str) -> torch.Tensor:
-        """x [B, n, in] @ w [in, out], rounded per row as a one-token step rounds it (half precision
-        on a CPU, see `exactness`): a kind marked "split" is multiplied in slices of its inputs at
-        every width (one-token steps included); a kind marked "rows" one row at a time in
-        verification."""
-        how = self.exactness.get(kind)
-        if how is None and not isinstance(w, torch.Tensor):   # packed (models/quant.py): its kernel, directly
-            return w.times(x)
-        if how == "split":
-            return split_product(x, w)
-        if how == "rows" and 1 < x.shape[1] <= self.row_exact_tokens:
-            # [B, in] rows: the 2-D product a one-token step's [B, 1, in] folds into (a [B, 1, in]
-            # slice of a wider tensor went through a batched matmul that copied the weight).
-            return torch.stack([x[:, i] @ w for i in range(x.shape[1])], dim=1)
-        return x @ w
-
-    @property
-    def exactness(self) -> dict[str, str]:
-        """How each matrix kind keeps a verified row equal to the same row alone, found once by
-        probing the loaded weights with random inputs of 2 and 6 rows, each product against its rows
-        multiplied alone: absent when the kernel is row-exact; "split" when it is not but the
-        product in slices of SPLIT_INPUTS inputs is; "rows" otherwise. On the Zen 4 host, bf16
-        with 1,536 inputs (the down projection) rounded differently in about half of the probes,
-        and never with ≤ 1,024 inputs (bench/weight_layout.py): split, its one-token step costs
-        1.3 ms more per token and a 6-token verification 10 less than row by row. int4 and fp16
-        never needed either. Only half precision on a CPU: a GPU target runs at a fixed width
-        (models/graphs.py), and fp32 is left to its precision (see README)."""
-        if self._exactness is None:
-            found = {}
-            if self.row_exact_tokens and self.device.type == "cpu":
-                kinds = {kind: getattr(self.layers[0], attr) for kind, attr in KINDS.items()} | {"head": self.head}
-                for kind, w in kinds.items():
-                    widths = (2, 6) if kind == "head" else (2, 6) * 5
-                    if not exact_on_probes(operator.matmul, w, self.dtype, self.device, widths):
-                        splits = isinstance(w, torch.Tensor) and w.shape[0] > SPLIT_INPUTS
-                        found[kind] = "split" if splits and exact_on_probes(
-                            split_product, w, self.dtype, self.device, widths) else "rows"
-            self._exactness = found
-        return self._exactness
 
     def mlp(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
         """x: [B, n, E] (normed) -> [B, n, E]: SwiGLU."""

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from specmemo.atomic import atomic_write
+from specmemo.host import cpu_flags
 from specmemo.paths import cache_root
 
 SOURCE = Path(__file__).with_name("exact_attention.c")
@@ -35,14 +36,6 @@ def cache_dir() -> Path:
     return cache_root() / "kernels"
 
 
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return ""
-
-
 def build(source: Path, compiler: str | None = None, extra: tuple[str, ...] = ()) -> Path:
     """The shared library for `source` (with `extra` flags), compiled now unless the cache has it.
     Raises RuntimeError with the compiler's first error line when it cannot be built."""
@@ -53,7 +46,7 @@ def build(source: Path, compiler: str | None = None, extra: tuple[str, ...] = ()
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.TimeoutExpired) as e:
         raise RuntimeError(f"{cc} --version failed: {e}") from None
-    key = hashlib.sha256("\0".join([source.read_text(), " ".join(FLAGS + list(extra)), version, _cpu_flags()]).encode())
+    key = hashlib.sha256("\0".join([source.read_text(), " ".join(FLAGS + list(extra)), version, " ".join(sorted(cpu_flags()))]).encode())
     target = cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target

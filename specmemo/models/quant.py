@@ -5,7 +5,7 @@ bench/q4_kernels.py), and dense bf16 matrices packed once for oneDNN (PackedMatr
 The kernel's format: per output row n and group g of 32 inputs, w = (q − 8) · scale + zero with
 q in 0..15. GGUF Q4_1 blocks hold w = q · d + m, so scale = d and zero = m + 8d; Q4_0 holds
 w = (q − 8) · d, so zero = 0. Both map exactly (d and m are fp16 in the file; scale/zero are kept
-in the activation dtype). Q8_0 and other types are dequantized (see models/load.load_gguf_q4).
+in the activation dtype). Q8_0 and other types are dequantized (see models/load_gguf.load_gguf_q4).
 The q8 format (q8_groups) is planned and measured for quality; the engine does not run it yet.
 """
 
@@ -13,6 +13,10 @@ import os
 
 import numpy as np
 import torch
+
+from specmemo.budget.devices import Kernels
+from specmemo.models.exactness import KINDS, SPLIT_INPUTS, exact_on_probes
+from specmemo.models.layout import dtype_name
 
 GROUP = 32
 
@@ -65,6 +69,8 @@ class NativeQ4:
     this CPU's class (`native_q4`): on the AVX2 host a pass over SmolLM2's layers took 12.2 ms at 1
     row and 29.7 at 6 against torch's int4 kernel's 16.8 and 45.2 (bench/row_matmul.py)."""
 
+    compiled = True   # LlamaModel.products_path
+
     def __init__(self, nibbles: torch.Tensor, dm: torch.Tensor, kernel):
         self.nibbles, self.dm, self.kernel = nibbles, dm, kernel
         self.out_features, self.in_features = nibbles.shape[0], nibbles.shape[1] * 2
@@ -98,6 +104,8 @@ class NativeHead:
     profile measured it faster (`native_head`): on the AVX2 host torch's bf16 product took 6.0 ms
     for one row and 32.9 for six, this 4.2 and 8.8 (bench/row_matmul.py)."""
 
+    compiled = True
+
     def __init__(self, rows: torch.Tensor, kernel):
         """rows: [V, E] bf16, contiguous (the [E, V] operand's transpose)."""
         self.weight, self.kernel = rows.contiguous(), kernel
@@ -120,14 +128,12 @@ class NativeHead:
         return (self.in_features, self.out_features)
 
 
-def native_kernels(what: str):
+def native_kernels(what: str, kernels: Kernels):
     """The compiled row-exact kernel where the device profile measured it faster for `what` ("q4":
     layer matrices, "head": a q4 model's bf16 LM head) on this CPU's class and it builds here, else None."""
-    from specmemo.budget.devices import load_device
     from specmemo.models import native
 
-    device = load_device("cpu")
-    if not (device.native_q4 if what == "q4" else device.native_head):
+    if not (kernels.native_q4 if what == "q4" else kernels.native_head):
         return None
     return native.row_matmul()
 
@@ -139,7 +145,7 @@ class PackedMatrix:
     products (bench/head_kernels.py); over all of its layer matrices, one pass took 14.5 ms packed
     against 22.4 and stayed flat up to 8 rows (bench/q4_kernels.py; the device profile's
     packed_head and packed_layers). A matrix whose packed product does not round a row alike at
-    every width is packed in pieces of inputs, added in a fixed order (as llama.split_product).
+    every width is packed in pieces of inputs, added in a fixed order (as exactness.split_product).
     The packed layout cannot be indexed, so a head's rows (the embedding, when tied) come from
     `rows`: read from the model file on demand (FileRows)."""
 
@@ -202,15 +208,14 @@ class Int8Matrix:
         return (self.in_features, self.out_features)
 
 
-def draft_head_weights() -> str:
+def draft_head_weights(kernels: Kernels) -> str:
     """What a draft head drafts in on this CPU: "bf16" packed where a bf16 head packs (packs), else
     "int8" where the device profile measured int8 faster for this CPU's class and the kernel runs,
-    else "fp32" as trained. RunningHead.for_machine builds it so; `plan` counts it so."""
-    from specmemo.budget.devices import load_device
-
-    if packs(torch.bfloat16, "head"):
+    else "fp32" as trained. RunningHead.for_machine builds it so; `plan` counts it as
+    Kernels.head_dtype, what these probes confirm on the machines the profile was measured on."""
+    if packs(torch.bfloat16, "head", kernels):
         return "bf16"
-    if load_device("cpu").draft_head_weights == "int8":
+    if kernels.draft_head_weights == "int8":
         try:
             probe = Int8Matrix(torch.randn(64, 96, generator=torch.Generator().manual_seed(0)))
             probe.times(torch.ones(2, 64))
@@ -220,16 +225,12 @@ def draft_head_weights() -> str:
     return "fp32"
 
 
-def packs(dtype: torch.dtype, what: str) -> bool:
+def packs(dtype: torch.dtype, what: str, kernels: Kernels) -> bool:
     """Whether this machine packs a `dtype` model's `what` ("head": bf16 only, or "layers") for
     oneDNN: the device profile measured it faster, oneDNN runs that dtype here, and the packed
     product equals the plain one on a probe (bit for bit in half precision)."""
-    from specmemo.budget.devices import load_device
-    from specmemo.models.layout import dtype_name
-
-    device = load_device("cpu")
-    wanted = device.packed_head and dtype == torch.bfloat16 if what == "head" else \
-        dtype_name(dtype) in device.packed_layers
+    wanted = kernels.packed_head and dtype == torch.bfloat16 if what == "head" else \
+        dtype_name(dtype) in kernels.packed_layers
     if not wanted or not torch.backends.mkldnn.is_available():
         return False
     try:
@@ -253,12 +254,10 @@ def pack_head(model, rows) -> None:
 
 def pack_layers(model) -> dict[str, int]:
     """Pack every layer matrix of `model` (our decoder on a CPU) for oneDNN, kind by kind. In half
-    precision, where verification must round each row as that row alone (LlamaModel.exactness),
+    precision, where verification must round each row as that row alone (RowExact.exactness),
     only as the packed product does so on the model's own probe of layer 0's weights: whole, else
     in pieces of ≤ SPLIT_INPUTS inputs; a kind exact neither way stays dense. Returns kind ->
     pieces (0: left dense)."""
-    from specmemo.models.llama import KINDS, SPLIT_INPUTS, exact_on_probes
-
     chosen = {}
     for kind, attr in KINDS.items():
         w = getattr(model.layers[0], attr)

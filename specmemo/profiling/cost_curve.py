@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from specmemo.budget.devices import load_device
 from specmemo.budget.fit import fit
 from specmemo.memory.allocator import allocate_target
 from specmemo.models.load import load_model
@@ -31,7 +32,7 @@ def forward_times(ref: ModelRef, dtype: str, max_tokens: int = 16, repeats: int 
     the compiled kernel is chosen. torch_head: a q4 model's LM head multiplied by torch's bf16
     product even where the compiled one is chosen (models/quant.NativeHead). attention_kernel: another
     build of the exact-attention kernel in place of the chosen one (a kernel change's A/B)."""
-    model = load_model(ref, dtype, with_tokenizer=False, forward="specmemo").model
+    model = load_model(ref, dtype, with_tokenizer=False, forward="specmemo", kernels=load_device("cpu").kernels).model
     if torch_attention:
         model.attention_kernel = None
     elif attention_kernel is not None and model.attention_kernel is not None:

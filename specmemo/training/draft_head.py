@@ -359,17 +359,18 @@ def run(recipe: HeadRecipe, out: Path, work: Path, console=None) -> dict:
     its card atomically. Returns the card."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from specmemo.budget.devices import load_device
     from specmemo.models.load import load_model
     from specmemo.models.resolve import resolve
     from specmemo.models.text import encode_prompt, stop_ids
-    from specmemo.profiling.machine import cpu_name
+    from specmemo.host import cpu_name
     from specmemo.training.prompts import training_prompts
 
     say = console.print if console else print
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
     t_start = time.perf_counter()
-    loaded = load_model(resolve(recipe.target), recipe.dtype, forward="specmemo")
+    loaded = load_model(resolve(recipe.target), recipe.dtype, forward="specmemo", kernels=load_device("cpu").kernels)
     model, tok = loaded.model, loaded.tokenizer
     corpus_path = work / "corpus.safetensors"
     prompts = training_prompts(recipe.prompts, recipe.seed)
