@@ -218,7 +218,7 @@ def generate_batch(target: str, draft: str, prompts: list[str], *, batch: int | 
     """Generate from every prompt with the batch engine, `batch` sequences at a time (None: the
     most the budget holds, up to BATCH_CAP and the number of prompts). on_sequence(line) is called
     in input order as soon as a prompt and every prompt before it have finished."""
-    from specmemo.decoding.batch import SequenceDone
+    from specmemo.decoding.batch import BatchStats, SequenceDone
 
     if max_new_tokens < 1:
         raise BadInput(f"--max-new-tokens must be ≥ 1, got {max_new_tokens}")
@@ -249,8 +249,9 @@ def generate_batch(target: str, draft: str, prompts: list[str], *, batch: int | 
     lines: dict[int, dict] = {}
     shown, stats = 0, None
     for event in rt.engine.run(ids, max_new_tokens, stops):
-        if not isinstance(event, SequenceDone):
+        if isinstance(event, BatchStats):
             stats = event
+        if not isinstance(event, SequenceDone):
             continue
         lines[event.index] = sequence_json(tokenizer, event)
         while shown in lines and on_sequence:

@@ -131,9 +131,12 @@ def assemble(report: PlanReport, target: LoadedModel, draft: LoadedModel | None,
     drafter = make_drafter(report, target, draft, sampling, device, generator, cuda_graphs, head)
     engine = Engine(step_forward(target, cuda_graphs, req.draft_len + 1), store, drafter, sampling, draft_len=req.draft_len,
                     prefill_chunk=req.prefill_chunk, context=req.context, generator=generator, pair=report.pair)
-    for forward, kv in [(engine.forward, store), (getattr(drafter, "forward", None), getattr(drafter, "store", None))]:
-        if hasattr(forward, "warm"):  # CUDA graphs: captured now, inside the measured generation memory
-            forward.warm(kv, req.draft_len + 1)
+    if device.type == "cuda":
+        from specmemo.models.graphs import GraphedForward
+
+        for forward, kv in [(engine.forward, store), (drafter.forward, drafter.store)]:
+            if isinstance(forward, GraphedForward):  # CUDA graphs: captured now, inside the measured generation memory
+                forward.warm(kv, req.draft_len + 1)
     return Pipeline(report, target, draft, engine, meter, preload_bytes, load_peak_bytes)
 
 

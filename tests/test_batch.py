@@ -25,13 +25,23 @@ def batch_engine(batch, drafter="ngram", *, context=160, k=5, chunk=16, dtype=to
 
 
 def run_batch(engine, prompt_list, max_new, stop_ids=frozenset()):
-    done, stats = {}, None
+    """Each request's SequenceDone, and the run's BatchStats; the Step events each request yielded
+    add up to its tokens and its stats, as the single-sequence engine's do."""
+    from specmemo.decoding.events import Step
+
+    done, stats, steps = {}, None, {}
     for ev in engine.run(prompt_list, max_new, stop_ids):
         if isinstance(ev, SequenceDone):
             done[ev.index] = ev
-        else:
+        elif isinstance(ev, Step):
+            steps.setdefault(ev.sequence, []).append(ev)
+        elif isinstance(ev, BatchStats):
             stats = ev
     assert isinstance(stats, BatchStats)
+    for index, seq in done.items():
+        assert [t for step in steps[index] for t in step.tokens] == seq.tokens
+        assert sum(step.accepted for step in steps[index]) == seq.stats.accepted_tokens
+        assert sum(step.drafted for step in steps[index]) == seq.stats.drafted_tokens
     return done, stats
 
 

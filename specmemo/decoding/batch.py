@@ -22,9 +22,9 @@ import torch
 
 from specmemo.budget.speedup import DEFAULT_MODEL_ALPHA, PairProfile, batch_draft_counts, step_cost
 from specmemo.decoding.engine import DraftLength
-from specmemo.decoding.events import GenerationStats, Step, clip
+from specmemo.decoding.events import GenerationStats, Step
 from specmemo.decoding.sampling import SamplingConfig
-from specmemo.decoding.verify import verify_greedy, verify_sampling
+from specmemo.decoding.step import settle, verify_chain
 from specmemo.errors import BadInput
 from specmemo.memory.kvstore import KVStore
 from specmemo.memory.malloc import trim_heap
@@ -102,6 +102,7 @@ class _Slot:
     started: float = 0.0
     first_token_at: float = 0.0
     proposal: object = None
+    last: Step | None = None                 # the step its last forward committed (None mid-prefill)
 
     @property
     def prefilling(self) -> bool:
@@ -143,7 +144,8 @@ class BatchEngine:
 
     def run(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int] = frozenset(),
             should_stop: Callable[[], bool] = lambda: False) -> Iterator:
-        """Yield SequenceDone for each prompt as it finishes (not in input order), then BatchStats."""
+        """Yield each row's Step as it commits (Step.sequence: its prompt's index), SequenceDone for
+        each prompt as it finishes (not in input order), then BatchStats."""
         queue = deque(enumerate(prompts))
         slots: list[_Slot | None] = [None] * self.batch
         totals = BatchStats(sequences=len(prompts))
@@ -165,6 +167,8 @@ class BatchEngine:
             for slot, seg, rows in zip(active, segments, logits):
                 reason = self._advance(slot, seg, rows, max_new_tokens, stop_ids, offset)
                 offset += rows.shape[0]
+                if slot.last is not None:
+                    yield slot.last
                 if reason:
                     slot.stats.stop_reason = reason
                     slot.stats.decode_seconds = time.perf_counter() - slot.first_token_at
@@ -233,23 +237,18 @@ class BatchEngine:
             tokens = [self.sampling.choose(logits, self.generator)]
             slot.first_token_at = time.perf_counter()
             slot.stats.prefill_seconds = slot.first_token_at - slot.started
-            step = Step(tokens, drafted=0, accepted=0)
+            step = Step(tokens, drafted=0, accepted=0, sequence=slot.index)
         else:
             draft = slot.proposal.tokens
-            if self.sampling.greedy:
-                a, nxt = verify_greedy(logits, draft)
-            else:
-                a, nxt = verify_sampling(self.sampling.probs(logits), slot.proposal.q, draft, self.generator)
+            a, nxt = verify_chain(logits, slot.proposal, self.sampling, self.generator)
             slot.drafter.observe(offset + a)                          # row a chose nxt
-            step = Step(draft[:a].tolist() + [nxt], drafted=len(seg) - 1, accepted=a)
+            step = Step(draft[:a].tolist() + [nxt], drafted=len(seg) - 1, accepted=a, sequence=slot.index)
             slot.lengths.after(step)
         budget = min(max_new - len(slot.new), self.context - len(slot.tokens))
-        tokens, reason = clip(step.tokens, budget, stop_ids)
-        slot.stats.record(Step(tokens, step.drafted, min(step.accepted, len(tokens))))
-        slot.new.extend(tokens)
-        slot.tokens.extend(tokens)
-        slot.store.trim(len(slot.tokens) - 1)                         # rejected candidates: a pointer move
-        slot.drafter.rollback(len(slot.tokens) - 1)
+        step, reason = settle(step, budget, stop_ids, slot.tokens, slot.store, slot.drafter)
+        slot.stats.record(step)
+        slot.new.extend(step.tokens)
+        slot.last = step
         if reason:
             return reason
         if len(slot.new) >= max_new:

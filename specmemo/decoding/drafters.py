@@ -1,11 +1,16 @@
 """Drafters propose the next k tokens cheaply; the target verifies them in one forward.
 
-All four share one small interface:
+All of them are a Drafter, one small interface:
     catch_up(tokens, chunk, stop)    prefill draft state for the committed tokens (False: interrupted)
     observe(row)                     the target's last forward chose the newest token from this row
     propose(tokens, k) -> Proposal   tokens: the committed sequence so far
     rollback(length)                 forget draft state beyond `length` committed positions
     reset()
+and what the engine may ask of some, declared rather than probed:
+    looks_up                         lookup(tokens, k) proposes a chain first (ngram+head)
+    ranks_candidates                 propose_tree(tokens, shape) proposes a candidate tree, its
+                                     rank acceptance starting from rank_prior (the draft head)
+    forward, store                   a draft model's own forward and KV store (else None)
 """
 
 from dataclasses import dataclass
@@ -22,18 +27,26 @@ class Proposal:
     q: torch.Tensor | None        # [k', V] draft probabilities; None: deterministic (point mass)
 
 
-class NoDrafter:
-    """Plain autoregressive decoding through the same engine: never proposes."""
+class Drafter:
+    """The interface every drafter has (see the module docstring); the defaults draft nothing."""
     name = "none"
-
-    def __init__(self, device):
-        self._empty = torch.empty(0, dtype=torch.long, device=device)
+    looks_up = False
+    ranks_candidates = False
+    rank_prior: tuple[float, ...] = ()
+    forward = None
+    store: KVStore | None = None
 
     def catch_up(self, tokens: list[int], chunk: int, should_stop=lambda: False) -> bool:
         return True
 
     def propose(self, tokens: list[int], k: int) -> Proposal:
-        return Proposal(self._empty, None)
+        raise NotImplementedError
+
+    def lookup(self, tokens: list[int], k: int) -> Proposal:
+        raise NotImplementedError(f"the {self.name} drafter has no lookup")
+
+    def propose_tree(self, tokens: list[int], shape):
+        raise NotImplementedError(f"the {self.name} drafter proposes no trees")
 
     def observe(self, row: int) -> None:
         pass
@@ -43,6 +56,17 @@ class NoDrafter:
 
     def reset(self) -> None:
         pass
+
+
+class NoDrafter(Drafter):
+    """Plain autoregressive decoding through the same engine: never proposes."""
+    name = "none"
+
+    def __init__(self, device):
+        self._empty = torch.empty(0, dtype=torch.long, device=device)
+
+    def propose(self, tokens: list[int], k: int) -> Proposal:
+        return Proposal(self._empty, None)
 
 
 class NgramDrafter(NoDrafter):
@@ -89,7 +113,7 @@ class NgramDrafter(NoDrafter):
         return Proposal(self._empty, None)
 
 
-class ModelDrafter:
+class ModelDrafter(Drafter):
     """A small causal LM with the target's vocabulary, with its own KV store (optionally a window
     of the W most recent tokens). Draws each draft token from q, the same processed distribution
     that verification uses."""
@@ -163,7 +187,8 @@ class HeadDrafter(NoDrafter):
 
     # The engine's tree shape starts from the pair profile's rank acceptance (measured, or the
     # head's card); this prior only serves an engine built without one (tests).
-    rank_prior = [0.6, 0.1, 0.04]
+    ranks_candidates = True
+    rank_prior = (0.6, 0.1, 0.04)
 
     def __init__(self, model, running, sampling: SamplingConfig, generator=None):
         """model: the target, our decoder (it keeps `last_hidden`); running: the head as it drafts
@@ -231,6 +256,7 @@ class LookupHeadDrafter(HeadDrafter):
     elsewhere (most steps: lookup found a match in 27% of them) the head proposes a candidate
     tree. The engine asks `lookup` first and falls back to the tree (decoding/engine.py)."""
     name = "ngram+head"
+    looks_up = True
 
     def __init__(self, model, running, sampling: SamplingConfig, generator=None):
         super().__init__(model, running, sampling, generator)

@@ -21,9 +21,10 @@ import torch
 
 from specmemo.budget.speedup import DEFAULT_MODEL_ALPHA, PairProfile, best_draft_len, best_tree
 from specmemo.decoding.drafters import Proposal
-from specmemo.decoding.events import Finished, GenerationStats, Prefilled, Step, clip
+from specmemo.decoding.events import Finished, GenerationStats, Prefilled, Step
 from specmemo.decoding.sampling import SamplingConfig
-from specmemo.decoding.verify import verify_greedy, verify_sampling, verify_tree_greedy, verify_tree_sampling
+from specmemo.decoding.step import settle, verify_chain
+from specmemo.decoding.verify import verify_tree_greedy, verify_tree_sampling
 from specmemo.memory.attention import CandidateTree
 from specmemo.errors import BadInput
 from specmemo.memory.malloc import trim_heap
@@ -112,12 +113,12 @@ class Engine:
         pair = pair or PairProfile(DEFAULT_MODEL_ALPHA, 0.0, "default")
         # A lookup's chain (ngram+head) costs microseconds: its length is chosen at c = 0, from
         # the lookup's own α where the pair has it.
-        self.lengths = DraftLength(replace(pair.lookup or pair, c=0.0) if hasattr(drafter, "lookup") else pair,
+        self.lengths = DraftLength(replace(pair.lookup or pair, c=0.0) if drafter.looks_up else pair,
                                    self.max_draft_len)
         self.draft_len = self.lengths.first()
         # A drafter that ranks candidates (the draft head) proposes a candidate tree; its shape
         # follows the measured rank acceptance (TreeShape).
-        ranks = (pair.ranks or getattr(drafter, "rank_prior", None)) if hasattr(drafter, "propose_tree") else None
+        ranks = (pair.ranks or drafter.rank_prior) if drafter.ranks_candidates else None
         self.shapes = TreeShape(pair, self.max_draft_len, list(ranks)) if ranks and self.max_draft_len else None
         self.prefill_chunk, self.context = prefill_chunk, context
         self.generator = generator
@@ -188,7 +189,7 @@ class Engine:
 
     def _lookup(self, k: int) -> tuple[Proposal, float] | None:
         """The drafter's lookup chain and its time, None where it has no lookup or found nothing."""
-        if not hasattr(self.drafter, "lookup"):
+        if not self.drafter.looks_up:
             return None
         t0 = time.perf_counter()
         proposal = self.drafter.lookup(self.tokens, max(k, 1))
@@ -205,17 +206,9 @@ class Engine:
         draft = proposal.tokens
         ids = torch.cat([torch.tensor([self.tokens[-1]], device=self.device), draft])[None]
         logits = self.forward(self.store, ids, ids.shape[1])[0]
-        if self.sampling.greedy:
-            a, nxt = verify_greedy(logits, draft)
-        else:
-            a, nxt = verify_sampling(self.sampling.probs(logits), proposal.q, draft, self.generator)
+        a, nxt = verify_chain(logits, proposal, self.sampling, self.generator)
         self.drafter.observe(a)  # row a chose nxt
         return Step(draft[:a].tolist() + [nxt], drafted=int(draft.shape[0]), accepted=a), drafting
-
-    def _commit(self, tokens: list[int]) -> None:
-        self.tokens.extend(tokens)
-        self.store.trim(len(self.tokens) - 1)
-        self.drafter.rollback(len(self.tokens) - 1)
 
     def generate(self, new_tokens: list[int], max_new_tokens: int, stop_ids: set[int] = frozenset(),
                  should_stop: Callable[[], bool] = lambda: False) -> Iterator:
@@ -259,9 +252,7 @@ class Engine:
                     step = replace(step, lookup=True)
                     stats.lookup[3] += drafting
             stats.draft_seconds += drafting
-            tokens, reason = clip(step.tokens, budget, stop_ids)
-            step = Step(tokens, step.drafted, min(step.accepted, len(tokens)), step.ranks, step.lookup)
-            self._commit(tokens)
+            step, reason = settle(step, budget, stop_ids, self.tokens, self.store, self.drafter)
             stats.record(step)
             yield step
         stats.decode_seconds = time.perf_counter() - t0

@@ -18,6 +18,7 @@ class Step:
     # A tree step: at each node of the kept branch with children, (rank the target took or -1, children offered).
     ranks: tuple[tuple[int, int], ...] = ()
     lookup: bool = False   # a lookup chain's step (ngram+head), not the head's
+    sequence: int = -1     # the batch engine's request (its index in the prompts); -1: the one sequence
 
 
 def clip(tokens: list[int], budget: int, stop_ids) -> tuple[list[int], str]:
