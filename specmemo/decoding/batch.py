@@ -143,9 +143,12 @@ class BatchEngine:
         return _Slot(index, store, drafter, DraftLength(self.pair, k), list(prompt), started=time.perf_counter())
 
     def run(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int] = frozenset(),
-            should_stop: Callable[[], bool] = lambda: False) -> Iterator:
+            should_stop: Callable[[], bool] = lambda: False, on_step: Callable[[Step, int], None] | None = None
+            ) -> Iterator:
         """Yield each row's Step as it commits (Step.sequence: its prompt's index), SequenceDone for
-        each prompt as it finishes (not in input order), then BatchStats."""
+        each prompt as it finishes (not in input order), then BatchStats. on_step(step, row): called
+        while the forward that chose the step's tokens is the model's last, its token j chosen by
+        the forward's kept row `row + j` (what a corpus reads the target's hidden states from)."""
         queue = deque(enumerate(prompts))
         slots: list[_Slot | None] = [None] * self.batch
         totals = BatchStats(sequences=len(prompts))
@@ -168,6 +171,8 @@ class BatchEngine:
                 reason = self._advance(slot, seg, rows, max_new_tokens, stop_ids, offset)
                 offset += rows.shape[0]
                 if slot.last is not None:
+                    if on_step:
+                        on_step(slot.last, offset - rows.shape[0])
                     yield slot.last
                 if reason:
                     slot.stats.stop_reason = reason

@@ -12,8 +12,7 @@ whose logits chose reply token r_j. The head maps (H_j, r_j) to H_{j+1} and r_{j
 """
 
 import time
-from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -21,6 +20,9 @@ import torch.nn.functional as F
 
 from specmemo.atomic import atomic_write, atomic_write_text
 from specmemo.errors import BadInput
+from specmemo.decoding.batch import BatchEngine, SequenceDone
+from specmemo.decoding.drafters import NoDrafter
+from specmemo.decoding.sampling import SamplingConfig
 from specmemo.memory.kvstore import KVShape, KVStore
 from specmemo.models.draft_head import DraftHead, TargetParts, save_head, unit_rms
 
@@ -47,16 +49,6 @@ class HeadRecipe:
 
 # -- corpus --------------------------------------------------------------------------------------
 
-@dataclass
-class _Reply:
-    """One prompt being answered in a row of write_corpus's pool."""
-    index: int                                   # the prompt's place in the input
-    feed: list[int]                              # the next forward's tokens: the prompt, then the newest token
-    tokens: list[int] = field(default_factory=list)
-    hidden: list[torch.Tensor] = field(default_factory=list)   # [E] per token: the state that chose it
-    layers: list[torch.Tensor] = field(default_factory=list)   # [L, E] per token, where feature_layers are kept
-
-
 @torch.inference_mode()
 def write_corpus(model, prompt_ids: list[list[int]], stop: set[int], max_new: int, batch: int,
                  progress=None) -> list[dict]:
@@ -65,47 +57,35 @@ def write_corpus(model, prompt_ids: list[list[int]], stop: set[int], max_new: in
     model.feature_layers) where the model keeps some, in prompt order. progress(n) per
     finished prompt.
 
-    `batch` rows decode at once as decoding/batch.py's continuous pool does (without drafts):
-    each row of one batch store holds a sequence at its own length, every forward packs the
-    rows' new tokens (LlamaModel.forward_rows), and a row whose reply ended takes the next
-    prompt in the very next forward. Each row attends over its own keys, so a reply is the
-    target's plain greedy decoding; no row waits for a longer one or for prompts of its length
-    (batches of equal-length prompts wrote 53 tok/s, this pool 76, both 16 rows, AVX2 host)."""
+    Written by the batch engine's continuous pool (decoding/batch.py) without drafts, `batch` rows
+    at once: a row whose reply ended takes the next prompt in the very next forward, each prompt
+    prefilled whole, and each row attends over its own keys, so a reply is the target's plain
+    greedy decoding. Each token's hidden state is read from the forward that chose it."""
     if not prompt_ids:
         return []
     cfg = model.cfg
+    longest = max(map(len, prompt_ids))
+    store = KVStore(KVShape(cfg.num_layers, min(batch, len(prompt_ids)), cfg.num_kv_heads, cfg.head_dim,
+                            longest + max_new), model.dtype, model.device)
+    engine = BatchEngine(model.forward_rows, store, lambda: NoDrafter(model.device), SamplingConfig(), draft_len=0,
+                         prefill_chunk=longest, context=longest + max_new, measure_cost=False)
+    hidden: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(prompt_ids))}
+    layers: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(prompt_ids))}
+
+    def keep_states(step, row: int) -> None:
+        n = len(step.tokens)
+        hidden[step.sequence].append(model.last_hidden[0, row : row + n].clone())            # [n, E]
+        if model.feature_layers:
+            layers[step.sequence].append(torch.stack([x[0, row : row + n] for x in model.layer_hidden], 1))
+
     out: list[dict | None] = [None] * len(prompt_ids)
-    shape = KVShape(cfg.num_layers, min(batch, len(prompt_ids)), cfg.num_kv_heads, cfg.head_dim,
-                    max(map(len, prompt_ids)) + max_new)
-    store = KVStore(shape, model.dtype, model.device)
-    rows = [store.row(b) for b in range(shape.batch)]
-    queue = deque(enumerate(prompt_ids))
-    slots: list[_Reply | None] = [None] * len(rows)
-    while queue or any(slots):
-        for b, slot in enumerate(slots):
-            if slot is None and queue:
-                i, ids = queue.popleft()
-                rows[b].reset()
-                slots[b] = _Reply(i, list(ids))
-        live = [b for b, slot in enumerate(slots) if slot is not None]
-        logits = model.forward_rows([rows[b] for b in live], [slots[b].feed for b in live], [1] * len(live))
-        chosen = torch.cat(logits).argmax(-1).tolist()                           # [rows]
-        hidden = model.last_hidden[0]                                             # [rows, E]
-        layers = torch.stack([x[0] for x in model.layer_hidden], 1) if model.feature_layers else None  # [rows, L, E]
-        for j, b in enumerate(live):
-            slot = slots[b]
-            slot.tokens.append(chosen[j])
-            slot.hidden.append(hidden[j].clone())
-            if layers is not None:
-                slot.layers.append(layers[j].clone())
-            slot.feed = [chosen[j]]
-            if chosen[j] in stop or len(slot.tokens) == max_new:
-                out[slot.index] = {"reply": torch.tensor(slot.tokens), "hidden": torch.stack(slot.hidden)}
-                if slot.layers:
-                    out[slot.index]["layers"] = torch.stack(slot.layers)
-                slots[b] = None
-                if progress:
-                    progress(1)
+    for event in engine.run(prompt_ids, max_new, stop, on_step=keep_states):
+        if isinstance(event, SequenceDone):
+            out[event.index] = {"reply": torch.tensor(event.tokens), "hidden": torch.cat(hidden.pop(event.index))}
+            if model.feature_layers:
+                out[event.index]["layers"] = torch.cat(layers.pop(event.index))
+            if progress:
+                progress(1)
     return out
 
 
