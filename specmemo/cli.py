@@ -206,8 +206,9 @@ def generate(
     else:
         print()
         err.print(
-            f"[dim]{result.new_tokens} tokens, {result.tokens_per_s:.1f} tok/s (prefill {result.prompt_tokens} tokens at "
-            f"{result.prefill_tokens_per_s:.0f} tok/s), accepted {result.accepted_tokens}/{result.drafted_tokens} "
+            f"[dim]{result.stats.new_tokens} tokens, {result.stats.tokens_per_s:.1f} tok/s (prefill {result.prompt_tokens} "
+            f"tokens at {result.stats.prefill_tokens_per_s:.0f} tok/s), accepted "
+            f"{result.stats.accepted_tokens}/{result.stats.drafted_tokens} "
             f"drafted, generation peak {result.generation_peak_bytes / 2**20:.1f} MiB (plan "
             f"{result.predicted_generation_bytes / 2**20:.1f} MiB), process peak "
             f"{result.process_peak_bytes / 2**20:.0f} MiB of {result.budget_bytes / 2**20:.0f} MiB budget[/]"

@@ -2,7 +2,7 @@
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from specmemo.decoding.events import Finished, GenerationStats, Step
 from specmemo.decoding.sampling import SamplingConfig
@@ -17,13 +17,7 @@ from specmemo.pipeline import open_pipeline
 class GenerateResult:
     text: str
     token_ids: list[int]
-    new_tokens: int
-    drafted_tokens: int
-    accepted_tokens: int
-    steps: int
-    tokens_per_s: float           # decoding only
-    prefill_tokens_per_s: float
-    prefill_seconds: float
+    stats: GenerationStats        # tokens, acceptance, speeds (decoding only; the prefill apart), stop reason
     generation_peak_bytes: int    # what generation added, against predicted_generation_bytes
     process_peak_bytes: int       # the whole process, loading included: what the budget bounds
     predicted_generation_bytes: int
@@ -35,19 +29,16 @@ class GenerateResult:
     context: int
     draft_len: int
     draft_window: int
-    acceptance_rate: float
-    stop_reason: str
-    seconds: float
     dtype: str
     kv_dtype: str
     forward: str
     attention: str | None         # "native" / "torch": how half precision attends exactly (None: fp32)
     products: str | None          # "compiled" / "torch": which kernels multiply the matrices (None: transformers)
     drafter: str                  # what drafted: model, head, ngram or none (--draft auto picks one)
-    accepted_histogram: dict[int, int] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        own = {k: v for k, v in self.__dict__.items() if k != "stats"}
+        return {**own, **self.stats.to_json(), "seconds": self.stats.seconds}
 
 
 def check_context(context: int | None, limit: int) -> None:
@@ -96,17 +87,13 @@ def generate(target: str, draft: str, prompt: str, *, chat: bool = False, max_ne
     plan = rt.report.plan
     weights = weights_nbytes(rt.target.model) + (weights_nbytes(rt.draft.model) if rt.draft else 0)
     return GenerateResult(
-        text=decode_reply(tokenizer, new), token_ids=new, new_tokens=stats.new_tokens,
-        drafted_tokens=stats.drafted_tokens, accepted_tokens=stats.accepted_tokens, steps=stats.steps,
-        tokens_per_s=stats.tokens_per_s, prefill_tokens_per_s=stats.prefill_tokens_per_s,
-        prefill_seconds=stats.prefill_seconds, generation_peak_bytes=rt.meter.above_baseline(),
+        text=decode_reply(tokenizer, new), token_ids=new, stats=stats, generation_peak_bytes=rt.meter.above_baseline(),
         process_peak_bytes=rt.process_peak_bytes(), predicted_generation_bytes=plan.generation_bytes,
         weights_bytes=weights, load_peak_bytes=rt.load_peak_bytes, plan_total_bytes=plan.total_bytes,
         budget_bytes=rt.report.budget_bytes, prompt_tokens=len(prompt_ids), context=plan.request.context,
-        draft_len=plan.request.draft_len, draft_window=plan.request.draft_window,
-        acceptance_rate=stats.acceptance_rate, stop_reason=stats.stop_reason,
-        seconds=stats.prefill_seconds + stats.decode_seconds, dtype=plan.request.dtype, kv_dtype=plan.request.kv,
-        forward=rt.target.forward_path, attention=rt.target.attention, products=rt.target.products, drafter=rt.report.drafter, accepted_histogram=dict(sorted(stats.accepted_histogram.items())),
+        draft_len=plan.request.draft_len, draft_window=plan.request.draft_window, dtype=plan.request.dtype,
+        kv_dtype=plan.request.kv, forward=rt.target.forward_path, attention=rt.target.attention,
+        products=rt.target.products, drafter=rt.report.drafter,
     )
 
 
@@ -178,10 +165,8 @@ def sequence_json(tokenizer, done) -> dict:
     """One prompt's line of `generate --prompts`: the single-prompt fields that apply per sequence."""
     s = done.stats
     return {"index": done.index, "text": decode_reply(tokenizer, done.tokens), "token_ids": done.tokens,
-            "new_tokens": s.new_tokens, "drafted_tokens": s.drafted_tokens, "accepted_tokens": s.accepted_tokens,
-            "steps": s.steps, "acceptance_rate": s.acceptance_rate, "stop_reason": s.stop_reason,
-            "prompt_tokens": s.prefilled_tokens, "row": done.row, "latency_seconds": done.latency_seconds,
-            "accepted_histogram": dict(sorted(s.accepted_histogram.items()))}
+            **s.to_json(), "prompt_tokens": s.prefilled_tokens, "row": done.row,
+            "latency_seconds": done.latency_seconds}
 
 
 def largest_batch(refs, *, context: int, budget: int | None, device: str, dtype: str | None,

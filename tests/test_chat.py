@@ -70,7 +70,7 @@ def test_multi_turn_with_cache_reuse_equals_the_conversation_from_scratch():
     for question in ["Name a fruit.", "Why is it healthy?", "Say that again in five words."]:
         list(session.ask(question))
     # The last reply, generated on caches carried over from the earlier turns.
-    prompt_end = len(rt.engine.tokens) - session.turns[-1].new_tokens
+    prompt_end = len(rt.engine.tokens) - session.turns[-1].stats.new_tokens
     conversation = list(rt.engine.tokens[:prompt_end])
     cached_reply = list(rt.engine.tokens[prompt_end:])
     # The same conversation replayed into empty caches in one prefill.

@@ -9,11 +9,11 @@ over it is reported, and the context is lowered (and its KV pages released) befo
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from specmemo.budget import footprint
 from specmemo.chat.conversation import Conversation
-from specmemo.decoding.events import Finished, Step
+from specmemo.decoding.events import Finished, GenerationStats, Step
 from specmemo.errors import BadInput
 from specmemo.memory.measure import PeakMeter
 from specmemo.models.text import StreamDecoder, decode_reply, encode_text, render, stop_ids, turn_delta
@@ -26,29 +26,26 @@ class TurnRecord:
     turn: int
     context_tokens: int
     context_limit: int
-    prefilled_tokens: int
+    stats: GenerationStats       # the engine's: tokens, acceptance, speeds (decoding only), stop reason
     reprefilled_tokens: int      # earlier conversation prefilled again (after eviction or a template re-render)
     reprefill_reason: str        # "", "eviction", "template" or "budget"
-    new_tokens: int
-    drafted_tokens: int
-    accepted_tokens: int
-    tokens_per_s: float          # decoding only
-    prefill_tokens_per_s: float
-    prefill_seconds: float
     peak_bytes: int              # the whole process during this turn
     budget_bytes: int
     over_budget: bool
     evicted_tokens: int          # tokens of the dropped exchanges
     evicted_turns: int
-    stop_reason: str
-    seconds: float
+    seconds: float               # the whole turn, streaming included
     forward: str                 # "specmemo" (our decoder) or "transformers" (the adapter)
-    accepted_histogram: dict
     attention: str | None = None  # half precision: "native" (compiled kernel) or "torch" (LoadedModel.attention)
     products: str | None = None   # "compiled" (models/row_matmul.c) or "torch" (LoadedModel.products)
 
+    @property
+    def prefilled_tokens(self) -> int:
+        return self.stats.prefilled_tokens
+
     def to_json(self) -> dict:
-        return asdict(self)
+        own = {k: v for k, v in self.__dict__.items() if k != "stats"}
+        return {**own, **self.stats.to_json(), "prefilled_tokens": self.stats.prefilled_tokens}
 
 
 @dataclass(frozen=True)
@@ -160,15 +157,11 @@ class ChatSession:
         peak = self.meter.peak()
         record = TurnRecord(
             turn=len(self.turns) + 1, context_tokens=len(self.engine.tokens), context_limit=self.context_cap,
-            prefilled_tokens=stats.prefilled_tokens,
-            reprefilled_tokens=len(prep.ids) if prep.reprefill_reason else 0, reprefill_reason=prep.reprefill_reason,
-            new_tokens=stats.new_tokens, drafted_tokens=stats.drafted_tokens, accepted_tokens=stats.accepted_tokens,
-            tokens_per_s=stats.tokens_per_s, prefill_tokens_per_s=stats.prefill_tokens_per_s,
-            prefill_seconds=stats.prefill_seconds, peak_bytes=peak, budget_bytes=self.budget_bytes,
+            stats=stats, reprefilled_tokens=len(prep.ids) if prep.reprefill_reason else 0,
+            reprefill_reason=prep.reprefill_reason, peak_bytes=peak, budget_bytes=self.budget_bytes,
             over_budget=peak > self.budget_bytes, evicted_tokens=prep.evicted_tokens,
-            evicted_turns=prep.evicted_turns, stop_reason=stats.stop_reason, seconds=time.perf_counter() - start,
+            evicted_turns=prep.evicted_turns, seconds=time.perf_counter() - start,
             forward=self.rt.target.forward_path, attention=self.rt.target.attention, products=self.rt.target.products,
-            accepted_histogram=dict(sorted(stats.accepted_histogram.items())),
         )
         self.turns.append(record)
         if record.over_budget:

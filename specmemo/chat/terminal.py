@@ -58,17 +58,19 @@ class ChatTerminal:
                     "evicted"):
             table.add_column(col, justify="right")
         for t in s.turns:
-            table.add_row(str(t.turn), f"{t.context_tokens}/{t.context_limit}", str(t.prefilled_tokens),
-                          str(t.new_tokens), f"{t.accepted_tokens}/{t.drafted_tokens}", f"{t.tokens_per_s:.1f}",
-                          f"{t.prefill_tokens_per_s:.0f}", format_bytes(t.peak_bytes),
+            s = t.stats
+            table.add_row(str(t.turn), f"{t.context_tokens}/{t.context_limit}", str(s.prefilled_tokens),
+                          str(s.new_tokens), f"{s.accepted_tokens}/{s.drafted_tokens}", f"{s.tokens_per_s:.1f}",
+                          f"{s.prefill_tokens_per_s:.0f}", format_bytes(t.peak_bytes),
                           f"{t.evicted_tokens} ({t.evicted_turns} turns)")
         table.caption = (f"budget {format_bytes(s.rt.report.budget_bytes)} · plan {format_bytes(s.rt.report.plan.total_bytes)}"
                          f" · drafter {s.rt.report.drafter} · k ≤ {s.rt.report.plan.request.draft_len}")
         return table
 
     def turn_line(self, t: TurnRecord) -> str:
-        return (f"[dim]{t.new_tokens} tokens · {t.tokens_per_s:.1f} tok/s · prefill {t.prefilled_tokens} tokens at "
-                f"{t.prefill_tokens_per_s:.0f} tok/s · accepted {t.accepted_tokens}/{t.drafted_tokens} · context "
+        s = t.stats
+        return (f"[dim]{s.new_tokens} tokens · {s.tokens_per_s:.1f} tok/s · prefill {s.prefilled_tokens} tokens at "
+                f"{s.prefill_tokens_per_s:.0f} tok/s · accepted {s.accepted_tokens}/{s.drafted_tokens} · context "
                 f"{t.context_tokens}/{t.context_limit} · peak {format_bytes(t.peak_bytes)} of "
                 f"{format_bytes(t.budget_bytes)}[/]")
 
@@ -98,7 +100,7 @@ class ChatTerminal:
             self.write_log({"turn": len(self.session.turns) + 1, "error": str(e)})
             return
         self.console.print()
-        if record.stop_reason == "interrupted":
+        if record.stats.stop_reason == "interrupted":
             self.console.print("[yellow](reply stopped)[/]")
         if record.over_budget:
             self.errors.print(f"[red]this turn peaked at {format_bytes(record.peak_bytes)}, over the budget of "

@@ -60,6 +60,18 @@ class GenerationStats:
     def acceptance_rate(self) -> float:
         return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
 
+    @property
+    def seconds(self) -> float:
+        return self.prefill_seconds + self.decode_seconds
+
+    def to_json(self) -> dict:
+        """The fields every renderer shows (generate --json, chat's --json-log, profile's turns)."""
+        return {"new_tokens": self.new_tokens, "drafted_tokens": self.drafted_tokens,
+                "accepted_tokens": self.accepted_tokens, "steps": self.steps, "tokens_per_s": self.tokens_per_s,
+                "prefill_tokens_per_s": self.prefill_tokens_per_s, "prefill_seconds": self.prefill_seconds,
+                "acceptance_rate": self.acceptance_rate, "stop_reason": self.stop_reason,
+                "accepted_histogram": dict(sorted(self.accepted_histogram.items()))}
+
     def record(self, step: Step) -> None:
         self.steps += 1
         self.new_tokens += len(step.tokens)

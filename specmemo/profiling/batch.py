@@ -20,9 +20,9 @@ from pathlib import Path
 
 from specmemo.atomic import atomic_write_text
 from specmemo.errors import BadInput
+from specmemo.profiling.report import first_difference, machine_line, top2_margin, write_report
 
 BATCH_ENGINES = ("specmemo", "specmemo-ar", "hf-batch")
-NUMERICS_MARGIN = 1e-4
 
 
 # -- one run, in its own process ----------------------------------------------------------------
@@ -102,8 +102,7 @@ def divergences(runs: dict, engine: str, batch: int) -> list[dict]:
     out = []
     for i, (a, b) in enumerate(zip(mine, ref)):
         if a != b:
-            pos = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-            out.append({"prompt": i, "position": pos})
+            out.append({"prompt": i, "position": first_difference(a, b)})
     return out
 
 
@@ -124,10 +123,7 @@ def add_margins(cfg: dict, runs: dict, found: list[dict]) -> None:
         ref = runs[(d["engine"], 1)]["outputs"][d["prompt"]]
         ids = encode_prompt(rt.tokenizer, cfg["prompts"][d["prompt"]], chat=True) + ref[: d["position"]]
         rt.engine.store.reset()
-        logits = rt.target.forward(rt.engine.store, torch.tensor([ids]), 1)[0, -1]
-        top = torch.topk(logits, 2).values
-        d["top2_margin"] = float(top[0] - top[1])
-        d["numerics"] = d["top2_margin"] < NUMERICS_MARGIN
+        d.update(top2_margin(rt.target.forward(rt.engine.store, torch.tensor([ids]), 1)[0, -1]))
 
 
 def batch_profile(target: str, draft: str, out: Path, *, batches: list[int], prompts: str | None = None,
@@ -211,7 +207,7 @@ def build_report(facts: dict, cfg: dict, runs: dict, engines: list[str], batches
 def markdown(report: dict, plots: list[str]) -> str:
     m = report["machine"]
     lines = [f"# specmemo batch profile: {report['target']} ({report['dtype']})", "",
-             f"Host: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch {m.get('torch', '?')}. "
+             f"{machine_line(m)} "
              f"{report['prompts']} prompts (first turns, chat template), {report['max_new_tokens']} new tokens, "
              f"greedy. Ratios within this run only.", "",
              "| engine | batch | tok/s | × batch 1 | × hf-batch | mean latency (s) | identical to batch 1 "
@@ -244,10 +240,8 @@ def markdown(report: dict, plots: list[str]) -> str:
 def write_outputs(report: dict, runs: dict, out: Path) -> None:
     from specmemo.profiling.plots import batch_plots
 
-    plots = batch_plots(report, out)
-    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
-    atomic_write_text(out / "report.md", markdown(report, plots))
-    atomic_write_text(out / "outputs.json", json.dumps({f"{e}-b{b}": r["outputs"] for (e, b), r in runs.items()}))
+    write_report(out, report, markdown, batch_plots(report, out),
+                 {"outputs.json": json.dumps({f"{e}-b{b}": r["outputs"] for (e, b), r in runs.items()})})
 
 
 if __name__ == "__main__":

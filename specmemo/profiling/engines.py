@@ -9,11 +9,11 @@ turns by common prefix. Every engine is greedy, stops at the same end-of-turn to
 Each turn's seconds cover its prefill and its decoding, for every engine.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from specmemo.decoding.events import collect
+from specmemo.decoding.events import GenerationStats, collect
 
 ENGINES = ("specmemo", "specmemo-ar", "hf-ar", "hf-ar-cached", "hf-lookup", "hf-assisted", "llama.cpp")
 LLAMA_CPP_MISSING = ("the llama.cpp engine needs llama-cpp-python: pip install 'specmemo[llama]' "
@@ -25,14 +25,7 @@ PROMPT_LOOKUP_TOKENS = 10  # transformers' documented example value
 class TurnResult:
     tokens: list[int]
     seconds: float
-    drafted: int = 0
-    accepted: int = 0
-    steps: int = 0
-    draft_seconds: float = 0.0
-    histogram: dict = field(default_factory=dict)
-    rank_hits: list = field(default_factory=list)
-    rank_visits: list = field(default_factory=list)
-    lookup: list = field(default_factory=list)
+    stats: GenerationStats | None = None   # our engine's (the baselines count tokens and time only)
 
 
 class SpecmemoEngine:
@@ -50,10 +43,7 @@ class SpecmemoEngine:
             self.engine.reset()
             held = []
         tokens, stats = collect(self.engine.generate(input_ids[len(held):], max_new, stops))
-        return TurnResult(tokens, stats.prefill_seconds + stats.decode_seconds, stats.drafted_tokens,
-                          stats.accepted_tokens, stats.steps,
-                          stats.draft_seconds, dict(stats.accepted_histogram), list(stats.rank_hits),
-                          list(stats.rank_visits), list(stats.lookup))
+        return TurnResult(tokens, stats.seconds, stats)
 
 
 class HFEngine:

@@ -1,8 +1,12 @@
-"""Turn the engines' results into report.json, report.md and plots, and compare outputs.
+"""The one report builder of `specmemo profile`: engines' results into report.json, report.md and
+plots, outputs compared with a reference run. The single-sequence profile (conversations against
+hf-ar) is built here; the batch profile (profiling/batch.py: each batch size against batch 1)
+builds its rows and renders through the same pieces: first_difference, top2_margin,
+machine_line, write_report.
 
-Where an engine's greedy output differs from hf-ar, the report names the conversation, turn and
-position, and the target's top-2 logit margin there. Only a margin below 1e-4 is numerics
-(two near-tied logits flipped by summation order); anything else is a bug.
+Where an engine's greedy output differs from its reference, the report names where, and the
+target's top-2 logit margin there. Only a margin below 1e-4 is numerics (two near-tied logits
+flipped by summation order); anything else is a bug.
 """
 
 import json
@@ -15,6 +19,36 @@ NUMERICS_MARGIN = 1e-4
 STAND_IN_NOTE = ("The draft model is a stand-in: the target's own weights loaded in {dtype}. "
                  "Its acceptance is higher than a real small draft's would be.")
 
+
+
+def first_difference(mine: list[int], theirs: list[int]) -> int:
+    """The first position where two token lists differ (the shorter's length if one extends the other)."""
+    return next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
+
+
+def top2_margin(logits) -> dict:
+    """The target's top-2 logit margin at a divergence ([V] logits), and whether it is numerics."""
+    import torch
+
+    top = torch.topk(logits.float(), 2).values
+    margin = float(top[0] - top[1])
+    return {"top2_margin": margin, "numerics": margin < NUMERICS_MARGIN}
+
+
+def machine_line(m: dict) -> str:
+    """The host as every report names it."""
+    return (f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_bytes'] / 2**30:.1f} GiB"
+            f"{', GPU ' + m['gpu'] if m.get('gpu') else ''}; torch {m['torch']}, transformers {m['transformers']}; "
+            f"measured read bandwidth {m['read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s.")
+
+
+def write_report(out: Path, report: dict, markdown_of, plots: list[str], extra: dict[str, str] | None = None) -> None:
+    """report.json, report.md (markdown_of(report, plots)) and any extra files, each written atomically."""
+    report["plots"] = [Path(p).name for p in plots]
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "report.md", markdown_of(report, plots))
+    for name, text in (extra or {}).items():
+        atomic_write_text(out / name, text)
 
 
 def first_acceptance(histogram: dict) -> float | None:
@@ -33,8 +67,8 @@ def first_divergences(runs: dict) -> dict[str, list[dict]]:
         for o in run["outputs"]:
             for turn, (mine, theirs) in enumerate(zip(o["turns"], ref[o["question_id"]])):
                 if mine != theirs:
-                    pos = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
-                    diffs.append({"conversation": o["question_id"], "turn": turn + 1, "position": pos})
+                    diffs.append({"conversation": o["question_id"], "turn": turn + 1,
+                                  "position": first_difference(mine, theirs)})
                     break  # later turns see different histories; the first divergence is what matters
         out[name] = diffs
     return out
@@ -74,10 +108,7 @@ def add_margins(base: dict, runs: dict, divergences: dict[str, list[dict]], toke
             ids = conversation_ids(tokenizer, convs[d["conversation"]]["turns"], outs, d["turn"] - 1)
             ids = ids + outs[d["turn"] - 1][: d["position"]]
             with torch.inference_mode():
-                logits = model(torch.tensor([ids]), logits_to_keep=1).logits[0, -1].float()
-            top = torch.topk(logits, 2).values
-            d["top2_margin"] = float(top[0] - top[1])
-            d["numerics"] = d["top2_margin"] < NUMERICS_MARGIN
+                d.update(top2_margin(model(torch.tensor([ids]), logits_to_keep=1).logits[0, -1]))
 
 
 def build_report(facts: dict, base: dict, runs: dict, tokenizer) -> dict:
@@ -155,9 +186,7 @@ def markdown(report: dict, plots: list[str]) -> str:
         f"# specmemo profile: {report['target']} + {report['draft']}",
         "",
         f"{p['count']} conversations × {p['turns']} turns, {p['max_new_tokens']} new tokens per turn, greedy, "
-        f"{report['dtype']} (KV {report.get('kv_dtype', report['dtype'])}). Machine: {m['cpu']}, {m['cores']} cores, {m['memory_bytes'] / 2**30:.1f} GiB"
-        f"{', GPU ' + m['gpu'] if m['gpu'] else ''}; torch {m['torch']}, transformers {m['transformers']}; "
-        f"measured read bandwidth {m['read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s.",
+        f"{report['dtype']} (KV {report.get('kv_dtype', report['dtype'])}). {machine_line(m)}",
         "",
         "| engine | forward | tok/s | × hf-ar | × hf-ar-cached | of bandwidth bound | generation peak MiB | plan MiB | acceptance | first-token acceptance | accepted/step | turns identical to hf-ar |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
@@ -199,10 +228,7 @@ def markdown(report: dict, plots: list[str]) -> str:
 def write_outputs(report: dict, runs: dict, out: Path) -> None:
     from specmemo.profiling.plots import make_plots
 
-    plots = make_plots(report, runs, out)
-    report["plots"] = [Path(p).name for p in plots]
-    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
-    atomic_write_text(out / "report.md", markdown(report, plots))
+    write_report(out, report, markdown, make_plots(report, runs, out))
 
 
 MIN_RANK_VISITS = 30

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 from specmemo.atomic import atomic_write_text
+from specmemo.decoding.events import GenerationStats
 from specmemo.memory.malloc import tame_glibc_malloc
 from specmemo.memory.measure import PeakMeter
 from specmemo.models.text import decode_reply, encode_prompt, encode_text, render, turn_delta
@@ -139,11 +140,13 @@ def main(config_path: str, result_path: str) -> None:
             peak = max(peak, turn_meter.above_baseline())
             process_peak = max(process_peak, turn_meter.peak())
             outs.append(r.tokens)
+            s = r.stats or GenerationStats()
             turn_rows.append({"conversation": conv["question_id"], "turn": turn + 1, "prompt_tokens": len(ids),
-                              "new_tokens": len(r.tokens), "seconds": r.seconds, "drafted": r.drafted,
-                              "accepted": r.accepted, "steps": r.steps, "draft_seconds": r.draft_seconds,
-                              "histogram": r.histogram, "rank_hits": r.rank_hits,
-                              "rank_visits": r.rank_visits, "lookup": r.lookup})
+                              "new_tokens": len(r.tokens), "seconds": r.seconds, "drafted": s.drafted_tokens,
+                              "accepted": s.accepted_tokens, "steps": s.steps, "draft_seconds": s.draft_seconds,
+                              "histogram": dict(s.accepted_histogram), "rank_hits": list(s.rank_hits) if r.stats else [],
+                              "rank_visits": list(s.rank_visits) if r.stats else [],
+                              "lookup": list(s.lookup) if r.stats else []})
             print("progress", flush=True)
         if ci == 0 and timeline:
             timeline.__exit__(None, None, None)
