@@ -4,12 +4,13 @@ SmolLM2-135M-Instruct through specmemo's own decoder, 512 tokens already in the 
 of 15 runs for each n; prints t(n) in ms and t(n)/t(1). Speculation pays when k draft tokens are
 accepted often enough to cover t(k+1)/t(1).
 --torch-attention also times each half-precision dtype with exact attention in torch (one query
-at a time) instead of the compiled kernel (models/native.py), in the same run ("<dtype>/torch").
+at a time) instead of the compiled kernel (models/kernels/native.py), in the same run ("<dtype>/torch").
 --torch-head also times q4 with its LM head through torch's bf16 product where the compiled
 row-exact kernel is chosen (models/quant.NativeHead), in the same run ("q4/torch-head").
 --against-attention FILE also times each half-precision dtype with another version of
-exact_attention.c (e.g. `git show HEAD~1:specmemo/models/exact_attention.c > /tmp/before.c`), in the
+exact_attention.c (e.g. `git show HEAD~1:specmemo/models/kernels/exact_attention.c > /tmp/before.c`), in the
 same run ("<dtype>/FILE").
+Writes bench/results/cost_curve-<cpu class>.json (bench/result.py).
 Usage: python bench/cost_curve.py [--dtypes fp32,bf16] [--max-tokens 16] [--torch-attention] [--torch-head]
        [--against-attention FILE]
 """
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from specmemo.memory.malloc import tame_glibc_malloc  # noqa: E402
-from specmemo.models import native  # noqa: E402
+from specmemo.models.kernels import native  # noqa: E402
 from specmemo.models.resolve import resolve  # noqa: E402
 from specmemo.profiling.cost_curve import cost_curve, forward_times  # noqa: E402
 from specmemo.host import cpu_name  # noqa: E402
@@ -60,10 +61,17 @@ def main():
     for n in range(1, args.max_tokens + 1):
         cells = " | ".join(f"{t[n] * 1e3:.1f} | {t[n] / t[1]:.2f}" for t in times.values())
         print(f"| {n} | {cells} |")
+    from bench.result import figure, save
+
+    curves = {}
     for dt, t in times.items():  # for profiles/devices/cpu.toml
-        if "/" in dt:
-            continue
-        print(f"cost_curve_{dt} = {cost_curve(t)}")
+        curves[dt] = cost_curve(t)
+        if "/" not in dt:
+            print(f"cost_curve_{dt} = {curves[dt]}")
+    save("cost_curve", [figure(f"SmolLM2-135M {dt}: C(6) = t(6)/t(1)", curves[dt][5]) for dt in curves
+                        if len(curves[dt]) >= 6] + [figure(f"SmolLM2-135M {dt}: t(1)", round(t[1] * 1e3, 2), "ms")
+                                                    for dt, t in times.items()],
+         {"ms": {dt: {n: t[n] * 1e3 for n in t} for dt, t in times.items()}, "curves": curves})
 
 
 if __name__ == "__main__":

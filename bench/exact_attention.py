@@ -1,5 +1,5 @@
-"""Exact half-precision attention: the compiled kernel (models/exact_attention.c, built by
-models/native.py) against the torch path (LlamaModel.attend_one, one query at a time over fp32
+"""Exact half-precision attention: the compiled kernel (models/kernels/exact_attention.c, built by
+models/kernels/native.py) against the torch path (LlamaModel.attend_one, one query at a time over fp32
 copies of the keys), SmolLM2-135M's attention shape (3 KV heads, 3 queries each, head_dim 64,
 bf16 KV), per layer, by rows n and keys cached. Checks first that the kernel's rows equal one-row
 calls bit for bit and how far they are from fp32 SDPA. The device profile's `native_attention`
@@ -17,8 +17,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from specmemo.models import native  # noqa: E402
-from specmemo.models.native import Rows  # noqa: E402
+from specmemo.models.kernels import native  # noqa: E402
+from specmemo.models.kernels.native import Rows  # noqa: E402
 from specmemo.host import cpu_name  # noqa: E402
 
 Hkv, G, D = 3, 3, 64

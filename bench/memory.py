@@ -1,6 +1,7 @@
 """Measured generation memory against the plan, at contexts the run fills (--ignore-eos).
 
-Each point runs `specmemo generate --json` in its own process, so every peak is its own.
+Each point runs `specmemo generate --json` in its own process, so every peak is its own. Writes
+bench/results/memory-<cpu class>.json (bench/result.py).
 Usage: python bench/memory.py [--contexts 1000,4000] [--drafters none,ngram] [--max-new-tokens 200]
        [--dtype fp32] [--draft-dtype bf16]    (a drafter may be a model: --drafters smollm2-135m-instruct)
 """
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 MT_BENCH = ROOT.parent / "shared" / "data" / "mt_bench_questions.jsonl"
 
 
@@ -44,15 +46,24 @@ def main():
     args = ap.parse_args()
     print("| context | drafter | measured MiB | plan MiB | measured/plan | process peak MiB | plan total MiB |")
     print("|---:|---|---:|---:|---:|---:|---:|")
-    worst_ok = True
+    from bench.result import figure, save
+
+    worst_ok, figures, points = True, [], []
     for context in map(int, args.contexts.split(",")):
         for drafter in args.drafters.split(","):
             r = run(context, drafter, args.max_new_tokens, args.target, args.dtype, args.draft_dtype)
             ratio = r["generation_peak_bytes"] / r["predicted_generation_bytes"]
+            whole = r["process_peak_bytes"] / r["plan_total_bytes"]
             worst_ok &= ratio <= 1.0 and r["process_peak_bytes"] <= r["plan_total_bytes"]
+            label = f"{args.target} {r['dtype']}, {drafter}, context {r['context']}"
+            figures += [figure(f"generation peak / plan: {label}", round(ratio, 3)),
+                        figure(f"process peak / plan total: {label}", round(whole, 3))]
+            points.append({k: r[k] for k in ("context", "dtype", "drafter", "generation_peak_bytes",
+                                             "predicted_generation_bytes", "process_peak_bytes", "plan_total_bytes")})
             print(f"| {r['context']} | {drafter} | {r['generation_peak_bytes'] / 2**20:.1f} | "
                   f"{r['predicted_generation_bytes'] / 2**20:.1f} | {ratio:.3f} | {r['process_peak_bytes'] / 2**20:.0f} | "
                   f"{r['plan_total_bytes'] / 2**20:.0f} |", flush=True)
+    save("memory", figures, {"points": points})
     sys.exit(0 if worst_ok else 1)
 
 

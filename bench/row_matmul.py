@@ -1,4 +1,4 @@
-"""The compiled row-exact products (models/row_matmul.c) against torch's, on the machine at hand.
+"""The compiled row-exact products (models/kernels/row_matmul.c) against torch's, on the machine at hand.
 
 A q4 model's layer matrices (SmolLM2-135M's 120: 30 layers, distinct weights per layer, as in
 decoding) through quant.NativeQ4 and through torch's int4 kernel (quant.Int4Weight, bf16
@@ -7,7 +7,7 @@ product (the [out, in] storage's transposed view, as the decoder holds it). ms p
 timed in rounds (each round every kernel once) so a shared machine's slow spells fall on all
 alike; then whether every row of an 8-row product equals that row alone. Feeds `native_q4` and
 `native_head` in profiles/devices/cpu.toml. --against FILE adds another version of row_matmul.c
-(e.g. `git show HEAD~1:specmemo/models/row_matmul.c > /tmp/before.c`) to the same rounds: a kernel
+(e.g. `git show HEAD~1:specmemo/models/kernels/row_matmul.c > /tmp/before.c`) to the same rounds: a kernel
 change's A/B on one machine in one run, with how far its q4 outputs move.
 Usage: python bench/row_matmul.py [--ms 1,2,4,6,8,16] [--rounds 7] [--against FILE]
 """
@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from specmemo.models import native  # noqa: E402
+from specmemo.models.kernels import native  # noqa: E402
 from specmemo.models.quant import Int4Weight, NativeHead, NativeQ4  # noqa: E402
 from specmemo.host import cpu_name  # noqa: E402
 

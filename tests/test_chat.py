@@ -44,7 +44,8 @@ def test_piped_turns_are_answered_and_turn_two_prefills_only_its_new_tokens(tmp_
     assert turns[0]["forward"] == "specmemo"
     # q4 runs bf16 activations: exact attention through the compiled kernel where this machine builds it
     from specmemo.budget.devices import load_device
-    from specmemo.models import native, quant
+    from specmemo.models import quant
+    from specmemo.models.kernels import native
 
     here = load_device("cpu").kernels
     assert turns[0]["attention"] == ("native" if native.exact_attention() else "torch")

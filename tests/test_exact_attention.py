@@ -1,4 +1,4 @@
-"""The compiled exact-attention kernel (models/exact_attention.c through models/native.py): each row
+"""The compiled exact-attention kernel (models/kernels/exact_attention.c through models/kernels/native.py): each row
 of a multi-row call, causal or a candidate-tree node, rounds bit for bit as that row attended alone
 over its own keys; it stays close to SDPA; the decoder runs it for half precision and keeps greedy
 speculation token-identical; a machine without a compiler keeps the torch path."""
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from specmemo.memory.attention import CandidateTree
-from specmemo.models import native
-from specmemo.models.native import Rows
+from specmemo.models.kernels import native
+from specmemo.models.kernels.native import Rows
 from tests.tiny import VOCAB, make_engine, own_model, run, tiny_llama
 
 KERNEL = native.exact_attention()

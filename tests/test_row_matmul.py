@@ -1,4 +1,4 @@
-"""The compiled row-exact products (models/row_matmul.c through models/native.py): a q4 model's
+"""The compiled row-exact products (models/kernels/row_matmul.c through models/kernels/native.py): a q4 model's
 bf16 LM head (models/quant.NativeHead) and q4 layer matrices (NativeQ4). Each row of a product
 of many rows has the bits of that row multiplied alone, so verification equals plain decoding;
 the values are those of the dense product up to fp32 (head) or 16-bit activations and a bf16
@@ -8,7 +8,7 @@ output (q4).
 import pytest
 import torch
 
-from specmemo.models import native
+from specmemo.models.kernels import native
 from specmemo.models.quant import Int4Weight, NativeHead, NativeQ4
 
 from tests.test_quant import CONFIG, Q, logits_of, write_tiny_gguf, dense_model

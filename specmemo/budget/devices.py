@@ -24,7 +24,7 @@ class Kernels:
     packed_q4: bool = False    # a GGUF with 4-bit layers runs packed (q4) by default
     packed_head: bool = False  # a bf16 LM head (q4's too) packed once for oneDNN (models/quant.py)
     packed_layers: tuple = ()  # dense dtypes whose layer matrices are packed once for oneDNN
-    native_attention: bool = False  # half-precision exact attention through the compiled kernel (models/native.py)
+    native_attention: bool = False  # half-precision exact attention through the compiled kernel (models/kernels/native.py)
     native_q4: bool = False    # q4 layer matrices through the compiled row-exact kernel (models/quant.NativeQ4)
     native_head: bool = False  # a q4 model's bf16 LM head through that kernel (models/quant.NativeHead)
     draft_head_weights: str = ""  # "int8": a draft head's matrices in int8 (models/quant.Int8Matrix)

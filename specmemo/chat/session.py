@@ -37,7 +37,7 @@ class TurnRecord:
     seconds: float               # the whole turn, streaming included
     forward: str                 # "specmemo" (our decoder) or "transformers" (the adapter)
     attention: str | None = None  # half precision: "native" (compiled kernel) or "torch" (LoadedModel.attention)
-    products: str | None = None   # "compiled" (models/row_matmul.c) or "torch" (LoadedModel.products)
+    products: str | None = None   # "compiled" (models/kernels/row_matmul.c) or "torch" (LoadedModel.products)
 
     @property
     def prefilled_tokens(self) -> int:

@@ -58,10 +58,10 @@ class ChatTerminal:
                     "evicted"):
             table.add_column(col, justify="right")
         for t in s.turns:
-            s = t.stats
-            table.add_row(str(t.turn), f"{t.context_tokens}/{t.context_limit}", str(s.prefilled_tokens),
-                          str(s.new_tokens), f"{s.accepted_tokens}/{s.drafted_tokens}", f"{s.tokens_per_s:.1f}",
-                          f"{s.prefill_tokens_per_s:.0f}", format_bytes(t.peak_bytes),
+            g = t.stats
+            table.add_row(str(t.turn), f"{t.context_tokens}/{t.context_limit}", str(g.prefilled_tokens),
+                          str(g.new_tokens), f"{g.accepted_tokens}/{g.drafted_tokens}", f"{g.tokens_per_s:.1f}",
+                          f"{g.prefill_tokens_per_s:.0f}", format_bytes(t.peak_bytes),
                           f"{t.evicted_tokens} ({t.evicted_turns} turns)")
         table.caption = (f"budget {format_bytes(s.rt.report.budget_bytes)} · plan {format_bytes(s.rt.report.plan.total_bytes)}"
                          f" · drafter {s.rt.report.drafter} · k ≤ {s.rt.report.plan.request.draft_len}")

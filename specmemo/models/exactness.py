@@ -12,7 +12,7 @@ and plain decoding. This module holds what keeps every row exact on a CPU:
   by row in verification;
 - attention in fp32 one query at a time over buffers laid out like the store (widen,
   attend_one), and candidate-tree nodes over their own branch (attend_tree); the compiled kernel
-  (models/exact_attention.c) does the same reading each key once.
+  (models/kernels/exact_attention.c) does the same reading each key once.
 
 Shapes as in models/llama.py.
 """
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from specmemo.memory.attention import CandidateTree
-from specmemo.models.native import Rows
+from specmemo.models.kernels.native import Rows
 
 CAUSAL_ROWS = object()  # a mask marker: causal, each query attended on its own (see RowExact.attend)
 
@@ -71,7 +71,7 @@ class RowExact:
     def _native_attention(self):
         if not self.row_exact_tokens or self.device.type != "cpu":
             return None
-        from specmemo.models import native
+        from specmemo.models.kernels import native
 
         cfg = self.cfg
         if not self.kernels.native_attention or not native.ExactAttention.fits(

@@ -19,7 +19,7 @@ last position. Every matmul, norm and attention then has one shape, and a row's 
 only on its own token, position and visible keys. The padding rows recompute the last row exactly
 and write the same K/V into its slot, so the duplicate write is harmless. Measured on the H200:
 every engine then agreed 128/128 with plain decoding; a one-token step at 16 rows costs 1.3-1.4x
-one at 1 row, almost all of it from 1 row to 2 (bench/results/gpu_row_widths_h200_2026-11-27.txt).
+one at 1 row, almost all of it from 1 row to 2 (bench/results/history/gpu_row_widths_h200_2026-11-27.txt).
 With graphs off (capture=False) the same fixed-width step runs eagerly.
 """
 

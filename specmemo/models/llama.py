@@ -159,7 +159,7 @@ class LlamaModel(RowExact):
         # verification and plain decoding. Up to this many new tokens (verification-sized), each
         # causal query then attends exactly as a one-token step would (see `attention`).
         self.row_exact_tokens = 16 if dtype in (torch.bfloat16, torch.float16) else 0
-        # Those queries attend through the compiled kernel (models/native.py) where the device
+        # Those queries attend through the compiled kernel (models/kernels/native.py) where the device
         # profile measured it faster and it builds here: each key read once for all rows, each
         # row still rounding as a one-token step. Every row-exact attention in a run takes the
         # same path, one-token steps included; set to None before the first forward to use torch's.
@@ -176,7 +176,7 @@ class LlamaModel(RowExact):
     @property
     def products_path(self) -> str:
         """Which kernels multiply the matrices: "compiled" where the row-exact products of
-        models/row_matmul.c hold the q4 layers or the head (quant.NativeQ4, NativeHead), else "torch"."""
+        models/kernels/row_matmul.c hold the q4 layers or the head (quant.NativeQ4, NativeHead), else "torch"."""
         from specmemo.models.quant import NativeHead, NativeQ4
 
         mats = [self.head, self.layers[0].w_qkv] if self.layers else [self.head]

@@ -38,7 +38,7 @@ class LoadedModel:
 
     @property
     def products(self) -> str | None:
-        """Which kernels multiply our decoder's matrices: "compiled" (models/row_matmul.c, where the
+        """Which kernels multiply our decoder's matrices: "compiled" (models/kernels/row_matmul.c, where the
         device profile chose it) or "torch"; None for the transformers adapter."""
         return getattr(self.model, "products_path", None)
 

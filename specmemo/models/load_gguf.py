@@ -30,7 +30,7 @@ def load_gguf_q4(gguf_path: str, config: dict, dtype: torch.dtype, kernels: Kern
         raise UnknownModel(f"{f.path.name}: packed q4 runs GGUF architecture 'llama', not {arch!r}; "
                            "use --dtype fp32 or bf16")
     cfg = LlamaConfig.from_hf(config)
-    # The compiled row-exact kernel where measured faster on this CPU's class (models/row_matmul.c):
+    # The compiled row-exact kernel where measured faster on this CPU's class (models/kernels/row_matmul.c):
     # it takes bf16 activations, so only for a bf16-activation model.
     kernel = native_kernels("q4", kernels) if dtype == torch.bfloat16 else None
     head_kernel = native_kernels("head", kernels) if dtype == torch.bfloat16 else None

@@ -62,7 +62,7 @@ class Int4Weight:
 
 
 class NativeQ4:
-    """A q4 matrix multiplied by the compiled row-exact kernel (models/row_matmul.c: rows quantized
+    """A q4 matrix multiplied by the compiled row-exact kernel (models/kernels/row_matmul.c: rows quantized
     to int16 per group of 32, exact integer dot products): nibbles [out, in/2] uint8 in the GGUF's
     order and dm [out, in/32, 2] fp16 (w = q·d + m, the file's own d and m: Q4_1 exactly, Q4_0 with
     m = −8d), 0.625 bytes a weight as Int4Weight. Where the device profile measured it faster for
@@ -100,7 +100,7 @@ class NativeQ4:
 
 class NativeHead:
     """A bf16 LM head [vocab, hidden] multiplied by the compiled row-exact kernel into fp32 logits
-    (models/row_matmul.c), its rows (a tied embedding's) gathered in place. Where the device
+    (models/kernels/row_matmul.c), its rows (a tied embedding's) gathered in place. Where the device
     profile measured it faster (`native_head`): on the AVX2 host torch's bf16 product took 6.0 ms
     for one row and 32.9 for six, this 4.2 and 8.8 (bench/row_matmul.py)."""
 
@@ -131,7 +131,7 @@ class NativeHead:
 def native_kernels(what: str, kernels: Kernels):
     """The compiled row-exact kernel where the device profile measured it faster for `what` ("q4":
     layer matrices, "head": a q4 model's bf16 LM head) on this CPU's class and it builds here, else None."""
-    from specmemo.models import native
+    from specmemo.models.kernels import native
 
     if not (kernels.native_q4 if what == "q4" else kernels.native_head):
         return None
@@ -184,7 +184,7 @@ class Int8Matrix:
     activations (`_weight_int8pack_mm`). For a draft head only, where the device profile measured
     it faster (`draft_head_weights`): its products need not round like anything, since verification
     decides what is kept. On the AVX2 host the head held 8.1 MB instead of fp32's 32.2 MB: 1.09 ms a
-    step against 3.0 (bench/results/kernels_avx2_zen3_2026-11-28.txt)."""
+    step against 3.0 (bench/results/history/kernels_avx2_zen3_2026-11-28.txt)."""
 
     def __init__(self, weight: torch.Tensor):
         """weight: the [in, out] operand, any float dtype."""

@@ -1,5 +1,5 @@
 /* Matrix products for a q4 model on an AVX2 CPU whose every output row rounds exactly as that
- * row multiplied alone (models/native.py builds it; models/quant.NativeQ4 and NativeHead call it).
+ * row multiplied alone (models/kernels/native.py builds it; models/quant.NativeQ4 and NativeHead call it).
  *
  * Why: on an AVX2-only CPU torch's int4 kernel costs nearly in proportion to its rows (a pass over
  * SmolLM2's layers: 11.7 ms at 1 row, 31.0 at 6) and its bf16 LM head 5.0 ms a row, so verifying

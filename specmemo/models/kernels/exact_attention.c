@@ -1,4 +1,4 @@
-/* Attention for verification rows that rounds exactly as a one-query step (models/native.py builds
+/* Attention for verification rows that rounds exactly as a one-query step (models/kernels/native.py builds
  * it; LlamaModel.attend calls it for every half-precision forward of up to 16 tokens).
  *
  * Every number a query produces is a fixed chain: a score is a dot product over head_dim in order,

@@ -143,3 +143,12 @@ def test_the_walker_catches_an_upward_import_and_a_circle(tmp_path, bad):
         graph = import_graph(copy)
         assert violations(graph, layers) == []
         assert any("specmemo.budget.units" in c and "specmemo.budget.fit" in c for c in cycles(graph))
+
+
+def test_the_readme_figures_are_what_the_bench_results_give():
+    """README's figures table and docs/performance.md are generated from bench/results/*.json."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "figures.py"), "--check"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
