@@ -1,0 +1,101 @@
+"""Bad input never crashes: contexts out of range, usage errors, unwritable logs, files written
+atomically, text that is not UTF-8, architectures specmemo would run wrongly (refused in one line)."""
+
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+
+SPECMEMO = [sys.executable, "-m", "specmemo"]
+
+
+@pytest.mark.parametrize("context", [0, -1, 100000])
+def test_generate_validates_the_context_like_plan(cli, context):
+    r = cli("generate", "-p", "Hello", "--context", str(context))
+    assert r.exit_code == 1 and "--context must be between 1 and the model's maximum of 8192" in r.stderr
+
+
+def test_generate_context_one_leaves_no_room(cli):
+    r = cli("generate", "-p", "Hello", "--context", "1")
+    assert r.exit_code == 1 and "it needs at least" in r.stderr
+
+
+def test_usage_errors_exit_2_and_do_not_share_it_with_does_not_fit():
+    r = subprocess.run([*SPECMEMO, "generate", "--no-such-flag"], capture_output=True, text=True)
+    assert r.returncode == 2
+    r = subprocess.run([*SPECMEMO, "plan", "--target", "smollm2-135m-instruct", "--budget", "1MiB"],
+                       capture_output=True, text=True)
+    assert r.returncode == 3 and "does not fit" in r.stderr
+
+
+def test_a_json_log_path_that_cannot_be_written_fails_before_the_model_loads(tmp_path):
+    r = subprocess.run([*SPECMEMO, "chat", "--json-log", str(tmp_path)], capture_output=True, text=True,
+                       input="Hello\n", timeout=60)
+    assert r.returncode == 1 and "Is a directory" in r.stderr and "loading" not in r.stdout + r.stderr
+
+
+def test_atomic_write_keeps_the_usual_mode_and_needs_an_existing_directory(tmp_path):
+    from specmemo.atomic import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        path = atomic_write_text(tmp_path / "a.json", "{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    with pytest.raises(FileNotFoundError):
+        atomic_write_text(tmp_path / "missing" / "a.json", "{}")
+    with pytest.raises(IsADirectoryError):
+        atomic_write_text(tmp_path, "{}")
+
+
+@pytest.mark.parametrize("make,reason", [
+    (lambda: __import__("transformers").MistralConfig(sliding_window=4096, max_position_embeddings=32768), "sliding"),
+    (lambda: __import__("transformers").Gemma2Config(), "sliding"),
+    (lambda: __import__("transformers").LlamaConfig(), None),
+    (lambda: __import__("transformers").Qwen2Config(use_sliding_window=False, sliding_window=4096), None),
+    (lambda: __import__("transformers").MistralConfig(sliding_window=None), None),
+])
+def test_attention_features_the_adapter_cannot_run_are_named(make, reason):
+    from specmemo.memory.hf_adapter import unsupported_reason
+
+    found = unsupported_reason(make())
+    assert (found is None) if reason is None else (reason in found)
+
+
+def test_softcapping_is_refused():
+    from transformers import LlamaConfig
+
+    from specmemo.memory.hf_adapter import unsupported_reason
+
+    cfg = LlamaConfig()
+    cfg.attn_logit_softcapping = 50.0
+    assert "soft-capping" in unsupported_reason(cfg)
+
+
+@pytest.mark.slow
+def test_a_sliding_window_model_is_refused_with_one_line(tmp_path):
+    from transformers import MistralConfig
+
+    from specmemo.models.synthetic import save_random_model
+
+    cfg = MistralConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=64, max_position_embeddings=512)
+    draft = save_random_model(cfg, tmp_path / "mistral")
+    r = subprocess.run([*SPECMEMO, "generate", "--draft", str(draft), "-p", "Hello", "-m", "4"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "sliding-window attention (64 tokens)" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_text_that_is_not_utf8_is_replaced_not_a_crash():
+    r = subprocess.run([*SPECMEMO, "generate", "-p", b"caf\xe9 au lait?", "-m", "4", "--json"], capture_output=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([*SPECMEMO, "chat", "--temperature", "0", "-m", "4"], input=b"caf\xe9\nHello\n",
+                       capture_output=True, timeout=300)
+    assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr

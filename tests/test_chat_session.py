@@ -1,0 +1,79 @@
+"""The chat session on the real default model: commands that fail softly, a turn over the budget,
+a template that re-renders history."""
+
+import json
+import stat
+import subprocess
+import sys
+
+import pytest
+
+
+SPECMEMO = [sys.executable, "-m", "specmemo"]
+
+
+@pytest.mark.slow
+def test_chat_commands_fail_softly_and_piped_slash_lines_are_messages(tmp_path):
+    log = tmp_path / "log.jsonl"
+    out = tmp_path / "saved.json"
+    lines = ["/help", "Hi!", f"/save {tmp_path}", f"/save {tmp_path}/missing/x.json", f"/save {out}",
+             "/usr/bin holds programs. Say yes.", "//stats is not a command here", "/reset", "/stats", "Bye!"]
+    r = subprocess.run([*SPECMEMO, "chat", "--temperature", "0", "-m", "6", "--json-log", str(log)],
+                       input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "/stats" in r.stdout.split("Hi")[0] and "unknown command" not in r.stdout  # /help is help
+    assert "is a directory" in r.stderr and "no such directory" in r.stderr
+    assert stat.S_IMODE(out.stat().st_mode) & 0o044  # readable like any file the user writes
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(rows) == 4  # Hi, the /usr line, the //stats line, Bye
+    saved = json.loads(out.read_text())
+    assert len(saved["messages"]) == 2
+    # /reset cleared the stats table: it shows no row for the turns before it
+    after_reset = r.stdout.split("conversation cleared")[1]
+    assert "│ 1 " not in after_reset.split("Bye")[0]
+    assert "loading models" not in r.stdout
+
+
+@pytest.mark.slow
+def test_a_turn_over_budget_is_reported_and_the_next_turn_shrinks_into_it():
+    from specmemo.chat.session import ChatSession
+    from specmemo.pipeline import open_pipeline
+
+    rt = open_pipeline("smollm2-135m-instruct", "ngram", context=512)
+    session = ChatSession(rt, None, 32)
+    list(session.ask("Tell me about bicycles."))
+    list(session.ask("And about cars?"))
+    held = len(rt.engine.tokens)
+    # Pretend the budget was a little less than this process holds now: the next turn's peak is at
+    # least what it holds when the turn starts (the kernel's high-water mark is reset to it), so it
+    # is over whatever its own allocations do.
+    from specmemo.memory.measure import rss_bytes
+
+    object.__setattr__(rt.report, "budget_bytes", rss_bytes() - 4 * 2**20)
+    record = [e for e in session.ask("And trains?") if hasattr(e, "over_budget")][0]
+    assert record.over_budget and session.context_cap < 512
+    cap = session.context_cap
+    object.__setattr__(rt.report, "budget_bytes", record.peak_bytes + 64 * 2**20)
+    nxt = [e for e in session.ask("Which is fastest?") if hasattr(e, "over_budget")][0]
+    assert not nxt.over_budget and nxt.context_limit == session.context_cap == cap
+    # The conversation is kept within the lower limit (evicted or re-prefilled if it held more).
+    assert held > 0 and nxt.context_tokens <= session.context_cap
+
+
+@pytest.mark.slow
+def test_a_template_that_rerenders_history_is_detected_and_logged():
+    from specmemo.chat.session import ChatSession
+    from specmemo.pipeline import open_pipeline
+
+    rt = open_pipeline("smollm2-135m-instruct", "ngram", context=1024)
+    tok = rt.tokenizer
+    # Like templates that strip earlier reasoning: past assistant turns are rendered shortened.
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{% if m['role'] == 'assistant' and not loop.last %}{{ m['content'][:10] }}{% else %}{{ m['content'] }}{% endif %}"
+        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    session = ChatSession(rt, None, 24)
+    first = list(session.ask("Name three rivers."))[-1]
+    second = list(session.ask("Which is longest?"))[-1]
+    assert first.reprefilled_tokens == 0
+    assert second.reprefill_reason == "template" and second.reprefilled_tokens == second.prefilled_tokens > 10
