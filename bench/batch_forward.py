@@ -11,7 +11,7 @@ import argparse
 import time
 
 from specmemo.decoding.sampling import SamplingConfig
-from specmemo.pipeline import open_pipeline
+from specmemo.pipeline import RunRequest, open_pipeline
 from specmemo.host import cpu_name
 
 
@@ -21,8 +21,8 @@ def main() -> None:
     ap.add_argument("--kv-dtype", default=None)
     ap.add_argument("--reps", type=int, default=10)
     args = ap.parse_args()
-    rt = open_pipeline("smollm2-135m-instruct", "none", context=400, dtype=args.dtype, kv_dtype=args.kv_dtype,
-                       sampling=SamplingConfig(), forward="specmemo", batch=8)
+    rt = open_pipeline(RunRequest("smollm2-135m-instruct", "none", context=400, dtype=args.dtype, kv_dtype=args.kv_dtype,
+                                  sampling=SamplingConfig(), forward="specmemo", batch=8))
     model, rows = rt.target.model, rt.engine.rows
     for row in rows:
         model.forward_rows([row], [list(range(100, 300))], [1])

@@ -145,6 +145,7 @@ def generate(
     from specmemo.budget.units import parse_size
     from specmemo.decoding.sampling import SamplingConfig
     from specmemo.generate import generate as run_generate
+    from specmemo.pipeline import RunRequest
 
     if (prompt is None) == (prompts is None):
         raise typer.BadParameter("give either --prompt or --prompts")
@@ -158,7 +159,12 @@ def generate(
         prompt = sys.stdin.read()
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise typer.BadParameter("need temperature ≥ 0, 0 < top-p ≤ 1 and top-k ≥ 0")
-    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    run = RunRequest(target, draft, device=device, budget=parse_size(budget) if budget else None, context=context,
+                     draft_len=draft_len, draft_window=draft_window, dtype=dtype, kv_dtype=kv_dtype,
+                     draft_dtype=draft_dtype, sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
+                                                                      seed=seed),
+                     allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, forward=forward,
+                     cuda_graphs=cuda_graphs, batch=batch)
     if prompts is not None:
         from specmemo.generate import generate_batch, read_prompts
 
@@ -173,11 +179,8 @@ def generate(
                 print(json.dumps(line), flush=True)   # each line as soon as it is in order: Ctrl-C loses none
                 bar.advance(task)
 
-            _, summary = generate_batch(
-                target, draft, texts, batch=batch, chat=chat, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos,
-                sampling=sampling, budget=parse_size(budget) if budget else None, device=device, dtype=dtype,
-                kv_dtype=kv_dtype, context=context, draft_len=draft_len, allow_pickle=allow_pickle,
-                trust_remote_code=trust_remote_code, on_sequence=emit)
+            _, summary = generate_batch(run, texts, chat=chat, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos,
+                                        on_sequence=emit)
         if as_json:
             print(json.dumps({"summary": summary.to_json()}))
         else:
@@ -193,14 +196,8 @@ def generate(
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    result = run_generate(
-        target, draft, prompt, chat=chat, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos, sampling=sampling,
-        budget=parse_size(budget) if budget else None, device=device, dtype=dtype, kv_dtype=kv_dtype,
-        draft_dtype=draft_dtype, context=context,
-        draft_len=draft_len, draft_window=draft_window, allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code, on_text=None if as_json else stream, forward=forward,
-        cuda_graphs=cuda_graphs,
-    )
+    result = run_generate(run, prompt, chat=chat, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos,
+                          on_text=None if as_json else stream)
     if as_json:
         print(json.dumps(result.to_json()))
     else:
@@ -247,7 +244,7 @@ def chat(
     from specmemo.chat.session import ChatSession
     from specmemo.chat.terminal import ChatTerminal
     from specmemo.decoding.sampling import SamplingConfig
-    from specmemo.pipeline import open_pipeline
+    from specmemo.pipeline import RunRequest, open_pipeline
 
     if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
         raise typer.BadParameter("need temperature ≥ 0, 0 < top-p ≤ 1 and max-new-tokens ≥ 1")
@@ -256,9 +253,10 @@ def chat(
     log = json_log.open("a", buffering=1) if json_log else None
     try:
         with err.status("loading models…"):
-            pipeline = open_pipeline(target, draft, device=device, budget=size, context=context, dtype=dtype,
-                                     kv_dtype=kv_dtype, draft_dtype=draft_dtype, forward=forward,
-                                     cuda_graphs=cuda_graphs, sampling=SamplingConfig(temperature=temperature, top_p=top_p, seed=seed))
+            pipeline = open_pipeline(RunRequest(
+                target, draft, device=device, budget=size, context=context, dtype=dtype, kv_dtype=kv_dtype,
+                draft_dtype=draft_dtype, forward=forward, cuda_graphs=cuda_graphs,
+                sampling=SamplingConfig(temperature=temperature, top_p=top_p, seed=seed)))
         ChatTerminal(ChatSession(pipeline, system, max_new_tokens), Console(highlight=False), stats, log, err).run()
     finally:
         if log:

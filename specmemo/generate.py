@@ -5,12 +5,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from specmemo.decoding.events import Finished, GenerationStats, Step
-from specmemo.decoding.sampling import SamplingConfig
 from specmemo.errors import BadInput
 from specmemo.models.load import load_tokenizer, weights_nbytes
 from specmemo.models.resolve import resolve_pair
 from specmemo.models.text import StreamDecoder, clean_text, decode_reply, encode_prompt, stop_ids
-from specmemo.pipeline import open_pipeline
+from specmemo.pipeline import RunRequest, open_pipeline
 
 
 @dataclass
@@ -46,22 +45,19 @@ def check_context(context: int | None, limit: int) -> None:
         raise BadInput(f"--context must be between 1 and the model's maximum of {limit} tokens, got {context}")
 
 
-def generate(target: str, draft: str, prompt: str, *, chat: bool = False, max_new_tokens: int = 128,
-             ignore_eos: bool = False, sampling: SamplingConfig = SamplingConfig(), budget: int | None = None,
-             device: str = "cpu", dtype: str | None = None, kv_dtype: str | None = None,
-             draft_dtype: str | None = None, context: int | None = None, draft_len: int | None = None,
-             draft_window: int | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
-             on_text: Callable[[str], None] | None = None, forward: str = "auto",
-             cuda_graphs: bool = True) -> GenerateResult:
+def generate(run: RunRequest, prompt: str, *, chat: bool = False, max_new_tokens: int = 128,
+             ignore_eos: bool = False, on_text: Callable[[str], None] | None = None) -> GenerateResult:
+    """One prompt through the single-sequence engine; run.context None plans exactly what this run
+    fills (the prompt plus max_new_tokens). on_text(delta) streams the reply."""
     if max_new_tokens < 1:
         raise BadInput(f"--max-new-tokens must be ≥ 1, got {max_new_tokens}")
     prompt = clean_text(prompt)
     if not prompt.strip():
         raise BadInput("the prompt is empty")
-    refs = resolve_pair(target, draft)
-    limit = refs[0].arch.max_position
+    refs = resolve_pair(run.target, run.draft)
+    limit, context = refs[0].arch.max_position, run.context
     check_context(context, limit)
-    tokenizer = load_tokenizer(refs[0], trust_remote_code)
+    tokenizer = load_tokenizer(refs[0], run.trust_remote_code)
     prompt_ids = encode_prompt(tokenizer, prompt, chat)
     room = (context or limit) - len(prompt_ids)
     if room < 1:
@@ -69,10 +65,7 @@ def generate(target: str, draft: str, prompt: str, *, chat: bool = False, max_ne
                        f"(it needs at least {len(prompt_ids) + 1})")
     # The planned context is exactly what this run can fill: the prompt plus the new tokens.
     planned = context or min(limit, len(prompt_ids) + max_new_tokens)
-    rt = open_pipeline(target, draft, device=device, budget=budget, context=planned, draft_len=draft_len,
-                       draft_window=draft_window, dtype=dtype, kv_dtype=kv_dtype, draft_dtype=draft_dtype,
-                       sampling=sampling, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, refs=refs,
-                       tokenizer=tokenizer, forward=forward, cuda_graphs=cuda_graphs)
+    rt = open_pipeline(run.with_(context=planned, batch=None), refs=refs, tokenizer=tokenizer)
     stops = set() if ignore_eos else stop_ids(rt.tokenizer, rt.target.model)
     new: list[int] = []
     stream = StreamDecoder(tokenizer)
@@ -194,25 +187,23 @@ def batch_pair(target: str, draft: str):
     return refs
 
 
-def generate_batch(target: str, draft: str, prompts: list[str], *, batch: int | None = None, chat: bool = False,
-                   max_new_tokens: int = 128, ignore_eos: bool = False, sampling: SamplingConfig = SamplingConfig(),
-                   budget: int | None = None, device: str = "cpu", dtype: str | None = None,
-                   kv_dtype: str | None = None, context: int | None = None, draft_len: int | None = None,
-                   allow_pickle: bool = False, trust_remote_code: bool = False,
-                   on_sequence: Callable[[dict], None] | None = None) -> tuple[list[dict], BatchSummary]:
-    """Generate from every prompt with the batch engine, `batch` sequences at a time (None: the
+def generate_batch(run: RunRequest, prompts: list[str], *, chat: bool = False, max_new_tokens: int = 128,
+                   ignore_eos: bool = False, on_sequence: Callable[[dict], None] | None = None
+                   ) -> tuple[list[dict], BatchSummary]:
+    """Generate from every prompt with the batch engine, run.batch sequences at a time (None: the
     most the budget holds, up to BATCH_CAP and the number of prompts). on_sequence(line) is called
     in input order as soon as a prompt and every prompt before it have finished."""
     from specmemo.decoding.batch import BatchStats, SequenceDone
 
     if max_new_tokens < 1:
         raise BadInput(f"--max-new-tokens must be ≥ 1, got {max_new_tokens}")
+    batch, context = run.batch, run.context
     if batch is not None and batch < 1:
         raise BadInput(f"--batch must be ≥ 1, got {batch}")
-    refs = batch_pair(target, draft)
+    refs = batch_pair(run.target, run.draft)
     limit = refs[0].arch.max_position
     check_context(context, limit)
-    tokenizer = load_tokenizer(refs[0], trust_remote_code)
+    tokenizer = load_tokenizer(refs[0], run.trust_remote_code)
     ids = [encode_prompt(tokenizer, p, chat) for p in prompts]
     longest = max(len(p) for p in ids)
     # Every row can hold the longest prompt plus its new tokens: rows are reused by any prompt.
@@ -223,13 +214,10 @@ def generate_batch(target: str, draft: str, prompts: list[str], *, batch: int | 
     if batch is not None:
         batch = min(batch, len(prompts))   # rows beyond the prompts would only hold memory
     else:
-        batch = largest_batch(refs, context=planned, budget=budget, device=device, dtype=dtype,
-                              kv_dtype=kv_dtype, draft_len=draft_len, sampling=not sampling.greedy,
+        batch = largest_batch(refs, context=planned, budget=run.budget, device=run.device, dtype=run.dtype,
+                              kv_dtype=run.kv_dtype, draft_len=run.draft_len, sampling=not run.sampling.greedy,
                               cap=min(BATCH_CAP, len(prompts)))
-    rt = open_pipeline(target, draft, device=device, budget=budget, context=planned, draft_len=draft_len,
-                       dtype=dtype, kv_dtype=kv_dtype, sampling=sampling, allow_pickle=allow_pickle,
-                       trust_remote_code=trust_remote_code, refs=refs, tokenizer=tokenizer, forward="specmemo",
-                       batch=batch)
+    rt = open_pipeline(run.with_(context=planned, batch=batch, forward="specmemo"), refs=refs, tokenizer=tokenizer)
     stops = set() if ignore_eos else stop_ids(rt.tokenizer, rt.target.model)
     lines: dict[int, dict] = {}
     shown, stats = 0, None

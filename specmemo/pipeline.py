@@ -5,7 +5,7 @@ process before loading (counted in the plan as process_baseline), the load peak,
 generation peak from just before the KV stores are allocated.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -140,31 +140,53 @@ def assemble(report: PlanReport, target: LoadedModel, draft: LoadedModel | None,
     return Pipeline(report, target, draft, engine, meter, preload_bytes, load_peak_bytes)
 
 
-def open_pipeline(target: str, draft: str, *, device: str = "cpu", budget: int | None = None,
-                  context: int | None = None, draft_len: int | None = None, draft_window: int | None = None,
-                  dtype: str | None = None, kv_dtype: str | None = None, draft_dtype: str | None = None,
-                  sampling: SamplingConfig = SamplingConfig(), prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                  allow_pickle: bool = False, trust_remote_code: bool = False, min_context: int = 0, refs=None,
-                  tokenizer=None, forward: str = "auto", cuda_graphs: bool = True, batch: int | None = None) -> Pipeline:
-    """Resolve, plan (refusing what does not fit), load, allocate. `context` defaults to the
-    largest that fits the budget, at least `min_context`. dtype None: the device's default.
-    batch: run the batch engine with this many rows (None: the single-sequence engine)."""
+@dataclass(frozen=True)
+class RunRequest:
+    """What a command asks to run, built once from its options and passed down: the models, the
+    device and budget, the dtypes, the context and draft sizes, sampling, and how to load.
+    None: planned (the largest context that fits, the device's dtype, the plan's k and W)."""
+    target: str = "smollm2-135m-instruct"
+    draft: str = "auto"
+    device: str = "cpu"                  # a device profile: cpu, cuda, or a name in profiles/devices
+    budget: int | None = None            # bytes; None: the device's memory
+    context: int | None = None
+    draft_len: int | None = None
+    draft_window: int | None = None
+    dtype: str | None = None
+    kv_dtype: str | None = None
+    draft_dtype: str | None = None
+    sampling: SamplingConfig = SamplingConfig()
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    forward: str = "auto"                # auto, specmemo or transformers
+    cuda_graphs: bool = True
+    batch: int | None = None             # the batch engine with this many rows; None: one sequence
+
+    def with_(self, **changes) -> "RunRequest":
+        return replace(self, **changes)
+
+
+def open_pipeline(run: RunRequest, *, min_context: int = 0, refs=None, tokenizer=None) -> Pipeline:
+    """Resolve, plan (refusing what does not fit), load, allocate. The context defaults to the
+    largest that fits the budget, at least `min_context`. refs: run's models already resolved
+    (resolve_pair); tokenizer: already loaded."""
     # A named profile (e.g. rtx-3060-12gb) gives the budget; its kind says where to run.
-    profile = device
+    profile = run.device
     dev = load_device(profile)
     kind = dev.kind
     if kind == "cuda" and not torch.cuda.is_available():
         raise UnknownDevice(f"--device {profile}: no CUDA device is available to torch")
     meter = PeakMeter(kind)
-    if forward not in ("auto", "specmemo", "transformers"):
-        raise BadInput(f"--forward must be auto, specmemo or transformers, got {forward!r}")
+    if run.forward not in ("auto", "specmemo", "transformers"):
+        raise BadInput(f"--forward must be auto, specmemo or transformers, got {run.forward!r}")
     if kind == "cpu":
         tame_glibc_malloc()
-    t_ref, d_ref, drafter = refs = refs or resolve_pair(target, draft)
-    report = plan_pair(refs, device=profile, budget=budget, context=context, draft_len=draft_len,
-                       draft_window=draft_window, dtype=dtype, kv_dtype=kv_dtype, draft_dtype=draft_dtype,
-                       prefill_chunk=prefill_chunk, sampling=not sampling.greedy, shrink=True, batch=batch or 1,
-                       baseline_bytes=meter.current() if kind == "cpu" else None)
+    t_ref, d_ref, drafter = refs = refs or resolve_pair(run.target, run.draft)
+    report = plan_pair(refs, device=profile, budget=run.budget, context=run.context, draft_len=run.draft_len,
+                       draft_window=run.draft_window, dtype=run.dtype, kv_dtype=run.kv_dtype,
+                       draft_dtype=run.draft_dtype, prefill_chunk=run.prefill_chunk, sampling=not run.sampling.greedy,
+                       shrink=True, batch=run.batch or 1, baseline_bytes=meter.current() if kind == "cpu" else None)
     if report.plan.request.context < min_context:
         raise BudgetExceeded(f"the budget holds only {report.plan.request.context} tokens of context; "
                              f"this request needs {min_context}", plan=report.plan)
@@ -173,20 +195,18 @@ def open_pipeline(target: str, draft: str, *, device: str = "cpu", budget: int |
         raise BadInput(f"this plan is not runnable yet: {'; '.join(why)}")
     for ref in (t_ref, d_ref):
         if ref is not None:
-            check_architecture(ref, trust_remote_code)
+            check_architecture(ref, run.trust_remote_code)
     if kind == "cuda":
         cap_cuda_memory(report)
     meter.start()
     req = report.plan.request
-    t = load_model(t_ref, req.dtype, kind, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                   with_tokenizer=tokenizer is None, fast_layout=True, forward=forward, kernels=dev.kernels)
+    load = dict(allow_pickle=run.allow_pickle, trust_remote_code=run.trust_remote_code, fast_layout=True,
+                forward=run.forward, kernels=dev.kernels)
+    t = load_model(t_ref, req.dtype, kind, with_tokenizer=tokenizer is None, **load)
     if tokenizer is not None:
         t.tokenizer = tokenizer
-    d = None
-    if d_ref is not None:
-        # A draft directory need not carry tokenizer files: its vocabulary size was checked.
-        d = load_model(d_ref, req.ddtype, kind, with_tokenizer=False, allow_pickle=allow_pickle,
-                       trust_remote_code=trust_remote_code, fast_layout=True, forward=forward, kernels=dev.kernels)
+    # A draft directory need not carry tokenizer files: its vocabulary size was checked.
+    d = load_model(d_ref, req.ddtype, kind, with_tokenizer=False, **load) if d_ref is not None else None
     head = running_head(t, t.device, report.drafter) if report.drafter in HEAD_DRAFTERS else None
-    return assemble(report, t, d, sampling, preload_bytes=meter.baseline, load_peak_bytes=meter.above_baseline(),
-                    cuda_graphs=cuda_graphs, batched=batch is not None, head=head)
+    return assemble(report, t, d, run.sampling, preload_bytes=meter.baseline, load_peak_bytes=meter.above_baseline(),
+                    cuda_graphs=run.cuda_graphs, batched=run.batch is not None, head=head)

@@ -64,9 +64,9 @@ def test_piped_turns_are_answered_and_turn_two_prefills_only_its_new_tokens(tmp_
 def test_multi_turn_with_cache_reuse_equals_the_conversation_from_scratch():
     from specmemo.chat.session import ChatSession
     from specmemo.decoding.events import Step
-    from specmemo.pipeline import open_pipeline
+    from specmemo.pipeline import RunRequest, open_pipeline
 
-    rt = open_pipeline("smollm2-135m-instruct", "ngram", context=1024)
+    rt = open_pipeline(RunRequest("smollm2-135m-instruct", "ngram", context=1024))
     session = ChatSession(rt, None, 40)
     for question in ["Name a fruit.", "Why is it healthy?", "Say that again in five words."]:
         list(session.ask(question))

@@ -37,9 +37,9 @@ def test_chat_commands_fail_softly_and_piped_slash_lines_are_messages(tmp_path):
 @pytest.mark.slow
 def test_a_turn_over_budget_is_reported_and_the_next_turn_shrinks_into_it():
     from specmemo.chat.session import ChatSession
-    from specmemo.pipeline import open_pipeline
+    from specmemo.pipeline import RunRequest, open_pipeline
 
-    rt = open_pipeline("smollm2-135m-instruct", "ngram", context=512)
+    rt = open_pipeline(RunRequest("smollm2-135m-instruct", "ngram", context=512))
     session = ChatSession(rt, None, 32)
     list(session.ask("Tell me about bicycles."))
     list(session.ask("And about cars?"))
@@ -63,9 +63,9 @@ def test_a_turn_over_budget_is_reported_and_the_next_turn_shrinks_into_it():
 @pytest.mark.slow
 def test_a_template_that_rerenders_history_is_detected_and_logged():
     from specmemo.chat.session import ChatSession
-    from specmemo.pipeline import open_pipeline
+    from specmemo.pipeline import RunRequest, open_pipeline
 
-    rt = open_pipeline("smollm2-135m-instruct", "ngram", context=1024)
+    rt = open_pipeline(RunRequest("smollm2-135m-instruct", "ngram", context=1024))
     tok = rt.tokenizer
     # Like templates that strip earlier reasoning: past assistant turns are rendered shortened.
     tok.chat_template = (

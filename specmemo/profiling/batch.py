@@ -28,13 +28,13 @@ BATCH_ENGINES = ("specmemo", "specmemo-ar", "hf-batch")
 # -- one run, in its own process ----------------------------------------------------------------
 
 def _run_specmemo(cfg: dict) -> dict:
-    from specmemo.decoding.sampling import SamplingConfig
     from specmemo.generate import generate_batch
+    from specmemo.pipeline import RunRequest
 
     draft = cfg["draft"] if cfg["engine"] == "specmemo" else "none"
-    lines, summary = generate_batch(cfg["target"], draft, cfg["prompts"], batch=cfg["batch"], chat=True,
-                                    max_new_tokens=cfg["max_new_tokens"], sampling=SamplingConfig(),
-                                    budget=cfg.get("budget"), dtype=cfg["dtype"], kv_dtype=cfg.get("kv_dtype"),
+    run = RunRequest(cfg["target"], draft, budget=cfg.get("budget"), dtype=cfg["dtype"], kv_dtype=cfg.get("kv_dtype"),
+                     batch=cfg["batch"])
+    lines, summary = generate_batch(run, cfg["prompts"], chat=True, max_new_tokens=cfg["max_new_tokens"],
                                     on_sequence=lambda line: print("progress", flush=True))
     return {**summary.to_json(), "outputs": [l["token_ids"] for l in lines],
             "accepted_tokens": sum(l["accepted_tokens"] for l in lines),
@@ -115,10 +115,10 @@ def add_margins(cfg: dict, runs: dict, found: list[dict]) -> None:
 
     from specmemo.decoding.sampling import SamplingConfig
     from specmemo.models.text import encode_prompt
-    from specmemo.pipeline import open_pipeline
+    from specmemo.pipeline import RunRequest, open_pipeline
 
-    rt = open_pipeline(cfg["target"], "none", context=cfg["context"], dtype=cfg["dtype"],
-                       kv_dtype=cfg.get("kv_dtype"), sampling=SamplingConfig(), forward="specmemo")
+    rt = open_pipeline(RunRequest(cfg["target"], "none", context=cfg["context"], dtype=cfg["dtype"],
+                                  kv_dtype=cfg.get("kv_dtype"), sampling=SamplingConfig(), forward="specmemo"))
     for d in found:
         ref = runs[(d["engine"], 1)]["outputs"][d["prompt"]]
         ids = encode_prompt(rt.tokenizer, cfg["prompts"][d["prompt"]], chat=True) + ref[: d["position"]]

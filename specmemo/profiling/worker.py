@@ -54,7 +54,7 @@ def build_engine(cfg) -> Built:
     from specmemo.models.load import load_model, weights_nbytes
     from specmemo.models.resolve import resolve
     from specmemo.models.text import stop_ids
-    from specmemo.pipeline import open_pipeline
+    from specmemo.pipeline import RunRequest, open_pipeline
     from specmemo.profiling.engines import HFEngine, SpecmemoEngine
 
     name = cfg["engine"]
@@ -62,8 +62,9 @@ def build_engine(cfg) -> Built:
     meter.start()
     if name in ("specmemo", "specmemo-ar"):
         draft = cfg["draft"] if name == "specmemo" else "none"
-        rt = open_pipeline(cfg["target"], draft, budget=cfg.get("budget"), context=cfg["context"], dtype=cfg["dtype"],
-                           kv_dtype=cfg.get("kv_dtype"), draft_dtype=cfg.get("draft_dtype"), sampling=SamplingConfig())
+        rt = open_pipeline(RunRequest(cfg["target"], draft, budget=cfg.get("budget"), context=cfg["context"],
+                                      dtype=cfg["dtype"], kv_dtype=cfg.get("kv_dtype"), draft_dtype=cfg.get("draft_dtype"),
+                                      sampling=SamplingConfig()))
         weights = weights_nbytes(rt.target.model) + (weights_nbytes(rt.draft.model) if rt.draft else 0)
         return Built(SpecmemoEngine(rt), rt.tokenizer, stop_ids(rt.tokenizer, rt.target.model),
                      rt.report.plan.generation_bytes, weights, meter.above_baseline(), rt.report.plan.total_bytes,
