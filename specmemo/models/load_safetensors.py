@@ -12,6 +12,7 @@ from specmemo.budget.devices import Kernels
 from specmemo.errors import UnknownModel
 from specmemo.models.gguf_file import read_into
 from specmemo.models.llama import LlamaConfig, LlamaModel
+from specmemo.models.safetensors_file import read_header
 
 BLOCK_ROWS = 2048  # rows per read when transposing into place: a few MiB of scratch, never a whole matrix
 
@@ -23,20 +24,18 @@ _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16
 def safetensors_index(location: str) -> dict[str, tuple[Path, int, torch.dtype, list[int]]]:
     """name -> (file, byte offset, dtype, shape) for every tensor of a local safetensors checkpoint,
     from the files' JSON headers (a hub id or pickled weights: empty)."""
-    import json
-    import struct
-
     index = {}
     path = Path(location)
     if not path.is_dir():
         return index
     for f in sorted(path.glob("*.safetensors")):
-        with f.open("rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
+        try:
+            header, start = read_header(f)
+        except ValueError as e:
+            raise UnknownModel(str(e)) from None
         for name, meta in header.items():
             if name != "__metadata__" and meta["dtype"] in _ST_DTYPES:
-                index[name] = (f, 8 + n + meta["data_offsets"][0], _ST_DTYPES[meta["dtype"]], meta["shape"])
+                index[name] = (f, start + meta["data_offsets"][0], _ST_DTYPES[meta["dtype"]], meta["shape"])
     return index
 
 

@@ -72,8 +72,10 @@ def gguf_config(path: Path) -> dict:
 
     try:
         reader = open_gguf(path)
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise UnknownModel(f"{path} is not a readable GGUF file ({e})") from None
+    except ValueError as e:          # malformed: the reader's message names the file and the fault
+        raise UnknownModel(str(e)) from None
+    except OSError as e:
+        raise UnknownModel(f"{path}: cannot read it ({e.strerror or e})") from None
 
     def field(key):
         return reader.metadata.get(key)
@@ -102,12 +104,28 @@ def gguf_config(path: Path) -> dict:
 def _from_dir(path: Path) -> ModelRef:
     cfg_path = path / "config.json"
     if cfg_path.exists():
-        cfg = json.loads(cfg_path.read_text())
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UnknownModel(f"{cfg_path} is not valid JSON ({e})") from None
+        check_weight_files(path)
         return ModelRef(path.name, Arch.from_config(cfg.get("text_config", cfg), name=path.name), "dir", str(path))
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
         return _from_gguf(ggufs[0])
     raise UnknownModel(f"{path} is not a model directory: no config.json (or single .gguf) in it")
+
+
+def check_weight_files(path: Path) -> None:
+    """Every safetensors file of a model directory has a header its file can hold (headers only:
+    a malformed file is refused before any planning or loading)."""
+    from specmemo.models.safetensors_file import read_header
+
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            read_header(f)
+        except (OSError, ValueError) as e:
+            raise UnknownModel(str(e)) from None
 
 
 def _from_gguf(path: Path) -> ModelRef:
@@ -174,14 +192,15 @@ def head_file(target: str) -> Path:
 
 def head_header(path: Path) -> tuple[tuple[int, int, int], dict]:
     """A draft head file's (hidden, inner, vocab) and card, from its safetensors header (no torch)."""
-    import json
-    import struct
+    from specmemo.models.safetensors_file import read_header
 
-    with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-    meta = header.get("__metadata__", {})
-    return (int(meta["hidden"]), int(meta["inner"]), header["vocab"]["shape"][0]), json.loads(meta.get("card", "{}"))
+    try:
+        header, _ = read_header(path)
+        meta = header.get("__metadata__", {})
+        dims = (int(meta["hidden"]), int(meta["inner"]), header["vocab"]["shape"][0])
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise IncompatibleDraft(f"{path} is not a draft head file ({e})") from None
+    return dims, json.loads(meta.get("card", "{}"))
 
 
 def head_facts(target: ModelRef, drafter: str) -> tuple[tuple[int, int, int] | None, dict | None]:
