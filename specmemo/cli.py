@@ -4,6 +4,7 @@ Commands stay thin: they parse options, call one library function, and render it
 torch and transformers are imported inside the commands that need them, so `plan` is instant.
 """
 
+import contextlib
 import functools
 import json
 import os
@@ -22,7 +23,15 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-err = Console(stderr=True, highlight=False)
+class Terminal(Console):
+    """rich's Console, except that a reader closing early ends the command quietly with exit 0
+    (rich's own handler exits 1)."""
+
+    def on_broken_pipe(self) -> None:
+        raise typer.Exit(reader_closed())
+
+
+err = Terminal(stderr=True, highlight=False)
 
 TargetOpt = Annotated[str, typer.Option("--target", "-t", help="Alias (see profiles/models), HF directory, .gguf file or hub id.")]
 DraftOpt = Annotated[str, typer.Option("--draft", "-d", help="Draft model (alias, directory, .gguf, hub id), or 'head' (the target's trained draft head, see train-draft), 'ngram' (lookup in the conversation, no weights), 'ngram+head' (lookup where the conversation repeats itself, the head elsewhere), 'none', or 'auto' (whichever of these measured fastest here, see profile --save-profile).")]
@@ -45,9 +54,13 @@ def domain_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            sys.stdout.flush()   # buffered output meets a closed pipe here, not at interpreter exit
+            return result
         except (typer.Exit, typer.Abort):
             raise
+        except BrokenPipeError:   # here, before click turns it into exit 1
+            raise typer.Exit(reader_closed()) from None
         except SpecmemoError as e:
             if os.environ.get("SPECMEMO_DEBUG") == "1":
                 raise
@@ -96,7 +109,7 @@ def plan(
     if as_json:
         print(json.dumps(report.to_json(), indent=2))
     else:
-        render_plan(report, Console())
+        render_plan(report, Terminal())
     if not report.fits:
         err.print(f"error: {report.refusal()}", soft_wrap=True, markup=False)
         raise typer.Exit(BudgetExceeded.exit_code)
@@ -252,12 +265,12 @@ def chat(
     # Opened before the model loads, so a bad path costs no waiting; line-buffered: a crash loses nothing.
     log = json_log.open("a", buffering=1) if json_log else None
     try:
-        with err.status("loading models…"):
+        with err.status("loading models…") if err.is_terminal else contextlib.nullcontext():
             pipeline = open_pipeline(RunRequest(
                 target, draft, device=device, budget=size, context=context, dtype=dtype, kv_dtype=kv_dtype,
                 draft_dtype=draft_dtype, forward=forward, cuda_graphs=cuda_graphs,
                 sampling=SamplingConfig(temperature=temperature, top_p=top_p, seed=seed)))
-        ChatTerminal(ChatSession(pipeline, system, max_new_tokens), Console(highlight=False), stats, log, err).run()
+        ChatTerminal(ChatSession(pipeline, system, max_new_tokens), Terminal(highlight=False), stats, log, err).run()
     finally:
         if log:
             log.close()
@@ -312,13 +325,13 @@ def profile(
         batch_profile(target, draft, out, batches=sizes, prompts=str(prompts) if prompts else None, limit=limit,
                       max_new_tokens=max_new_tokens, budget=parse_size(budget) if budget else None, dtype=dtype,
                       kv_dtype=kv_dtype, engines=[e.strip() for e in engines.split(",")] if engines else None)
-        Console().print((out / "report.md").read_text(), markup=False, highlight=False)
+        Terminal().print((out / "report.md").read_text(), markup=False, highlight=False)
         return
     report = run_profile(target, draft, out, prompts=str(prompts) if prompts else None, turns=turns, limit=limit,
                          max_new_tokens=max_new_tokens, budget=parse_size(budget) if budget else None,
                          engines=[e.strip() for e in engines.split(",")] if engines else None, dtype=dtype,
                          kv_dtype=kv_dtype, draft_dtype=draft_dtype, save_profile=save_profile)
-    Console().print((out / "report.md").read_text(), markup=False, highlight=False)
+    Terminal().print((out / "report.md").read_text(), markup=False, highlight=False)
     if report.get("saved_profile"):
         err.print(f"saved the measured pair profile to {report['saved_profile']}")
 
@@ -349,10 +362,24 @@ def train_draft(
     run(recipe, out or HEADS_DIR / f"{target}.safetensors", work, console=err)
 
 
+def reader_closed() -> int:
+    """The reader of our output went away (`specmemo generate … | head -c 5`): stop quietly with
+    exit 0, as the Unix tools do. Further writes (the interpreter's own flush at exit) go nowhere."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            os.dup2(devnull, stream.fileno())
+        except (OSError, ValueError):   # a stream without a descriptor (a test runner's capture)
+            pass
+    return 0
+
+
 def main():
     try:
         # standalone_mode=False returns a command's exit code (typer.Exit) instead of exiting.
         code = app(standalone_mode=False)
+    except BrokenPipeError:
+        code = reader_closed()
     except typer.Abort:
         err.print("aborted")
         code = 130

@@ -99,3 +99,26 @@ def test_text_that_is_not_utf8_is_replaced_not_a_crash():
     r = subprocess.run([*SPECMEMO, "chat", "--temperature", "0", "-m", "4"], input=b"caf\xe9\nHello\n",
                        capture_output=True, timeout=300)
     assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args,stdin", [
+    (["plan"], None),
+    (["plan", "--json"], None),
+    (["generate", "-p", "Name three colors.", "--chat", "-m", "48"], None),
+    (["chat", "--temperature", "0", "-m", "8"], b"Hi\nBye\n"),
+    (["profile", "--limit", "1", "--turns", "1", "-m", "4", "--engines", "specmemo-ar"], None),
+], ids=["plan", "plan-json", "generate", "chat", "profile"])
+def test_a_reader_that_closes_early_ends_the_command_quietly_with_exit_0(args, stdin, tmp_path):
+    """`specmemo … | head -c 5`: as the Unix tools do, no error line and exit 0."""
+    if args[0] == "profile":
+        args = [*args, "--out", str(tmp_path / "profile")]
+    proc = subprocess.Popen([*SPECMEMO, *args], stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if stdin:
+        proc.stdin.write(stdin)
+        proc.stdin.close()
+    assert len(proc.stdout.read(5)) == 5
+    proc.stdout.close()                      # the reader goes away, as head does
+    code = proc.wait(timeout=300)
+    assert (code, proc.stderr.read()) == (0, b"")

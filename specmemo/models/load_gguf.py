@@ -87,7 +87,9 @@ def load_gguf_q4(gguf_path: str, config: dict, dtype: torch.dtype, kernels: Kern
         return out
 
     # On stderr: stdout carries generate's text or JSON.
-    with Progress(console=Console(stderr=True), transient=True) as progress:
+    console = Console(stderr=True)
+    # Only on a terminal: elsewhere rich leaves a blank line where the bar was.
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task(f"loading {f.path.name} packed", total=cfg.num_layers)
         for i, layer in enumerate(model.layers):
             pre = f"blk.{i}."

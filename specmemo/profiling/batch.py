@@ -20,7 +20,7 @@ from pathlib import Path
 
 from specmemo.atomic import atomic_write_text
 from specmemo.errors import BadInput
-from specmemo.profiling.report import first_difference, machine_line, top2_margin, write_report
+from specmemo.profiling.report import first_difference, machine_line, progress_console, top2_margin, write_report
 
 BATCH_ENGINES = ("specmemo", "specmemo-ar", "hf-batch")
 
@@ -156,7 +156,7 @@ def batch_profile(target: str, draft: str, out: Path, *, batches: list[int], pro
     runs = {}
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp, Progress(
-        TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
+        TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), **progress_console()
     ) as progress:
         for engine in engines:
             for b in (asked if engine == "hf-batch" else batches):   # HF's batch 1 only when asked

@@ -51,6 +51,15 @@ def write_report(out: Path, report: dict, markdown_of, plots: list[str], extra: 
         atomic_write_text(out / name, text)
 
 
+def progress_console() -> dict:
+    """Where a profile's progress bars go: stderr (stdout carries the report), on a terminal only
+    (elsewhere rich leaves blank lines)."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    return {"console": console, "disable": not console.is_terminal}
+
+
 def first_acceptance(histogram: dict) -> float | None:
     """Of the steps that drafted, the share whose first draft token was accepted (greedy: the
     draft's top-1 agreed with the target's)."""

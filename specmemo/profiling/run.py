@@ -12,6 +12,7 @@ from specmemo.atomic import atomic_write_text
 from specmemo.errors import BadInput
 from specmemo.profiling.engines import ENGINES
 from specmemo.profiling.prompts import load_prompts
+from specmemo.profiling.report import progress_console
 
 
 def planned_context(tokenizer, conversations, turns: int, max_new: int, limit: int) -> int:
@@ -51,7 +52,8 @@ def measured_cost_curve(ref, dtype: str) -> list[float]:
     """The target's verification cost curve on this machine, with a progress bar."""
     from specmemo.profiling.cost_curve import cost_curve, forward_times
 
-    with Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
+    with Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  **progress_console()) as bar:
         task = bar.add_task("cost curve", total=None)
         return cost_curve(forward_times(ref, dtype, 16, progress=lambda done, total: bar.update(task, completed=done,
                                                                                                   total=total)))
@@ -99,7 +101,7 @@ def profile(target: str, draft: str, out: Path, *, prompts: str | None = None, t
     runs = {}
     per_engine = sum(min(turns, len(c.turns)) for c in conversations)
     with tempfile.TemporaryDirectory() as tmp, Progress(
-        TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
+        TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), **progress_console()
     ) as progress:
         for name in engines:
             task = progress.add_task(name, total=per_engine)
