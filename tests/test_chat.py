@@ -28,7 +28,7 @@ def read_log(path):
 
 
 def test_piped_turns_are_answered_and_turn_two_prefills_only_its_new_tokens(tmp_path):
-    from specmemo.models.text import encode_text
+    from specmemo.models.text import encode_template
     from specmemo.models.load import load_tokenizer
     from specmemo.models.resolve import resolve
 
@@ -57,7 +57,7 @@ def test_piped_turns_are_answered_and_turn_two_prefills_only_its_new_tokens(tmp_
     new_part = "\n<|im_start|>user\nNow rewrite it about snow.<|im_end|>\n<|im_start|>assistant\n"
     if turns[0]["stop_reason"] != "stop_token":
         new_part = "<|im_end|>" + new_part
-    assert turns[1]["prefilled_tokens"] == 1 + len(encode_text(tok, new_part))
+    assert turns[1]["prefilled_tokens"] == 1 + len(encode_template(tok, new_part))
     assert turns[1]["context_tokens"] == turns[0]["context_tokens"] + turns[1]["prefilled_tokens"] - 1 + turns[1]["new_tokens"]
 
 

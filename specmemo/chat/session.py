@@ -16,7 +16,7 @@ from specmemo.chat.conversation import Conversation
 from specmemo.decoding.events import Finished, GenerationStats, Step
 from specmemo.errors import BadInput
 from specmemo.memory.measure import PeakMeter
-from specmemo.models.text import StreamDecoder, decode_reply, encode_text, render, stop_ids, turn_delta
+from specmemo.models.text import StreamDecoder, decode_reply, encode_messages, encode_text, stop_ids, turn_delta
 from specmemo.pipeline import Pipeline
 
 
@@ -113,7 +113,7 @@ class ChatSession:
             # Caches emptied after a budget overrun hold nothing of the conversation: all of it is again.
             again = "budget" if not self.engine.tokens and self.conversation.messages else ""
             return Prepared(delta, reprefill_reason=again)
-        whole = encode_text(self.tok, render(self.tok, messages))
+        whole = encode_messages(self.tok, messages)
         if delta is None and len(whole) + reserve <= limit:
             # The template renders earlier turns differently now (e.g. it strips past reasoning).
             self.engine.reset()
@@ -122,7 +122,7 @@ class ChatSession:
         kept, dropped = whole, 0
         while dropped < self.conversation.exchanges and len(kept) + reserve > limit // 2:
             dropped += 1
-            kept = encode_text(self.tok, render(self.tok, self.conversation.kept(dropped, text)))
+            kept = encode_messages(self.tok, self.conversation.kept(dropped, text))
         if len(kept) >= limit:
             raise self.too_long(text)
         self.conversation.drop_oldest(dropped)

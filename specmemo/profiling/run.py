@@ -17,14 +17,14 @@ from specmemo.profiling.report import progress_console
 
 def planned_context(tokenizer, conversations, turns: int, max_new: int, limit: int) -> int:
     """Enough context for the longest conversation: its user turns, template, and every reply."""
-    from specmemo.models.text import encode_text, render
+    from specmemo.models.text import encode_messages
 
     longest = 0
     for conv in conversations:
         msgs = []
         for text in conv.turns[:turns]:
             msgs += [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
-        longest = max(longest, len(encode_text(tokenizer, render(tokenizer, msgs))) + turns * (max_new + 8))
+        longest = max(longest, len(encode_messages(tokenizer, msgs)) + turns * (max_new + 8))
     return min(limit, longest)
 
 

@@ -15,7 +15,7 @@ from specmemo.atomic import atomic_write_text
 from specmemo.decoding.events import GenerationStats
 from specmemo.memory.malloc import tame_glibc_malloc
 from specmemo.memory.measure import PeakMeter
-from specmemo.models.text import decode_reply, encode_prompt, encode_text, render, turn_delta
+from specmemo.models.text import decode_reply, encode_messages, encode_prompt, turn_delta
 from specmemo.profiling.timeline import RssTimeline
 
 
@@ -29,7 +29,7 @@ def conversation_ids(tokenizer, turns_text, outputs, turn):
         messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": turns_text[t]}]
         delta = turn_delta(tokenizer, held, messages)
         if delta is None:  # the template does not extend what was held: render it whole
-            ids = encode_text(tokenizer, render(tokenizer, messages))
+            ids = encode_messages(tokenizer, messages)
         else:
             ids = held + delta
     return ids
