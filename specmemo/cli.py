@@ -7,15 +7,17 @@ torch and transformers are imported inside the commands that need them, so `plan
 import contextlib
 import functools
 import json
+import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 
-from specmemo.errors import BudgetExceeded, SpecmemoError
+from specmemo.errors import BadInput, BudgetExceeded, SpecmemoError
 
 app = typer.Typer(
     help="Speculative decoding that fits in the memory you have.",
@@ -42,6 +44,27 @@ ForwardOpt = Annotated[str, typer.Option("--forward", help="auto: specmemo's own
 GraphsOpt = Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help="On a GPU, replay the own decoder's decode and verify steps as CUDA graphs.")]
 KvDtypeOpt = Annotated[Optional[str], typer.Option("--kv-dtype", help="KV-cache dtype: fp32, bf16 or fp16 (narrower than --dtype halves KV memory). Default: --dtype.")]
 DraftDtypeOpt = Annotated[Optional[str], typer.Option("--draft-dtype", help="The draft model's dtype. Default: --dtype.")]
+
+
+def check_sampling(temperature: float, top_p: float) -> None:
+    if not math.isfinite(temperature) or temperature < 0:
+        raise typer.BadParameter(f"--temperature must be a number ≥ 0, got {temperature}")
+    if not 0 < top_p <= 1:   # NaN fails this too
+        raise typer.BadParameter(f"--top-p must be in (0, 1], got {top_p}")
+
+
+def check_writable(path: Path, option: str) -> None:
+    """A file the command will write at the end of its work, checked before the work starts."""
+    if path.is_dir():
+        raise BadInput(f"{option} {path} is a directory; give a file name")
+    parent = path.parent
+    while not parent.exists():   # directories the command would create
+        parent = parent.parent
+    try:   # a real write: permission bits say nothing to root, nor about a read-only file system
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".specmemo-probe-"):
+            pass
+    except OSError as e:
+        raise BadInput(f"{option} {path}: cannot write in {parent} ({e.strerror or e})") from None
 
 
 @app.callback()
@@ -100,6 +123,9 @@ def plan(
     from specmemo.budget.units import parse_size
     from specmemo.models.resolve import plan_pair, resolve_pair
     from specmemo.render.plan_table import render_plan
+
+    if batch < 1:
+        raise typer.BadParameter(f"--batch must be ≥ 1, got {batch}")
 
     report = plan_pair(
         resolve_pair(target, draft), device=device, budget=parse_size(budget) if budget else None,
@@ -170,8 +196,9 @@ def generate(
     if prompt == "-":
         sys.stdin.reconfigure(errors="surrogateescape")  # generate() replaces bytes that are not UTF-8
         prompt = sys.stdin.read()
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise typer.BadParameter("need temperature ≥ 0, 0 < top-p ≤ 1 and top-k ≥ 0")
+    check_sampling(temperature, top_p)
+    if top_k < 0:
+        raise typer.BadParameter(f"--top-k must be ≥ 0, got {top_k}")
     run = RunRequest(target, draft, device=device, budget=parse_size(budget) if budget else None, context=context,
                      draft_len=draft_len, draft_window=draft_window, dtype=dtype, kv_dtype=kv_dtype,
                      draft_dtype=draft_dtype, sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
@@ -259,8 +286,9 @@ def chat(
     from specmemo.decoding.sampling import SamplingConfig
     from specmemo.pipeline import RunRequest, open_pipeline
 
-    if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
-        raise typer.BadParameter("need temperature ≥ 0, 0 < top-p ≤ 1 and max-new-tokens ≥ 1")
+    check_sampling(temperature, top_p)
+    if max_new_tokens < 1:
+        raise typer.BadParameter(f"--max-new-tokens must be ≥ 1, got {max_new_tokens}")
     size = parse_size(budget) if budget else None
     # Opened before the model loads, so a bad path costs no waiting; line-buffered: a crash loses nothing.
     log = json_log.open("a", buffering=1) if json_log else None
@@ -308,6 +336,10 @@ def profile(
 
     if max_new_tokens < 1:
         raise typer.BadParameter("--max-new-tokens must be ≥ 1")
+    if limit is not None and limit < 1:
+        raise typer.BadParameter(f"--limit must be ≥ 1 (leave it out for every conversation), got {limit}")
+    if turns not in (1, 2):
+        raise typer.BadParameter(f"--turns must be 1 or 2, got {turns}")
     t, d, _ = resolve_pair(target, draft)
     dtype, draft_dtype = default_weights(load_device("cpu"), t.packed_q4, d.packed_q4 if d else None, dtype,
                                          draft_dtype)   # as chat and generate do
@@ -359,7 +391,15 @@ def train_draft(
     recipe = HeadRecipe(target=target, prompts=prompts, max_new_tokens=max_new_tokens, epochs=epochs, seed=seed)
     if prompts <= recipe.holdout:
         raise typer.BadParameter(f"--prompts must exceed the {recipe.holdout} held out for evaluation")
-    run(recipe, out or HEADS_DIR / f"{target}.safetensors", work, console=err)
+    if epochs < 1 or max_new_tokens < 1:
+        raise typer.BadParameter(f"--epochs and --max-new-tokens must be ≥ 1, got {epochs} and {max_new_tokens}")
+    out = out or HEADS_DIR / f"{target}.safetensors"
+    check_writable(out, "--out")
+    check_writable(work / "corpus.safetensors", "--work")
+    from specmemo.models.resolve import resolve
+
+    resolve(target)   # an unknown target is refused before any work
+    run(recipe, out, work, console=err)
 
 
 def reader_closed() -> int:
@@ -388,8 +428,9 @@ def main():
     except Exception as e:
         # Usage errors (typer's bundled click): its own message, and exit 2, never shared with
         # "does not fit" (3).
-        if not (hasattr(e, "show") and hasattr(e, "exit_code")):
+        if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):
             raise
-        e.show()
+        command = e.ctx.command_path if getattr(e, "ctx", None) else "specmemo"
+        err.print(f"error: {e.format_message()} (see {command} --help)", soft_wrap=True, markup=False)
         code = e.exit_code
     sys.exit(code if isinstance(code, int) else 0)

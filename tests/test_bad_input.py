@@ -155,3 +155,30 @@ def test_typed_control_token_spellings_are_text_and_the_templates_markers_stay_s
     assert encode_messages(tok, ordinary) == encode_template(tok, render(tok, ordinary))
     r = cli("generate", "--prompt", "<|im_end|><|im_end|>", "-m", "2", "--draft", "none", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["prompt_tokens"] > 2
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train-draft", "--epochs", "0"], "--epochs and --max-new-tokens must be ≥ 1"),
+    (["train-draft", "--max-new-tokens", "0"], "--epochs and --max-new-tokens must be ≥ 1"),
+    (["train-draft", "--out", "{tmp}"], "is a directory"),
+    (["train-draft", "--out", "/proc/head.safetensors"], "cannot write in /proc"),
+    (["profile", "--limit", "0", "--out", "{tmp}/p"], "--limit must be ≥ 1"),
+    (["profile", "--turns", "3", "--out", "{tmp}/p"], "--turns must be 1 or 2"),
+    (["generate", "-p", "Hi", "--temperature", "nan"], "--temperature must be a number ≥ 0"),
+    (["chat", "--top-p", "nan"], "--top-p must be in (0, 1]"),
+    (["plan", "--batch", "0"], "--batch must be ≥ 1"),
+    (["generate", "--no-such-flag"], "No such option: --no-such-flag"),
+], ids=["epochs-0", "max-new-0", "out-dir", "out-read-only", "limit-0", "turns-3", "temperature-nan", "top-p-nan",
+        "plan-batch-0", "unknown-option"])
+def test_options_are_checked_before_any_work_in_one_line(tmp_path, args, needle):
+    """Each refused before a model loads, a corpus is written or a profile runs: one line, and exit
+    2 for a value out of range (a usage error), 1 for a path that cannot be written."""
+    work = tmp_path / "work"
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if args[0] == "train-draft":
+        args += ["--work", str(work)]
+    r = subprocess.run([*SPECMEMO, *args], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("error: "), r.stderr
+    assert r.returncode == (1 if "write" in needle or "directory" in needle else 2)
+    assert not work.exists() and not (tmp_path / "p").exists()      # no corpus, no profile begun
