@@ -281,9 +281,11 @@ def chat(
     When stdin is not a terminal, each line is one turn.
     """
     from specmemo.budget.units import parse_size
-    from specmemo.chat.session import ChatSession
+    from specmemo.chat.session import ChatSession, smallest_context
     from specmemo.chat.terminal import ChatTerminal
     from specmemo.decoding.sampling import SamplingConfig
+    from specmemo.models.load import load_tokenizer
+    from specmemo.models.resolve import resolve_pair
     from specmemo.pipeline import RunRequest, open_pipeline
 
     check_sampling(temperature, top_p)
@@ -294,10 +296,17 @@ def chat(
     log = json_log.open("a", buffering=1) if json_log else None
     try:
         with err.status("loading models…") if err.is_terminal else contextlib.nullcontext():
+            refs = resolve_pair(target, draft)
+            tokenizer = load_tokenizer(refs[0])
+            if context is not None and context < smallest_context(tokenizer, system):
+                raise typer.BadParameter(f"--context {context} cannot hold a message and a reply: a chat needs "
+                                         f"at least {smallest_context(tokenizer, system)} tokens")
+            # A budget whose context cannot hold a message and a reply is refused now (exit 3).
             pipeline = open_pipeline(RunRequest(
                 target, draft, device=device, budget=size, context=context, dtype=dtype, kv_dtype=kv_dtype,
                 draft_dtype=draft_dtype, forward=forward, cuda_graphs=cuda_graphs,
-                sampling=SamplingConfig(temperature=temperature, top_p=top_p, seed=seed)))
+                sampling=SamplingConfig(temperature=temperature, top_p=top_p, seed=seed)),
+                min_context=smallest_context(tokenizer, system), refs=refs, tokenizer=tokenizer)
         ChatTerminal(ChatSession(pipeline, system, max_new_tokens), Terminal(highlight=False), stats, log, err).run()
     finally:
         if log:

@@ -189,7 +189,7 @@ def open_pipeline(run: RunRequest, *, min_context: int = 0, refs=None, tokenizer
                        shrink=True, batch=run.batch or 1, baseline_bytes=meter.current() if kind == "cpu" else None)
     if report.plan.request.context < min_context:
         raise BudgetExceeded(f"the budget holds only {report.plan.request.context} tokens of context; "
-                             f"this request needs {min_context}", plan=report.plan)
+                             f"this request needs at least {min_context} (raise --budget)", plan=report.plan)
     why = report.plan.not_runnable()
     if why:
         raise BadInput(f"this plan is not runnable yet: {'; '.join(why)}")

@@ -77,3 +77,20 @@ def test_a_template_that_rerenders_history_is_detected_and_logged():
     second = list(session.ask("Which is longest?"))[-1]
     assert first.reprefilled_tokens == 0
     assert second.reprefill_reason == "template" and second.reprefilled_tokens == second.prefilled_tokens > 10
+
+
+@pytest.mark.slow
+def test_a_budget_whose_context_cannot_hold_a_message_and_a_reply_is_refused_at_startup(cli):
+    """Just above the lower bound the plan fits a few tokens of context: chat refuses to start
+    (exit 3, the context it would need) instead of refusing every message and exiting 0."""
+    plan = json.loads(cli("plan", "--draft", "ngram", "--context", "1", "--json").stdout)
+    budget = plan["total_bytes"] + 2 * 2**20
+    r = subprocess.run([*SPECMEMO, "chat", "--draft", "ngram", "--budget", str(budget)], input="Hello!\n",
+                       capture_output=True, text=True, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    # (Where this process holds more before loading than the device profile's baseline, the plan
+    # itself no longer fits: refused as over the budget, also exit 3.)
+    assert r.returncode == 3 and len(lines) == 1 and ("needs at least" in lines[0] or "does not fit" in lines[0])
+    r = subprocess.run([*SPECMEMO, "chat", "--context", "20"], input="Hello!\n", capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and "a chat needs at least" in r.stderr

@@ -74,6 +74,15 @@ class Prepared:
     reprefill_reason: str = ""
 
 
+SHORTEST_EXCHANGE = 64   # tokens beyond the template's own: a short message and a short reply
+
+
+def smallest_context(tokenizer, system: str | None) -> int:
+    """The least context a chat can work in: the template around a system prompt and one user
+    turn, plus SHORTEST_EXCHANGE. A budget that holds less is refused at startup."""
+    return len(encode_messages(tokenizer, Conversation(system).with_user(""))) + SHORTEST_EXCHANGE
+
+
 class ChatSession:
     def __init__(self, pipeline: Pipeline, system: str | None, max_new_tokens: int):
         self.rt, self.engine, self.tok = pipeline, pipeline.engine, pipeline.tokenizer
