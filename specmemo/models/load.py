@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from specmemo.budget.devices import Kernels
-from specmemo.errors import BadInput, UnknownModel
+from specmemo.errors import BadInput, UnknownModel, UnsupportedModel
 from specmemo.memory.hf_adapter import attention_implementation, check_supported
 from specmemo.models.load_safetensors import load_llama, make_resident, safetensors_index
 from specmemo.models.resolve import ModelRef
@@ -55,6 +55,8 @@ def dense_location(ref: ModelRef, trust_remote_code: bool) -> str:
     if ref.gguf_file:
         from specmemo.models.gguf_cache import ensure_dense
 
+        # From the GGUF's own metadata, before it is converted (tens of seconds of work).
+        check_gguf_architecture(Path(ref.location) / ref.gguf_file, ref.name)
         return str(ensure_dense(Path(ref.location) / ref.gguf_file, trust_remote_code))
     return ref.location
 
@@ -98,6 +100,29 @@ def check_architecture(ref: ModelRef, trust_remote_code: bool = False) -> None:
     except (OSError, ValueError) as e:
         raise UnknownModel(f"cannot read the configuration of {ref.name}: {str(e).splitlines()[0]}") from None
     check_supported(config, ref.name)
+
+
+def check_gguf_architecture(path: Path, name: str) -> None:
+    """Refuse a GGUF whose architecture transformers cannot convert, or whose attention specmemo
+    would run wrongly (a sliding window, soft-capped logits, sinks), from its metadata alone."""
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    from specmemo.models.gguf_file import open_gguf
+
+    meta = open_gguf(path).metadata
+    arch = meta.get("general.architecture")
+    known = sorted(k for k in GGUF_CONFIG_MAPPING if k not in ("general", "tokenizer"))
+    if arch not in GGUF_CONFIG_MAPPING or arch in ("general", "tokenizer"):
+        raise UnsupportedModel(f"{name}: GGUF architecture {arch!r} cannot be loaded (known: {', '.join(known)})")
+    if meta.get(f"{arch}.attention.sliding_window"):
+        raise UnsupportedModel(f"{name} uses sliding-window attention ({meta[f'{arch}.attention.sliding_window']} "
+                               "tokens), which specmemo's attention does not implement yet")
+    for key in (f"{arch}.attn_logit_softcapping", f"{arch}.final_logit_softcapping"):
+        if meta.get(key):
+            raise UnsupportedModel(f"{name} uses logit soft-capping ({key} = {meta[key]}), which specmemo's "
+                                   "attention does not implement yet")
+    if arch == "gpt_oss":
+        raise UnsupportedModel(f"{name} uses attention sinks, which specmemo's attention does not implement yet")
 
 
 def weights_nbytes(model) -> int:

@@ -1,0 +1,63 @@
+"""The dense copy of a GGUF: refused before it is made when the model cannot run, one copy per file
+content, no debris from killed conversions, ordinary file modes."""
+
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+
+
+def test_an_architecture_that_cannot_run_is_refused_before_any_conversion(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECMEMO_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "windowed.gguf"
+    writer = gguf.GGUFWriter(str(path), "mistral")
+    writer.add_block_count(1)
+    writer.add_embedding_length(64)
+    writer.add_feed_forward_length(128)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_context_length(256)
+    writer.add_sliding_window(32)
+    writer.add_vocab_size(96)
+    writer.add_tensor("token_embd.weight", np.zeros((96, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    r = cli("generate", "--target", path, "--prompt", "Hi", "--draft", "ngram", "-m", "4")
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 1 and len(lines) == 1 and "sliding-window attention (32 tokens)" in lines[0]
+    assert not (tmp_path / "cache" / "dense").exists() or not any((tmp_path / "cache" / "dense").glob("windowed-*"))
+
+
+@pytest.mark.slow
+def test_one_copy_per_content_and_no_debris_from_killed_conversions(tmp_path):
+    from specmemo.models.gguf_cache import dense_dir, ensure_dense
+    from specmemo.models.resolve import resolve
+
+    ref = resolve("smollm2-135m-instruct")
+    source = Path(ref.location) / ref.gguf_file
+    copy = ensure_dense(source)
+    root = copy.parent
+    # A conversion killed with -9 (its process is gone) and a copy no file maps to any more.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    debris = root / f"{copy.name}.{dead.pid}.x1y2z3"
+    debris.mkdir()
+    (debris / "model.safetensors").write_bytes(b"half")
+    orphan = root / "Gone-0123456789abcdef"
+    orphan.mkdir()
+    assert ensure_dense(source) == copy
+    assert not debris.exists() and not orphan.exists() and copy.exists()
+    # The same bytes under another name share the copy: no second conversion.
+    twin = tmp_path / "twin.gguf"
+    shutil.copyfile(source, twin)
+    assert dense_dir(twin) == copy
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in copy.iterdir()}
+    assert set(modes.values()) == {0o644}, modes
