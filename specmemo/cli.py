@@ -72,6 +72,15 @@ def root():
     """Speculative decoding that fits in the memory you have. Set SPECMEMO_DEBUG=1 for tracebacks."""
 
 
+def describe(e: Exception) -> str:
+    """An unexpected error as one line in the domain's words: the file and what went wrong with
+    it, without Python's exception names (SPECMEMO_DEBUG=1 shows those, with the traceback)."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename}: {e.strerror.lower()}" if e.filename else e.strerror.lower()
+    text = (str(e).strip().splitlines() or [""])[0]
+    return text or f"unexpected {type(e).__name__} (run with SPECMEMO_DEBUG=1 for the traceback)"
+
+
 def domain_errors(fn):
     """The one place where domain errors become a single line on stderr and an exit code."""
     @functools.wraps(fn)
@@ -92,7 +101,7 @@ def domain_errors(fn):
         except (OSError, ValueError, RuntimeError) as e:
             if os.environ.get("SPECMEMO_DEBUG") == "1":
                 raise
-            err.print(f"error: {type(e).__name__}: {e}".splitlines()[0], soft_wrap=True, markup=False)
+            err.print(f"error: {describe(e)}", soft_wrap=True, markup=False)
             raise typer.Exit(1) from None
     return wrapper
 

@@ -101,6 +101,8 @@ def read_prompts(path: str) -> list[str]:
     from pathlib import Path
 
     file = Path(path)
+    if file.is_dir():
+        raise BadInput(f"prompt file {path} is a directory")
     if not file.is_file():
         raise BadInput(f"prompt file {path} does not exist")
     out = []

@@ -35,7 +35,7 @@ def test_usage_errors_exit_2_and_do_not_share_it_with_does_not_fit():
 def test_a_json_log_path_that_cannot_be_written_fails_before_the_model_loads(tmp_path):
     r = subprocess.run([*SPECMEMO, "chat", "--json-log", str(tmp_path)], capture_output=True, text=True,
                        input="Hello\n", timeout=60)
-    assert r.returncode == 1 and "Is a directory" in r.stderr and "loading" not in r.stdout + r.stderr
+    assert r.returncode == 1 and "is a directory" in r.stderr and "loading" not in r.stdout + r.stderr
 
 
 def test_atomic_write_keeps_the_usual_mode_and_needs_an_existing_directory(tmp_path):
@@ -182,3 +182,11 @@ def test_options_are_checked_before_any_work_in_one_line(tmp_path, args, needle)
     assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("error: "), r.stderr
     assert r.returncode == (1 if "write" in needle or "directory" in needle else 2)
     assert not work.exists() and not (tmp_path / "p").exists()      # no corpus, no profile begun
+
+
+def test_messages_name_the_file_and_the_fault_not_pythons_exception(tmp_path):
+    r = subprocess.run([*SPECMEMO, "generate", "--prompts", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip() == f"error: prompt file {tmp_path} is a directory"
+    r = subprocess.run([*SPECMEMO, "chat", "--json-log", "/proc/none/log.jsonl"], capture_output=True, text=True,
+                       timeout=120, stdin=subprocess.DEVNULL)
+    assert r.returncode == 1 and r.stderr.strip() == "error: /proc/none/log.jsonl: no such file or directory"

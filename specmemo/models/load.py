@@ -83,8 +83,9 @@ def load_tokenizer(ref: ModelRef, trust_remote_code: bool = False):
     hf_logging.set_verbosity_error()
     if ref.location is None:
         raise UnknownModel(f"{ref.name} has no weights source (alias without hub id or package)")
+    location = dense_location(ref, trust_remote_code)   # a conversion's failure is its own message
     try:
-        return AutoTokenizer.from_pretrained(dense_location(ref, trust_remote_code), trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise UnknownModel(f"cannot load the tokenizer of {ref.name}: {str(e).splitlines()[0]}") from None
 
