@@ -17,6 +17,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from specmemo.budget.units import count
 from specmemo.errors import BadInput, BudgetExceeded, SpecmemoError
 
 app = typer.Typer(
@@ -234,7 +235,7 @@ def generate(
             print(json.dumps({"summary": summary.to_json()}))
         else:
             err.print(
-                f"[dim]{summary.prompts} prompts, batch {summary.batch}: {summary.new_tokens} tokens in "
+                f"[dim]{count(summary.prompts, 'prompt')}, batch {summary.batch}: {count(summary.new_tokens, 'token')} in "
                 f"{summary.seconds:.1f} s, {summary.tokens_per_s:.1f} tok/s ({summary.drafter} drafts), generation "
                 f"peak {summary.generation_peak_bytes / 2**20:.1f} MiB (plan "
                 f"{summary.predicted_generation_bytes / 2**20:.1f} MiB), process peak "
@@ -252,8 +253,8 @@ def generate(
     else:
         print()
         err.print(
-            f"[dim]{result.stats.new_tokens} tokens, {result.stats.tokens_per_s:.1f} tok/s (prefill {result.prompt_tokens} "
-            f"tokens at {result.stats.prefill_tokens_per_s:.0f} tok/s), accepted "
+            f"[dim]{count(result.stats.new_tokens, 'token')}, {result.stats.tokens_per_s:.1f} tok/s (prefill "
+            f"{count(result.prompt_tokens, 'token')} at {result.stats.prefill_tokens_per_s:.0f} tok/s), accepted "
             f"{result.stats.accepted_tokens}/{result.stats.drafted_tokens} "
             f"drafted, generation peak {result.generation_peak_bytes / 2**20:.1f} MiB (plan "
             f"{result.predicted_generation_bytes / 2**20:.1f} MiB), process peak "

@@ -12,6 +12,7 @@ import torch
 from specmemo.budget.devices import load_device
 from specmemo.budget.fit import PlanReport
 from specmemo.budget.plan import DEFAULT_PREFILL_CHUNK, HEAD_DRAFTERS
+from specmemo.budget.units import count
 from specmemo.decoding.batch import BatchEngine
 from specmemo.decoding.drafters import HeadDrafter, LookupHeadDrafter, ModelDrafter, NgramDrafter, NoDrafter
 from specmemo.decoding.engine import Engine
@@ -188,7 +189,7 @@ def open_pipeline(run: RunRequest, *, min_context: int = 0, refs=None, tokenizer
                        draft_dtype=run.draft_dtype, prefill_chunk=run.prefill_chunk, sampling=not run.sampling.greedy,
                        shrink=True, batch=run.batch or 1, baseline_bytes=meter.current() if kind == "cpu" else None)
     if report.plan.request.context < min_context:
-        raise BudgetExceeded(f"the budget holds only {report.plan.request.context} tokens of context; "
+        raise BudgetExceeded(f"the budget holds only {count(report.plan.request.context, 'token')} of context; "
                              f"this request needs at least {min_context} (raise --budget)", plan=report.plan)
     why = report.plan.not_runnable()
     if why:

@@ -190,3 +190,9 @@ def test_messages_name_the_file_and_the_fault_not_pythons_exception(tmp_path):
     r = subprocess.run([*SPECMEMO, "chat", "--json-log", "/proc/none/log.jsonl"], capture_output=True, text=True,
                        timeout=120, stdin=subprocess.DEVNULL)
     assert r.returncode == 1 and r.stderr.strip() == "error: /proc/none/log.jsonl: no such file or directory"
+
+
+def test_counts_read_as_english():
+    from specmemo.budget.units import count
+
+    assert (count(1, "token"), count(2, "token"), count(4096, "token")) == ("1 token", "2 tokens", "4,096 tokens")

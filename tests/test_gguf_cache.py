@@ -61,3 +61,47 @@ def test_one_copy_per_content_and_no_debris_from_killed_conversions(tmp_path):
     assert dense_dir(twin) == copy
     modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in copy.iterdir()}
     assert set(modes.values()) == {0o644}, modes
+
+
+@pytest.mark.slow
+def test_a_conversion_dies_with_the_process_that_asked_for_it_and_leaves_nothing(tmp_path):
+    """kill -9 of the process that asked for a conversion: the converting child follows (SIGTERM
+    through PR_SET_PDEATHSIG) and removes its temporary directory on the way out."""
+    import os
+    import time
+
+    from specmemo.models.resolve import resolve
+
+    ref = resolve("smollm2-135m-instruct")
+    data = bytearray((Path(ref.location) / ref.gguf_file).read_bytes())
+    at = data.find(b"SmolLM2")
+    data[at] = ord("X")                      # other bytes (a metadata string): no copy of it exists yet
+    other = tmp_path / "other.gguf"
+    other.write_bytes(bytes(data))
+    cache = tmp_path / "cache"
+    env = {**os.environ, "SPECMEMO_CACHE": str(cache)}
+    parent = subprocess.Popen([sys.executable, "-c", "import sys; from pathlib import Path; "
+                               "from specmemo.models.gguf_cache import ensure_dense; ensure_dense(Path(sys.argv[1]))",
+                               str(other)], env=env, stderr=subprocess.DEVNULL)
+
+    def in_flight():
+        return list((cache / "dense").glob("*.*.*")) if (cache / "dense").is_dir() else []
+
+    deadline = time.monotonic() + 180
+    while not in_flight() and parent.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert in_flight(), "the conversion never started"
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 60
+    while in_flight() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not in_flight() and not any((cache / "dense").glob("other-*"))
+
+    def converting():
+        return subprocess.run(["pgrep", "-f", f"specmemo.models.gguf_cache {other}"], capture_output=True,
+                              text=True).stdout.strip()
+
+    while converting() and time.monotonic() < deadline:   # the child may still be on its way out
+        time.sleep(0.2)
+    assert converting() == ""

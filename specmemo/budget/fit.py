@@ -15,7 +15,7 @@ from specmemo.budget.plan import (
 from specmemo.budget.search import Fit, fit_at_context, lower_bound, max_context, speedup_budget
 from specmemo.budget import footprint as fp
 from specmemo.budget.speedup import PairProfile, pair_profile
-from specmemo.budget.units import format_bytes
+from specmemo.budget.units import count, format_bytes
 from specmemo.errors import BadInput, BudgetExceeded
 
 
@@ -87,7 +87,7 @@ class PlanReport:
         return (
             f"does not fit: {self.target_name} in {req.dtype} (KV {req.kv}) needs "
             f"{format_bytes(self.plan.total_bytes)} but the budget is {format_bytes(self.budget_bytes)}; "
-            f"the lower bound at {req.context} tokens is {format_bytes(self.lower_bound.total_bytes)} "
+            f"the lower bound at {count(req.context, 'token')} is {format_bytes(self.lower_bound.total_bytes)} "
             f"({self.lower_bound.total_bytes} bytes)"
         )
 

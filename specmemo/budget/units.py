@@ -39,3 +39,8 @@ def format_bytes(n: int) -> str:
             return f"{sign}{n:.0f} {unit}" if unit == "B" else f"{sign}{n:.2f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def count(n: int, noun: str) -> str:
+    """"1 token", "2 tokens", "4,096 tokens"."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"

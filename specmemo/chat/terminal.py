@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from specmemo.atomic import atomic_write_text
-from specmemo.budget.units import format_bytes
+from specmemo.budget.units import count, format_bytes
 from specmemo.chat.session import ChatSession, Evicted, Reprefilled, TextDelta, TurnRecord
 from specmemo.errors import BadInput
 from specmemo.models.text import clean_text
@@ -69,7 +69,7 @@ class ChatTerminal:
 
     def turn_line(self, t: TurnRecord) -> str:
         s = t.stats
-        return (f"[dim]{s.new_tokens} tokens · {s.tokens_per_s:.1f} tok/s · prefill {s.prefilled_tokens} tokens at "
+        return (f"[dim]{count(s.new_tokens, 'token')} · {s.tokens_per_s:.1f} tok/s · prefill {count(s.prefilled_tokens, 'token')} at "
                 f"{s.prefill_tokens_per_s:.0f} tok/s · accepted {s.accepted_tokens}/{s.drafted_tokens} · context "
                 f"{t.context_tokens}/{t.context_limit} · peak {format_bytes(t.peak_bytes)} of "
                 f"{format_bytes(t.budget_bytes)}[/]")

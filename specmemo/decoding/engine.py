@@ -26,6 +26,7 @@ from specmemo.decoding.sampling import SamplingConfig
 from specmemo.decoding.step import settle, verify_chain
 from specmemo.decoding.verify import verify_tree_greedy, verify_tree_sampling
 from specmemo.memory.attention import CandidateTree
+from specmemo.budget.units import count
 from specmemo.errors import BadInput
 from specmemo.memory.malloc import trim_heap
 from specmemo.memory.kvstore import KVStore
@@ -148,8 +149,8 @@ class Engine:
             raise BadInput("nothing to generate from: the prompt is empty")
         total = len(self.tokens) + len(new_tokens)
         if total >= self.context:
-            raise BadInput(f"prompt of {total} tokens leaves no room to generate within the planned context "
-                           f"of {self.context} tokens")
+            raise BadInput(f"a prompt of {count(total, 'token')} leaves no room to generate within the planned "
+                           f"context of {count(self.context, 'token')}")
         start = time.perf_counter()
         self.tokens.extend(new_tokens)
         pending = self.tokens[self.store.length :]
