@@ -8,7 +8,11 @@ trimmed away (a pointer move), so the history stays 200. The minimum of --reps f
 """
 
 import argparse
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from specmemo.decoding.sampling import SamplingConfig
 from specmemo.pipeline import RunRequest, open_pipeline
@@ -43,4 +47,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from bench.result import recorded
+
+    with recorded("batch_forward"):
+        main()

@@ -84,4 +84,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from bench.result import recorded
+
+    with recorded("exact_attention"):
+        main()

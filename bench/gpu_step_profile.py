@@ -96,4 +96,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from bench.result import recorded
+
+    with recorded("gpu_step_profile"):
+        main()

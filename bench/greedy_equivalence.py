@@ -104,4 +104,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from bench.result import recorded
+
+    with recorded("greedy_equivalence"):
+        main()

@@ -62,4 +62,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from bench.result import recorded
+
+    with recorded("head_acceptance"):
+        main()

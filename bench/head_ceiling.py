@@ -251,4 +251,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from bench.result import recorded
+
+    with recorded("head_ceiling"):
+        main()

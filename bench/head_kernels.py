@@ -77,4 +77,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from bench.result import recorded
+
+    with recorded("head_kernels"):
+        main()

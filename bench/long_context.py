@@ -45,4 +45,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from bench.result import recorded
+
+    with recorded("long_context"):
+        main()

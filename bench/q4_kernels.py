@@ -92,4 +92,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from bench.result import recorded
+
+    with recorded("q4_kernels"):
+        main()

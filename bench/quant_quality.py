@@ -118,4 +118,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from bench.result import recorded
+
+    with recorded("quant_quality"):
+        main()

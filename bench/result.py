@@ -55,3 +55,36 @@ def save(bench: str, figures: list[dict], data: dict | None = None, out: Path | 
 
 def figure(name: str, value: float, unit: str = "", note: str = "") -> dict:
     return {"figure": name, "value": value, "unit": unit, **({"note": note} if note else {})}
+
+
+class recorded:
+    """`with recorded("q4_kernels"): main()`: what the bench prints, kept as its result's output
+    (data.output) beside the envelope; figures may be added with `figures.append(figure(...))`."""
+
+    def __init__(self, bench: str):
+        self.bench, self.figures, self.lines = bench, [], []
+
+    def __enter__(self) -> "recorded":
+        self.stdout = sys.stdout
+        outer = self
+
+        class Tee:
+            def write(self, text):
+                outer.lines.append(text)
+                return outer.stdout.write(text)
+
+            def flush(self):
+                outer.stdout.flush()
+
+            def __getattr__(self, name):
+                return getattr(outer.stdout, name)
+
+        sys.stdout = Tee()
+        return self
+
+    def __exit__(self, kind, error, tb) -> None:
+        sys.stdout = self.stdout
+        code = 0 if kind is None else getattr(error, "code", 1) if kind is SystemExit else 1
+        asked_for_help = any(a in ("-h", "--help") for a in sys.argv[1:])
+        if (kind is None or kind is SystemExit) and not asked_for_help:   # a crash measured nothing
+            save(self.bench, self.figures, {"output": "".join(self.lines), "exit": code})

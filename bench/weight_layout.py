@@ -68,4 +68,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from bench.result import recorded
+
+    with recorded("weight_layout"):
+        main()

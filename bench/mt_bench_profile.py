@@ -1,7 +1,7 @@
 """`specmemo profile` as a bench: runs it, then writes its headline figures to
 bench/results/profile-<cpu class>.json (bench/result.py), the report itself beside them in --out.
 
-    python bench/profile.py [--limit 20] [--turns 2] [--max-new-tokens 128]
+    python bench/mt_bench_profile.py [--limit 20] [--turns 2] [--max-new-tokens 128]
         [--engines specmemo,specmemo-ar,hf-ar] [--draft auto] [--out out/profile]
 MT-Bench (../shared/data/mt_bench_questions.jsonl) where it is present, else the shipped prompts.
 """
