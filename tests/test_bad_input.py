@@ -196,3 +196,10 @@ def test_counts_read_as_english():
     from specmemo.budget.units import count
 
     assert (count(1, "token"), count(2, "token"), count(4096, "token")) == ("1 token", "2 tokens", "4,096 tokens")
+
+
+@pytest.mark.slow
+def test_generate_writes_no_blank_line_to_stderr():
+    r = subprocess.run([*SPECMEMO, "generate", "-p", "Hi", "-m", "4", "--draft", "none"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and r.stderr.splitlines()[0].strip() != ""

@@ -13,23 +13,29 @@ import pytest
 
 
 
-def test_an_architecture_that_cannot_run_is_refused_before_any_conversion(cli, tmp_path, monkeypatch):
-    monkeypatch.setenv("SPECMEMO_CACHE", str(tmp_path / "cache"))
-    path = tmp_path / "windowed.gguf"
-    writer = gguf.GGUFWriter(str(path), "mistral")
+def tiny_gguf(path, arch: str, sliding_window: int = 0) -> None:
+    """A one-layer GGUF's metadata and its embedding: enough to resolve and plan it."""
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(1)
     writer.add_embedding_length(64)
     writer.add_feed_forward_length(128)
     writer.add_head_count(4)
     writer.add_head_count_kv(2)
     writer.add_context_length(256)
-    writer.add_sliding_window(32)
     writer.add_vocab_size(96)
+    if sliding_window:
+        writer.add_sliding_window(sliding_window)
     writer.add_tensor("token_embd.weight", np.zeros((96, 64), dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def test_an_architecture_that_cannot_run_is_refused_before_any_conversion(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECMEMO_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "windowed.gguf"
+    tiny_gguf(path, "mistral", sliding_window=32)
     r = cli("generate", "--target", path, "--prompt", "Hi", "--draft", "ngram", "-m", "4")
     lines = r.stderr.strip().splitlines()
     assert r.exit_code == 1 and len(lines) == 1 and "sliding-window attention (32 tokens)" in lines[0]
@@ -105,3 +111,14 @@ def test_a_conversion_dies_with_the_process_that_asked_for_it_and_leaves_nothing
     while converting() and time.monotonic() < deadline:   # the child may still be on its way out
         time.sleep(0.2)
     assert converting() == ""
+
+
+def test_a_conversion_that_fails_says_so_in_one_line(cli, tmp_path, monkeypatch):
+    """Not "cannot load the tokenizer of …": the conversion's own failure, naming the file."""
+    monkeypatch.setenv("SPECMEMO_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "untokenized.gguf"
+    tiny_gguf(path, "llama")                  # a valid file transformers cannot convert: no tokenizer, one tensor
+    r = cli("generate", "--target", path, "--prompt", "Hi", "--draft", "ngram", "-m", "4")
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 1 and lines[-1].startswith("error: could not convert untokenized.gguf")
+    assert "tokenizer of" not in r.stderr and not list((tmp_path / "cache" / "dense").glob("*.*.*"))
