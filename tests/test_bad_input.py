@@ -199,7 +199,8 @@ def test_counts_read_as_english():
 
 
 @pytest.mark.slow
-def test_generate_writes_no_blank_line_to_stderr():
-    r = subprocess.run([*SPECMEMO, "generate", "-p", "Hi", "-m", "4", "--draft", "none"], capture_output=True,
+def test_generate_writes_no_blank_line_to_stderr_and_counts_in_english():
+    r = subprocess.run([*SPECMEMO, "generate", "-p", "Hi", "-m", "1", "--draft", "none"], capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0 and r.stderr.splitlines()[0].strip() != ""
+    assert r.stderr.startswith("1 token,") and "1 tokens" not in r.stderr
