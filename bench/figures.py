@@ -38,8 +38,9 @@ def table(rows: list[dict], with_commands: bool) -> list[str]:
     lines = [head, "|---|---:|---|---|" + ("---|" if with_commands else "")]
     for r in rows:
         for f in r["figures"]:
+            host = f"{r['host']} [{r['cpu_class']}], torch {r['torch']}"
             cells = [f["figure"] + (f" ({f['note']})" if f.get("note") else ""), value(f),
-                     f"{r['host']} [{r['cpu_class']}], torch {r['torch']}, {r['date']}", f"`{r['commit']}`"]
+                     f"{host}, {r['date']}" if with_commands else host, f"`{r['commit']}`"]
             if with_commands:
                 cells.append(f"`{r['command']}` → [{r['file']}](../bench/results/{r['file']})")
             lines.append("| " + " | ".join(cells) + " |")

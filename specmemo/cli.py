@@ -308,15 +308,16 @@ def chat(
         with err.status("loading models…") if err.is_terminal else contextlib.nullcontext():
             refs = resolve_pair(target, draft)
             tokenizer = load_tokenizer(refs[0])
-            if context is not None and context < smallest_context(tokenizer, system):
+            least = smallest_context(tokenizer, system)
+            if context is not None and context < least:
                 raise typer.BadParameter(f"--context {context} cannot hold a message and a reply: a chat needs "
-                                         f"at least {smallest_context(tokenizer, system)} tokens")
+                                         f"at least {least} tokens")
             # A budget whose context cannot hold a message and a reply is refused now (exit 3).
             pipeline = open_pipeline(RunRequest(
                 target, draft, device=device, budget=size, context=context, dtype=dtype, kv_dtype=kv_dtype,
                 draft_dtype=draft_dtype, forward=forward, cuda_graphs=cuda_graphs,
                 sampling=SamplingConfig(temperature=temperature, top_p=top_p, seed=seed)),
-                min_context=smallest_context(tokenizer, system), refs=refs, tokenizer=tokenizer)
+                min_context=least, refs=refs, tokenizer=tokenizer)
         ChatTerminal(ChatSession(pipeline, system, max_new_tokens), Terminal(highlight=False), stats, log, err).run()
     finally:
         if log:

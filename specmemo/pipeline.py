@@ -184,7 +184,7 @@ def open_pipeline(run: RunRequest, *, min_context: int = 0, refs=None, tokenizer
     if kind == "cpu":
         tame_glibc_malloc()
     t_ref, d_ref, drafter = refs = refs or resolve_pair(run.target, run.draft)
-    report = plan_pair(refs, device=profile, budget=run.budget, context=run.context, draft_len=run.draft_len,
+    report = plan_pair(refs, device=dev, budget=run.budget, context=run.context, draft_len=run.draft_len,
                        draft_window=run.draft_window, dtype=run.dtype, kv_dtype=run.kv_dtype,
                        draft_dtype=run.draft_dtype, prefill_chunk=run.prefill_chunk, sampling=not run.sampling.greedy,
                        shrink=True, batch=run.batch or 1, baseline_bytes=meter.current() if kind == "cpu" else None)

@@ -107,7 +107,7 @@ def _shrunk_to_fit(req: PlanRequest, budget: int) -> PlanRequest | None:
     return None
 
 
-def fit(target: Arch, draft: Arch | None, drafter: str, *, device: str = "cpu", budget: int | None = None,
+def fit(target: Arch, draft: Arch | None, drafter: str, *, device: str | Device = "cpu", budget: int | None = None,
         context: int | None = None, draft_len: int | None = None, draft_window: int | None = None,
         dtype: str | None = None, kv_dtype: str | None = None, draft_dtype: str | None = None, batch: int = 1,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK, sampling: bool = True, shrink: bool = False,
@@ -118,7 +118,7 @@ def fit(target: Arch, draft: Arch | None, drafter: str, *, device: str = "cpu", 
     when larger than the device profile's figure. With shrink, a request that does not fit is
     reduced (k, W, prefill chunk) or refused with BudgetExceeded. head, head_card: a head
     drafter's (hidden, inner, vocab) and card (models/resolve.head_facts)."""
-    dev = load_device(device)
+    dev = device if isinstance(device, Device) else load_device(device)
     budget_bytes = budget if budget is not None else dev.memory_bytes
     if drafter == "none" and draft_len:
         raise BadInput("--draft-len needs a drafter; with --draft none, k is 0")

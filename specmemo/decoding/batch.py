@@ -102,7 +102,6 @@ class _Slot:
     started: float = 0.0
     first_token_at: float = 0.0
     proposal: object = None
-    last: Step | None = None                 # the step its last forward committed (None mid-prefill)
 
     @property
     def prefilling(self) -> bool:
@@ -168,12 +167,12 @@ class BatchEngine:
             totals.largest_forward = max(totals.largest_forward, width)
             offset = 0   # where each row's kept rows start in the forward's (a draft head reads them)
             for slot, seg, rows in zip(active, segments, logits):
-                reason = self._advance(slot, seg, rows, max_new_tokens, stop_ids, offset)
-                offset += rows.shape[0]
-                if slot.last is not None:
+                step, reason = self._advance(slot, seg, rows, max_new_tokens, stop_ids, offset)
+                if step is not None:
                     if on_step:
-                        on_step(slot.last, offset - rows.shape[0])
-                    yield slot.last
+                        on_step(step, offset)
+                    yield step
+                offset += rows.shape[0]
                 if reason:
                     slot.stats.stop_reason = reason
                     slot.stats.decode_seconds = time.perf_counter() - slot.first_token_at
@@ -230,12 +229,14 @@ class BatchEngine:
             keep.append(len(seg))
         return active, segments, keep
 
-    def _advance(self, slot: _Slot, seg: list[int], logits: torch.Tensor, max_new: int, stop_ids, offset: int) -> str:
+    def _advance(self, slot: _Slot, seg: list[int], logits: torch.Tensor, max_new: int, stop_ids,
+                 offset: int) -> tuple[Step | None, str]:
         """Take one row's logits [keep, V] (rows offset.. of the forward's kept rows): finish its
-        prefill chunk, or verify its drafts and commit. Returns why the sequence finished, or ""."""
+        prefill chunk, or verify its drafts and commit. Returns the committed step (None while the
+        prompt has chunks to go) and why the sequence finished, or ""."""
         if slot.prefilling:
             if slot.store.length < len(slot.tokens):
-                return ""                                             # more prompt chunks to go
+                return None, ""                                       # more prompt chunks to go
             slot.stats.prefilled_tokens = len(slot.tokens)
             slot.drafter.catch_up(slot.tokens, self.prefill_chunk)
             slot.drafter.observe(offset)                              # its one kept row chose the token
@@ -253,11 +254,8 @@ class BatchEngine:
         step, reason = settle(step, budget, stop_ids, slot.tokens, slot.store, slot.drafter)
         slot.stats.record(step)
         slot.new.extend(step.tokens)
-        slot.last = step
-        if reason:
-            return reason
-        if len(slot.new) >= max_new:
-            return "max_new_tokens"
-        if len(slot.tokens) >= self.context:
-            return "context_full"
-        return ""
+        if not reason and len(slot.new) >= max_new:
+            reason = "max_new_tokens"
+        elif not reason and len(slot.tokens) >= self.context:
+            reason = "context_full"
+        return step, reason

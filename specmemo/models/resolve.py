@@ -233,16 +233,17 @@ def fastest_drafter(target: "ModelRef") -> str:
     return max(speedups, key=speedups.get) if speedups else "ngram"
 
 
-def plan_pair(refs: tuple[ModelRef, ModelRef | None, str], *, device: str = "cpu", dtype: str | None = None,
+def plan_pair(refs: tuple[ModelRef, ModelRef | None, str], *, device="cpu", dtype: str | None = None,
               draft_dtype: str | None = None, **fit_args):
     """budget.fit for a resolved (target, draft, drafter), with the dtypes every command runs by
-    default (budget.devices.default_weights) and a head drafter's head read from its file."""
-    from specmemo.budget.devices import default_weights, load_device
+    default (budget.devices.default_weights) and a head drafter's head read from its file.
+    device: a profile's name, or the Device already loaded from it."""
+    from specmemo.budget.devices import Device, default_weights, load_device
     from specmemo.budget.fit import fit
 
     t, d, drafter = refs
-    dtype, draft_dtype = default_weights(load_device(device), t.packed_q4, d.packed_q4 if d else None, dtype,
-                                         draft_dtype)
+    device = device if isinstance(device, Device) else load_device(device)
+    dtype, draft_dtype = default_weights(device, t.packed_q4, d.packed_q4 if d else None, dtype, draft_dtype)
     head, card = head_facts(t, drafter)
     return fit(t.arch, d.arch if d else None, drafter, device=device, dtype=dtype, draft_dtype=draft_dtype,
                head=head, head_card=card, **fit_args)
