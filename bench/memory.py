@@ -1,15 +1,19 @@
 """Measured generation memory against the plan, at contexts the run fills (--ignore-eos).
 
-Each point runs `specmemo generate --json` in its own process, so every peak is its own. Writes
-bench/results/memory-<cpu class>.json (bench/result.py).
+Each point runs `specmemo generate --json` in its own process, so every peak is its own; with
+--chat, also a 6-turn `specmemo chat` whose --budget is `plan --context C`'s total, each message long
+enough that the turns fill the context (the worst turn is reported). Plans are the host's calibrated
+ones where a run like it was measured before (budget.calibration; "calibrated" in each point).
+Writes bench/results/memory-<cpu class>.json (bench/result.py).
 Usage: python bench/memory.py [--contexts 1000,4000] [--drafters none,ngram] [--max-new-tokens 200]
-       [--dtype fp32] [--draft-dtype bf16]    (a drafter may be a model: --drafters smollm2-135m-instruct)
+       [--dtype fp32] [--draft-dtype bf16] [--chat]   (a drafter may be a model: --drafters smollm2-135m-instruct)
 """
 
 import argparse
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +39,39 @@ def run(context: int, drafter: str, max_new: int, target: str, dtype: str, draft
     return json.loads(out.stdout)
 
 
+def chat_turns(budget: int, messages: list[str], drafter: str, max_new: int, target: str, dtype: str) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "turns.jsonl"
+        subprocess.run([sys.executable, "-m", "specmemo", "chat", "--target", target, "--draft", drafter,
+                        "--dtype", dtype, "--temperature", "0", "--budget", str(budget),
+                        "--max-new-tokens", str(max_new), "--json-log", str(log)],
+                       input="\n".join(messages) + "\n", capture_output=True, text=True, check=True)
+        return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def chat(context: int, drafter: str, max_new: int, target: str, dtype: str) -> dict:
+    """A 6-turn chat under the budget `plan --context` gives, its messages sized so that two turns
+    fill the context the chat plans in that budget (a first one-turn chat tells it): each turn
+    prefills as much as a long message does, and every other one evicts. Its worst turn against
+    the chat's plan."""
+    plan = json.loads(subprocess.run(
+        [sys.executable, "-m", "specmemo", "plan", "--target", target, "--draft", drafter, "--context", str(context),
+         "--dtype", dtype, "--json"], capture_output=True, text=True, check=True).stdout)
+    budget = plan["total_bytes"]
+    limit = chat_turns(budget, ["Hello!"], drafter, 8, target, dtype)[0]["context_limit"]
+    share = limit // 2 - max_new - 24          # the turn's template tokens beside the message and reply
+    messages = [filler(share) + " Summarize this." for _ in range(6)]
+    turns = chat_turns(budget, messages, drafter, max_new, target, dtype)
+    worst = max(turns, key=lambda t: t["generation_peak_bytes"])
+    return {"context": worst["context_limit"], "filled": max(t["context_tokens"] for t in turns),
+            "dtype": dtype, "drafter": drafter, "turns": len(turns),
+            "over_budget_turns": sum(t["over_budget"] for t in turns), "calibrated": plan["calibrated"],
+            "generation_peak_bytes": worst["generation_peak_bytes"],
+            "predicted_generation_bytes": worst["predicted_generation_bytes"],
+            "process_peak_bytes": max(t["peak_bytes"] for t in turns), "plan_total_bytes": worst["plan_total_bytes"],
+            "budget_bytes": budget}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--contexts", default="1000,4000")
@@ -43,26 +80,34 @@ def main():
     ap.add_argument("--target", default="smollm2-135m-instruct")
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--draft-dtype", default=None)
+    ap.add_argument("--chat", action="store_true", help="also a budgeted 6-turn chat at each context")
     args = ap.parse_args()
-    print("| context | drafter | measured MiB | plan MiB | measured/plan | process peak MiB | plan total MiB |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
+    print("| run | context | drafter | calibrated | measured MiB | plan MiB | measured/plan | process peak MiB | plan total MiB |")
+    print("|---|---:|---|---|---:|---:|---:|---:|---:|")
     from bench.result import figure, save
 
     worst_ok, figures, points = True, [], []
     for context in map(int, args.contexts.split(",")):
         for drafter in args.drafters.split(","):
-            r = run(context, drafter, args.max_new_tokens, args.target, args.dtype, args.draft_dtype)
-            ratio = r["generation_peak_bytes"] / r["predicted_generation_bytes"]
-            whole = r["process_peak_bytes"] / r["plan_total_bytes"]
-            worst_ok &= ratio <= 1.0 and r["process_peak_bytes"] <= r["plan_total_bytes"]
-            label = f"{args.target} {r['dtype']}, {drafter}, context {r['context']}"
-            figures += [figure(f"generation peak / plan: {label}", round(ratio, 3)),
-                        figure(f"process peak / plan total: {label}", round(whole, 3))]
-            points.append({k: r[k] for k in ("context", "dtype", "drafter", "generation_peak_bytes",
-                                             "predicted_generation_bytes", "process_peak_bytes", "plan_total_bytes")})
-            print(f"| {r['context']} | {drafter} | {r['generation_peak_bytes'] / 2**20:.1f} | "
-                  f"{r['predicted_generation_bytes'] / 2**20:.1f} | {ratio:.3f} | {r['process_peak_bytes'] / 2**20:.0f} | "
-                  f"{r['plan_total_bytes'] / 2**20:.0f} |", flush=True)
+            runs = [("generate", run(context, drafter, args.max_new_tokens, args.target, args.dtype, args.draft_dtype))]
+            if args.chat:
+                runs.append(("chat", chat(context, drafter, args.max_new_tokens, args.target, args.dtype)))
+            for kind, r in runs:
+                ratio = r["generation_peak_bytes"] / r["predicted_generation_bytes"]
+                whole = r["process_peak_bytes"] / r["plan_total_bytes"]
+                worst_ok &= ratio <= 1.0 and r["process_peak_bytes"] <= r["plan_total_bytes"]
+                worst_ok &= not r.get("over_budget_turns")
+                label = (f"{args.target} {r['dtype']}, {drafter}, {kind}, context {r['context']}"
+                         f"{', calibrated plan' if r.get('calibrated') else ', first run: profile reserves'}")
+                figures += [figure(f"generation peak / plan: {label}", round(ratio, 3)),
+                            figure(f"process peak / plan total: {label}", round(whole, 3))]
+                points.append({"run": kind, **{k: r.get(k) for k in (
+                    "context", "filled", "dtype", "drafter", "calibrated", "turns", "over_budget_turns", "generation_peak_bytes",
+                    "predicted_generation_bytes", "process_peak_bytes", "plan_total_bytes")}})
+                print(f"| {kind} | {r['context']}{' (filled ' + str(r['filled']) + ')' if 'filled' in r else ''} | {drafter} | {r.get('calibrated')} | "
+                      f"{r['generation_peak_bytes'] / 2**20:.1f} | {r['predicted_generation_bytes'] / 2**20:.1f} | "
+                      f"{ratio:.3f} | {r['process_peak_bytes'] / 2**20:.0f} | {r['plan_total_bytes'] / 2**20:.0f} |",
+                      flush=True)
     save("memory", figures, {"points": points})
     sys.exit(0 if worst_ok else 1)
 

@@ -140,7 +140,7 @@ def plan(
     report = plan_pair(
         resolve_pair(target, draft), device=device, budget=parse_size(budget) if budget else None,
         context=context, draft_len=draft_len, draft_window=draft_window, dtype=dtype, kv_dtype=kv_dtype,
-        draft_dtype=draft_dtype, batch=batch,
+        draft_dtype=draft_dtype, batch=batch, calibrated=True,
     )
     if as_json:
         print(json.dumps(report.to_json(), indent=2))
@@ -214,7 +214,7 @@ def generate(
                      draft_dtype=draft_dtype, sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
                                                                       seed=seed),
                      allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, forward=forward,
-                     cuda_graphs=cuda_graphs, batch=batch)
+                     cuda_graphs=cuda_graphs, batch=batch, calibrated=True)
     if prompts is not None:
         from specmemo.generate import generate_batch, read_prompts
 
@@ -316,7 +316,7 @@ def chat(
             pipeline = open_pipeline(RunRequest(
                 target, draft, device=device, budget=size, context=context, dtype=dtype, kv_dtype=kv_dtype,
                 draft_dtype=draft_dtype, forward=forward, cuda_graphs=cuda_graphs,
-                sampling=SamplingConfig(temperature=temperature, top_p=top_p, seed=seed)),
+                sampling=SamplingConfig(temperature=temperature, top_p=top_p, seed=seed), calibrated=True),
                 min_context=least, refs=refs, tokenizer=tokenizer)
         ChatTerminal(ChatSession(pipeline, system, max_new_tokens), Terminal(highlight=False), stats, log, err).run()
     finally:

@@ -34,6 +34,7 @@ class GenerateResult:
     attention: str | None         # "native" / "torch": how half precision attends exactly (None: fp32)
     products: str | None          # "compiled" / "torch": which kernels multiply the matrices (None: transformers)
     drafter: str                  # what drafted: model, head, ngram or none (--draft auto picks one)
+    calibrated: bool = False      # the plan reserved what this host measured (budget.calibration), not the profile's
 
     def to_json(self) -> dict:
         own = {k: v for k, v in self.__dict__.items() if k != "stats"}
@@ -77,6 +78,7 @@ def generate(run: RunRequest, prompt: str, *, chat: bool = False, max_new_tokens
                 on_text(stream.push(event.tokens))
         elif isinstance(event, Finished):
             stats = event.stats
+    rt.calibrate()
     plan = rt.report.plan
     weights = weights_nbytes(rt.target.model) + (weights_nbytes(rt.draft.model) if rt.draft else 0)
     return GenerateResult(
@@ -86,7 +88,7 @@ def generate(run: RunRequest, prompt: str, *, chat: bool = False, max_new_tokens
         budget_bytes=rt.report.budget_bytes, prompt_tokens=len(prompt_ids), context=plan.request.context,
         draft_len=plan.request.draft_len, draft_window=plan.request.draft_window, dtype=plan.request.dtype,
         kv_dtype=plan.request.kv, forward=rt.target.forward_path, attention=rt.target.attention,
-        products=rt.target.products, drafter=rt.report.drafter,
+        products=rt.target.products, drafter=rt.report.drafter, calibrated=plan.calibrated,
     )
 
 

@@ -6,6 +6,7 @@ nothing here imports torch.
 import functools
 import os
 import platform
+import shutil
 
 # /proc/cpuinfo flags that decide kernel choices here (bf16 and int4 GEMM paths), as people name them.
 VECTOR_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX-BF16"}
@@ -59,6 +60,15 @@ def cpu_name() -> str:
     vector = ", ".join(label for flag, label in VECTOR_FLAGS.items() if flag in flags) or "no AVX2"
     family = f"family {fields['cpu family']} model {fields['model']}; " if "cpu family" in fields else ""
     return f"{name} ({family}{vector})"
+
+
+def c_compiler() -> str | None:
+    """The C compiler specmemo's kernels build with (CC, else cc or gcc on PATH), or None; None
+    too under SPECMEMO_NATIVE=0, which turns the compiled kernels off."""
+    if os.environ.get("SPECMEMO_NATIVE", "1") == "0":
+        return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    return cc if cc and shutil.which(cc) else None
 
 
 def nvml_index(visible: str | None = None) -> int | str | None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from specmemo.budget import calibration
 from specmemo.budget.devices import load_device
 from specmemo.budget.fit import PlanReport
 from specmemo.budget.plan import DEFAULT_PREFILL_CHUNK, HEAD_DRAFTERS
@@ -34,6 +35,7 @@ class Pipeline:
     meter: PeakMeter          # baseline: just before the KV stores were allocated
     preload_bytes: int = 0    # the whole process just before loading weights
     load_peak_bytes: int = 0  # what loading added at its peak, above preload_bytes
+    calibrated: bool = False  # planned with this host's calibration, and records what it measures (calibrate)
 
     @property
     def tokenizer(self):
@@ -42,6 +44,24 @@ class Pipeline:
     def process_peak_bytes(self) -> int:
         """Whole-process peak from before loading until now: what the budget bounds."""
         return max(self.preload_bytes + self.load_peak_bytes, self.meter.peak())
+
+    def calibrate(self) -> None:
+        """Record what this run measured beside the tensors its plan counts (budget.calibration),
+        so that the next plan of the same run on this host reserves that instead of the device
+        profile's figures: the process before loading, the load peak beside the weights, and the
+        generation peak (since the meter's last reset) beside the counted generation memory at
+        the KV slots touched so far. Single sequences on a CPU only."""
+        report = self.report
+        if (report.device.kind != "cpu" or isinstance(self.engine, BatchEngine) or not self.preload_bytes
+                or not self.calibrated):
+            return
+        plan, req, touched = report.plan, report.plan.request, self.engine.store.touched
+        counted = plan.counted_generation_bytes(touched)
+        calibration.record(
+            calibration.run_key(report.target_name, report.draft_name, req.dtype, req.draft_dtype, report.device.name),
+            calibration.Calibration(baseline_bytes=self.preload_bytes,
+                                    overhead_bytes=max(0, self.load_peak_bytes - plan.weights_bytes),
+                                    scratch={calibration.bucket(touched): max(0, self.meter.above_baseline() - counted)}))
 
 
 def cuda_cap_fraction(budget_bytes: int, overhead_bytes: int, total_bytes: int) -> float:
@@ -163,6 +183,8 @@ class RunRequest:
     forward: str = "auto"                # auto, specmemo or transformers
     cuda_graphs: bool = True
     batch: int | None = None             # the batch engine with this many rows; None: one sequence
+    calibrated: bool = False             # plan with what this host measured (budget.calibration) and
+                                         # record what this run measures; False: the device profile's reserves
 
     def with_(self, **changes) -> "RunRequest":
         return replace(self, **changes)
@@ -187,7 +209,8 @@ def open_pipeline(run: RunRequest, *, min_context: int = 0, refs=None, tokenizer
     report = plan_pair(refs, device=dev, budget=run.budget, context=run.context, draft_len=run.draft_len,
                        draft_window=run.draft_window, dtype=run.dtype, kv_dtype=run.kv_dtype,
                        draft_dtype=run.draft_dtype, prefill_chunk=run.prefill_chunk, sampling=not run.sampling.greedy,
-                       shrink=True, batch=run.batch or 1, baseline_bytes=meter.current() if kind == "cpu" else None)
+                       shrink=True, batch=run.batch or 1, baseline_bytes=meter.current() if kind == "cpu" else None,
+                       calibrated=run.calibrated)
     if report.plan.request.context < min_context:
         raise BudgetExceeded(f"the budget holds only {count(report.plan.request.context, 'token')} of context; "
                              f"this request needs at least {min_context} (raise --budget)", plan=report.plan)
@@ -209,5 +232,7 @@ def open_pipeline(run: RunRequest, *, min_context: int = 0, refs=None, tokenizer
     # A draft directory need not carry tokenizer files: its vocabulary size was checked.
     d = load_model(d_ref, req.ddtype, kind, with_tokenizer=False, **load) if d_ref is not None else None
     head = running_head(t, t.device, report.drafter) if report.drafter in HEAD_DRAFTERS else None
-    return assemble(report, t, d, run.sampling, preload_bytes=meter.baseline, load_peak_bytes=meter.above_baseline(),
-                    cuda_graphs=run.cuda_graphs, batched=run.batch is not None, head=head)
+    rt = assemble(report, t, d, run.sampling, preload_bytes=meter.baseline, load_peak_bytes=meter.above_baseline(),
+                  cuda_graphs=run.cuda_graphs, batched=run.batch is not None, head=head)
+    rt.calibrated = run.calibrated
+    return rt

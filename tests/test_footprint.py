@@ -71,6 +71,15 @@ def test_half_precision_attends_through_two_fp32_buffers_of_one_layer():
     assert fp.fp32_attention_bytes(TIED, "fp32", "bf16", 1000) == 0   # fp32 compute widens through SDPA
 
 
+def test_the_compiled_exact_attention_reads_a_bf16_cache_in_place_and_needs_no_fp32_copies():
+    assert fp.fp32_attention_bytes(TIED, "q4", None, 1000, native=True) == 0          # KV bf16
+    assert fp.fp32_attention_bytes(TIED, "bf16", None, 1000, native=True) == 0
+    # an fp16 cache is widened first; a head_dim the kernel does not take attends through torch
+    assert fp.fp32_attention_bytes(TIED, "fp16", None, 1000, native=True) == 2 * 3 * 64 * 1000 * 4
+    odd = Arch(**{**TIED.to_dict(), "head_dim": 80})
+    assert fp.fp32_attention_bytes(odd, "bf16", None, 1000, native=True) == 2 * 3 * 80 * 1000 * 4
+
+
 def test_quantized_weight_bytes_count_groups_and_keep_vectors_in_the_compute_dtype():
     # SmolLM2-135M in q4: per layer q 576×18 groups, k and v 192×18, o 576×18, gate and up 1536×18,
     # down 576×48 = 110,592 groups; ×30 layers = 3,317,760 groups of 20 bytes (16 packed + scale

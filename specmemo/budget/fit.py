@@ -8,6 +8,7 @@ the plan fits, and get BudgetExceeded (with the breakdown) below the lower bound
 from dataclasses import dataclass
 
 from specmemo.budget.arch import Arch
+from specmemo.budget.calibration import Calibration
 from specmemo.budget.devices import Device, default_dtype, load_device
 from specmemo.budget.plan import (
     DEFAULT_DRAFT_LEN, DEFAULT_DRAFT_WINDOW, DEFAULT_PREFILL_CHUNK, HEAD_DRAFTERS, Plan, PlanRequest, make_plan,
@@ -17,6 +18,7 @@ from specmemo.budget import footprint as fp
 from specmemo.budget.speedup import PairProfile, pair_profile
 from specmemo.budget.units import count, format_bytes
 from specmemo.errors import BadInput, BudgetExceeded
+from specmemo.host import c_compiler
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class PlanReport:
             "draft_len": req.draft_len,
             "draft_window": req.draft_window,
             "prefill_chunk": req.prefill_chunk,
+            "calibrated": self.plan.calibrated,   # budget.calibration: measured here, not the profile's
             "fit_draft_len": self.fit.draft_len if self.fit else None,
             "fit_draft_window": self.fit.draft_window if self.fit else None,
             "predicted_speedup": round(self.predicted_speedup, 4),
@@ -107,15 +110,19 @@ def _shrunk_to_fit(req: PlanRequest, budget: int) -> PlanRequest | None:
     return None
 
 
+CALIBRATED = "measured on this host for this run: the load peak beside the weights (budget.calibration)"
+
+
 def fit(target: Arch, draft: Arch | None, drafter: str, *, device: str | Device = "cpu", budget: int | None = None,
         context: int | None = None, draft_len: int | None = None, draft_window: int | None = None,
         dtype: str | None = None, kv_dtype: str | None = None, draft_dtype: str | None = None, batch: int = 1,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK, sampling: bool = True, shrink: bool = False,
         baseline_bytes: int | None = None, head: tuple[int, int, int] | None = None,
-        head_card: dict | None = None) -> PlanReport:
+        head_card: dict | None = None, calibration: Calibration | None = None) -> PlanReport:
     """Plan `context` tokens (default: the largest that fits) within `budget` (default: the device's
-    memory). dtype None means the device's default. baseline_bytes: the process as measured now,
-    when larger than the device profile's figure. With shrink, a request that does not fit is
+    memory). dtype None means the device's default. baseline_bytes: the process as measured now.
+    calibration: what this host measured the same run to need (budget.calibration, as planned);
+    without one the device profile's reserves stand in for the baseline, overhead and scratch. With shrink, a request that does not fit is
     reduced (k, W, prefill chunk) or refused with BudgetExceeded. head, head_card: a head
     drafter's (hidden, inner, vocab) and card (models/resolve.head_facts)."""
     dev = device if isinstance(device, Device) else load_device(device)
@@ -134,8 +141,12 @@ def fit(target: Arch, draft: Arch | None, drafter: str, *, device: str | Device 
         head_dtype=head_dtype,
         draft_window=draft_window or DEFAULT_DRAFT_WINDOW, dtype=dtype or default_dtype(dev.kind),
         kv_dtype=kv_dtype, draft_dtype=draft_dtype, batch=batch, prefill_chunk=prefill_chunk,
-        baseline_bytes=max(dev.baseline_bytes, baseline_bytes or 0),
-        overhead_bytes=dev.overhead_bytes, overhead_reason=dev.overhead_reason,
+        baseline_bytes=baseline_bytes if baseline_bytes is not None
+        else calibration.baseline_bytes if calibration else dev.baseline_bytes,
+        overhead_bytes=calibration.planned_overhead_bytes if calibration else dev.overhead_bytes,
+        overhead_reason=CALIBRATED if calibration else dev.overhead_reason,
+        measured_scratch=tuple(calibration.scratch.items()) if calibration else None,
+        native_attention=dev.kind == "cpu" and dev.kernels.native_attention and c_compiler() is not None,
         workspace_pct=dev.workspace_pct, engine_bytes=dev.engine_bytes, verify_bytes=dev.verify_bytes,
         half_scratch_bytes=dev.half_scratch_bytes, graph_bytes=dev.graph_bytes, device_kind=dev.kind,
         quantized_head=dev.quantized_head, sampling=sampling,

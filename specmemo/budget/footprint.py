@@ -132,10 +132,25 @@ def kv_upcast_bytes(arch: Arch, dtype: str, kv_dtype: str | None, keys: int, bat
     return batch * 2 * arch.num_kv_heads * arch.head_dim * keys * dtype_bytes(dtype)
 
 
-def fp32_attention_bytes(arch: Arch, dtype: str, kv_dtype: str | None, keys: int, batch: int = 1) -> int:
+ROW_EXACT_TOKENS = 16             # half-precision rows that attend as one-token steps (models/llama.py)
+EXACT_ATTENTION_READS = ("fp32", "bf16")   # KV dtypes the compiled exact attention reads in place
+
+
+def exact_attention_fits(head_dim: int, rows: int, group: int) -> bool:
+    """Shapes the compiled exact attention takes (models/kernels/exact_attention.c): head_dim a
+    multiple of 32 up to 256, at most 128 queries per KV head."""
+    return head_dim % 32 == 0 and head_dim <= 256 and -(-rows * group // 3) * 3 <= 128
+
+
+def fp32_attention_bytes(arch: Arch, dtype: str, kv_dtype: str | None, keys: int, batch: int = 1,
+                         native: bool = False) -> int:
     """Half-precision compute attends in fp32 (LlamaModel.widen): two buffers of one layer's K and
-    V over `keys` slots, kept for the run. None when the KV cache is already fp32."""
+    V over `keys` slots, kept for the run. None when the KV cache is already fp32, or where the
+    compiled exact attention runs (native) and reads this KV in place."""
     if not is_half(dtype) or dtype_bytes(kv_dtype or dtype) >= 4:
+        return 0
+    if native and (kv_dtype or compute_dtype(dtype)) in EXACT_ATTENTION_READS and exact_attention_fits(
+            arch.head_dim, ROW_EXACT_TOKENS, arch.num_heads // arch.num_kv_heads):
         return 0
     return batch * 2 * arch.num_kv_heads * arch.head_dim * keys * 4
 

@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 
 from specmemo.budget import footprint as fp
 from specmemo.budget.arch import Arch
+from specmemo.budget.calibration import Calibration
 from specmemo.errors import BadInput
 
 DEFAULT_DRAFT_LEN = 5          # gpt-fast and HF assisted generation both start around 5
@@ -44,6 +45,10 @@ class PlanRequest:
     engine_bytes: int = 0          # measured fixed scratch of the first forward (device profile)
     verify_bytes: int = 0          # measured fixed scratch of multi-token verification kernels
     half_scratch_bytes: int = 0    # measured scratch of bf16/fp16 kernels (CPU: conversion buffers)
+    # This run's kernel scratch as measured here, ((run size, bytes), ...) (budget.calibration);
+    # None: the profile's engine + verify + half-precision figures.
+    measured_scratch: tuple | None = None
+    native_attention: bool = False # half precision attends through the compiled kernel (no fp32 K/V copies)
     graph_bytes: int = 0           # measured fixed cost of CUDA-graph capture (0: the device runs none)
     device_kind: str = "cpu"       # "cpu" or "cuda": what the engine can run differs
     quantized_head: bool = False   # q4/q8: the embedding and LM head held quantized (footprint.weight_bytes)
@@ -79,6 +84,17 @@ class Plan:
     def generation_bytes(self) -> int:
         """What allocating and running generation adds on top of loaded weights and runtime."""
         return sum(v for k, v in self.components.items() if k not in STATIC_COMPONENTS)
+
+    @property
+    def calibrated(self) -> bool:
+        """The kernel scratch is what this host measured (budget.calibration), not the profile's."""
+        return bool(self.request.measured_scratch)
+
+    def counted_generation_bytes(self, tokens: int) -> int:
+        """The generation memory counted tensor by tensor (all but the kernel scratch) once `tokens`
+        of the context hold keys: a KV store's pages become resident as tokens arrive."""
+        at = make_plan(self.request.with_(context=max(1, min(tokens, self.request.context))))
+        return at.generation_bytes - at.components["kernel_scratch"]
 
     @property
     def weights_bytes(self) -> int:
@@ -132,6 +148,22 @@ def validate(req: PlanRequest) -> None:
 GRAPH_ROWS = 16  # a target's fixed step width under CUDA graphs: the widest verification it serves
 
 
+def _kernel_scratch(req: PlanRequest) -> int:
+    if req.measured_scratch:
+        measured = Calibration(scratch=dict(req.measured_scratch))
+        here = measured.scratch_bytes(req.context)
+        if here is not None:
+            return here
+        # Below every measured run: the smallest one's scratch plus what its larger context counted
+        # beside this one's, so that a shorter run never plans less than that run measured.
+        unmeasured = req.with_(measured_scratch=None)
+        smallest = unmeasured.with_(context=min(measured.smallest_run, req.target.max_position))
+        counted = lambda r: (lambda p: p.generation_bytes - p.components["kernel_scratch"])(make_plan(r))
+        return measured.scratch_bytes(smallest.context) + counted(smallest) - counted(unmeasured)
+    half = fp.is_half(req.dtype) or (req.draft is not None and fp.is_half(req.ddtype))
+    return req.engine_bytes + (req.verify_bytes if req.draft_len >= 1 else 0) + (req.half_scratch_bytes if half else 0)
+
+
 def make_plan(req: PlanRequest) -> Plan:
     validate(req)
     t, d, B, k = req.target, req.draft, req.batch, req.draft_len
@@ -159,15 +191,15 @@ def make_plan(req: PlanRequest) -> Plan:
         "logits": fp.logits_bytes(t, req.dtype, k + 1, B) + (fp.logits_bytes(d, req.ddtype, 1, B) if d else 0)
         + (B * req.head[2] * HEAD_LOGITS_BYTES if req.head else 0),
         "workspace": max(workspaces) * req.workspace_pct // 100,
-        "kernel_scratch": req.engine_bytes + (req.verify_bytes if k >= 1 else 0)
-        + (req.half_scratch_bytes if fp.is_half(req.dtype) or (d and fp.is_half(req.ddtype)) else 0),
+        "kernel_scratch": _kernel_scratch(req),
         # CUDA graphs (models/graphs.py): the capture stream's cuBLAS workspace, and the graphs'
         # private pool, which holds the largest captured step's scratch beside the eager cache.
         "cuda_graphs": req.graph_bytes + graph_step if req.graph_bytes else 0,
         # A GPU target's steps attend through SDPA at a fixed width (models/graphs.py); a draft
         # may run eagerly anywhere.
-        "fp32_attention": (fp.fp32_attention_bytes(t, req.dtype, req.kv, N, B) if req.device_kind == "cpu" else 0)
-        + (fp.fp32_attention_bytes(d, req.ddtype, req.draft_kv, W + k + 1, B) if d else 0),
+        "fp32_attention": (fp.fp32_attention_bytes(t, req.dtype, req.kv, N, B, req.native_attention)
+                           if req.device_kind == "cpu" else 0)
+        + (fp.fp32_attention_bytes(d, req.ddtype, req.draft_kv, W + k + 1, B, req.native_attention) if d else 0),
         "sampling": fp.sampling_bytes(t, k, B, req.sampling),
         "runtime_overhead": req.overhead_bytes,
     }

@@ -30,6 +30,9 @@ class TurnRecord:
     reprefilled_tokens: int      # earlier conversation prefilled again (after eviction or a template re-render)
     reprefill_reason: str        # "", "eviction", "template" or "budget"
     peak_bytes: int              # the whole process during this turn
+    generation_peak_bytes: int   # this turn's peak above the process once loaded (against the plan's generation memory)
+    predicted_generation_bytes: int   # the plan's generation memory
+    plan_total_bytes: int        # the plan's whole process
     budget_bytes: int
     over_budget: bool
     evicted_tokens: int          # tokens of the dropped exchanges
@@ -167,12 +170,16 @@ class ChatSession:
         record = TurnRecord(
             turn=len(self.turns) + 1, context_tokens=len(self.engine.tokens), context_limit=self.context_cap,
             stats=stats, reprefilled_tokens=len(prep.ids) if prep.reprefill_reason else 0,
-            reprefill_reason=prep.reprefill_reason, peak_bytes=peak, budget_bytes=self.budget_bytes,
+            reprefill_reason=prep.reprefill_reason, peak_bytes=peak,
+            generation_peak_bytes=max(0, peak - self.rt.meter.baseline),
+            predicted_generation_bytes=self.rt.report.plan.generation_bytes,
+            plan_total_bytes=self.rt.report.plan.total_bytes, budget_bytes=self.budget_bytes,
             over_budget=peak > self.budget_bytes, evicted_tokens=prep.evicted_tokens,
             evicted_turns=prep.evicted_turns, seconds=time.perf_counter() - start,
             forward=self.rt.target.forward_path, attention=self.rt.target.attention, products=self.rt.target.products,
         )
         self.turns.append(record)
+        self.rt.calibrate()
         if record.over_budget:
             self.shrink(peak - self.budget_bytes)
         yield record

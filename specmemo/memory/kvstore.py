@@ -49,6 +49,7 @@ class KVStore:
         self.parent: KVStore | None = None   # the batch store this is a row of (see `row`)
         self.batch_row = 0
         self.length = 0  # tokens committed: the next token goes to position `length`
+        self.touched = 0  # slots written at least once: what of the store is resident (torch.empty)
         self.first_valid = 0  # positions before this were skipped (ring layout jumps)
         self._pending = 0  # tokens written by the forward in progress, committed by `advance`
 
@@ -93,6 +94,7 @@ class KVStore:
             self.values[layer, :, :, dst].copy_(v[:, :, src])
         self._pending = n
         visible = min(self.capacity, start + n)
+        self.touched = max(self.touched, visible)
         return self.keys[layer, :, :, :visible], self.values[layer, :, :, :visible]
 
     def claim(self, n: int) -> int:
@@ -101,6 +103,7 @@ class KVStore:
         if self.length + n > self.capacity:
             raise BudgetExceeded(f"KV store full: {self.length} + {n} tokens > capacity {self.capacity}")
         self._pending = n
+        self.touched = max(self.touched, self.length + n)
         return self.length
 
     def _ring_spans(self, start: int, n: int):
@@ -164,6 +167,7 @@ class KVStore:
         if self.keys.device.type != "cpu" or start >= self.capacity or not self.keys.is_contiguous():
             return 0
         self.trim(start)
+        self.touched = min(self.touched, start)
         return sum(_dontneed(t, start) for t in (self.keys, self.values))
 
     def jump(self, position: int) -> None:

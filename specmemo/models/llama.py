@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from specmemo.budget.devices import Kernels
+from specmemo.budget.footprint import ROW_EXACT_TOKENS
 from specmemo.memory.attention import CandidateTree, attention_mask
 from specmemo.memory.kvstore import KVStore
 from specmemo.models.exactness import CAUSAL_ROWS, RowExact
@@ -158,7 +159,7 @@ class LlamaModel(RowExact):
         # round differently than the same query alone, and that flips greedy choices between a
         # verification and plain decoding. Up to this many new tokens (verification-sized), each
         # causal query then attends exactly as a one-token step would (see `attention`).
-        self.row_exact_tokens = 16 if dtype in (torch.bfloat16, torch.float16) else 0
+        self.row_exact_tokens = ROW_EXACT_TOKENS if dtype in (torch.bfloat16, torch.float16) else 0
         # Those queries attend through the compiled kernel (models/kernels/native.py) where the device
         # profile measured it faster and it builds here: each key read once for all rows, each
         # row still rounding as a one-token step. Every row-exact attention in a run takes the

@@ -234,19 +234,28 @@ def fastest_drafter(target: "ModelRef") -> str:
 
 
 def plan_pair(refs: tuple[ModelRef, ModelRef | None, str], *, device="cpu", dtype: str | None = None,
-              draft_dtype: str | None = None, **fit_args):
+              draft_dtype: str | None = None, calibrated: bool = False, **fit_args):
     """budget.fit for a resolved (target, draft, drafter), with the dtypes every command runs by
     default (budget.devices.default_weights) and a head drafter's head read from its file.
-    device: a profile's name, or the Device already loaded from it."""
-    from specmemo.budget.devices import Device, default_weights, load_device
+    device: a profile's name, or the Device already loaded from it. calibrated: plan with what this
+    host measured a run like it to need (budget.calibration) where it did; else, or False, with the
+    device profile's reserves."""
+    from specmemo.budget import calibration
+    from specmemo.budget.devices import Device, default_dtype, default_weights, load_device
     from specmemo.budget.fit import fit
 
     t, d, drafter = refs
     device = device if isinstance(device, Device) else load_device(device)
     dtype, draft_dtype = default_weights(device, t.packed_q4, d.packed_q4 if d else None, dtype, draft_dtype)
     head, card = head_facts(t, drafter)
+    measured = None
+    # On CUDA the profile's overhead is the context, which the meter adds; a batch is not recorded.
+    if calibrated and device.kind == "cpu" and fit_args.get("batch", 1) == 1:
+        key = calibration.run_key(t.arch.name, d.arch.name if d else drafter, dtype or default_dtype(device.kind),
+                                  draft_dtype, device.name)
+        measured = calibration.read(key)
     return fit(t.arch, d.arch if d else None, drafter, device=device, dtype=dtype, draft_dtype=draft_dtype,
-               head=head, head_card=card, **fit_args)
+               head=head, head_card=card, calibration=measured, **fit_args)
 
 
 def predicted_here(target: "ModelRef", drafter: str) -> float:

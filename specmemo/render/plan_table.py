@@ -14,7 +14,7 @@ _EXPLAIN = {
     "verify_kv_slots": "the draft store's k+1 slots (the target's candidates stay inside its context)",
     "logits": "(k+1) × vocab logits, model dtype + fp32 copy",
     "workspace": "largest forward: prefill chunk, verify or draft step × allocator factor",
-    "kernel_scratch": "fixed kernel scratch: first forward, verification, half-precision kernels",
+    "kernel_scratch": "fixed kernel scratch: first forward, verification, half-precision kernels (device profile)",
     "cuda_graphs": "CUDA graphs: capture stream workspace and the graphs' private memory pool",
     "fp32_attention": "half precision attends in fp32: one layer's K and V widened, kept for the run",
     "sampling": "p, q and top-p sort buffers for k+1 rows",
@@ -29,8 +29,13 @@ def render_plan(report, console: Console) -> None:
     table.add_column("bytes", justify="right")
     table.add_column("size", justify="right")
     table.add_column("how", style="dim")
+    explain = dict(_EXPLAIN)
+    if report.plan.calibrated:   # budget.calibration: a run like this one measured here
+        explain |= {"kernel_scratch": "what a run like this one measured here beside the counted tensors",
+                    "runtime_overhead": "what loading it measured here beside the weights",
+                    "process_baseline": "the process before loading, as measured here"}
     for name, value in report.plan.components.items():
-        table.add_row(name, f"{value:,}", format_bytes(value), _EXPLAIN.get(name, ""))
+        table.add_row(name, f"{value:,}", format_bytes(value), explain.get(name, ""))
     table.add_section()
     table.add_row("[bold]total", f"{report.plan.total_bytes:,}", format_bytes(report.plan.total_bytes), "")
     table.add_row("budget", f"{report.budget_bytes:,}", format_bytes(report.budget_bytes), "")

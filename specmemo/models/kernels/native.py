@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from specmemo.atomic import atomic_write
-from specmemo.host import cpu_flags
+from specmemo.budget.footprint import exact_attention_fits
+from specmemo.host import c_compiler, cpu_flags
 from specmemo.paths import cache_root
 
 SOURCE = Path(__file__).with_name("exact_attention.c")
@@ -39,9 +40,9 @@ def cache_dir() -> Path:
 def build(source: Path, compiler: str | None = None, extra: tuple[str, ...] = ()) -> Path:
     """The shared library for `source` (with `extra` flags), compiled now unless the cache has it.
     Raises RuntimeError with the compiler's first error line when it cannot be built."""
-    cc = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = compiler or c_compiler()
     if not cc or not shutil.which(cc):
-        raise RuntimeError(f"no C compiler found (tried {cc or 'cc, gcc'}); set CC")
+        raise RuntimeError(f"no C compiler found (tried {cc or 'CC, cc, gcc'}); set CC")
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -87,8 +88,8 @@ class ExactAttention:
 
     @staticmethod
     def fits(head_dim: int, rows: int, group: int) -> bool:
-        """Shapes the kernel takes: head_dim a multiple of 32 up to 256, ≤ 128 queries per KV head."""
-        return head_dim % 32 == 0 and head_dim <= 256 and -(-rows * group // 3) * 3 <= 128
+        """Shapes the kernel takes (budget.footprint.exact_attention_fits: the plan counts by them too)."""
+        return exact_attention_fits(head_dim, rows, group)
 
     def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: "Rows",
                scale: float) -> torch.Tensor:
