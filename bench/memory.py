@@ -5,7 +5,7 @@ Each point runs `specmemo generate --json` in its own process, so every peak is 
 enough that the turns fill the context (the worst turn is reported). Plans are the host's calibrated
 ones where a run like it was measured before (budget.calibration; "calibrated" in each point).
 Writes bench/results/memory-<cpu class>.json (bench/result.py).
-Usage: python bench/memory.py [--contexts 1000,4000] [--drafters none,ngram] [--max-new-tokens 200]
+Usage: python bench/memory.py [--contexts 1000,4000] [--rounds 3] [--drafters none,ngram] [--max-new-tokens 200]
        [--dtype fp32] [--draft-dtype bf16] [--chat]   (a drafter may be a model: --drafters smollm2-135m-instruct)
 """
 
@@ -81,33 +81,38 @@ def main():
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--draft-dtype", default=None)
     ap.add_argument("--chat", action="store_true", help="also a budgeted 6-turn chat at each context")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure every point this many times: the first round of a fresh calibration file "
+                         "(SPECMEMO_CALIBRATION) plans with the profile's reserves, later ones with what it recorded; "
+                         "figures are the last round's, points every round's")
     args = ap.parse_args()
-    print("| run | context | drafter | calibrated | measured MiB | plan MiB | measured/plan | process peak MiB | plan total MiB |")
-    print("|---|---:|---|---|---:|---:|---:|---:|---:|")
+    print("| round | run | context | drafter | calibrated | measured MiB | plan MiB | measured/plan | process peak MiB | plan total MiB |")
+    print("|---:|---|---:|---|---|---:|---:|---:|---:|---:|")
     from bench.result import figure, save
 
     worst_ok, figures, points = True, [], []
-    for context in map(int, args.contexts.split(",")):
-        for drafter in args.drafters.split(","):
-            runs = [("generate", run(context, drafter, args.max_new_tokens, args.target, args.dtype, args.draft_dtype))]
-            if args.chat:
-                runs.append(("chat", chat(context, drafter, args.max_new_tokens, args.target, args.dtype)))
-            for kind, r in runs:
-                ratio = r["generation_peak_bytes"] / r["predicted_generation_bytes"]
-                whole = r["process_peak_bytes"] / r["plan_total_bytes"]
-                worst_ok &= ratio <= 1.0 and r["process_peak_bytes"] <= r["plan_total_bytes"]
-                worst_ok &= not r.get("over_budget_turns")
-                label = (f"{args.target} {r['dtype']}, {drafter}, {kind}, context {r['context']}"
-                         f"{', calibrated plan' if r.get('calibrated') else ', first run: profile reserves'}")
+    for round_, context, drafter in [(i, c, d) for i in range(1, args.rounds + 1)
+                                     for c in map(int, args.contexts.split(",")) for d in args.drafters.split(",")]:
+        runs = [("generate", run(context, drafter, args.max_new_tokens, args.target, args.dtype, args.draft_dtype))]
+        if args.chat:
+            runs.append(("chat", chat(context, drafter, args.max_new_tokens, args.target, args.dtype)))
+        for kind, r in runs:
+            ratio = r["generation_peak_bytes"] / r["predicted_generation_bytes"]
+            whole = r["process_peak_bytes"] / r["plan_total_bytes"]
+            worst_ok &= ratio <= 1.0 and r["process_peak_bytes"] <= r["plan_total_bytes"]
+            worst_ok &= not r.get("over_budget_turns")
+            label = (f"{args.target} {r['dtype']}, {drafter}, {kind}, context {r['context']}"
+                     f"{', calibrated plan' if r.get('calibrated') else ', first run: profile reserves'}")
+            if round_ == args.rounds:
                 figures += [figure(f"generation peak / plan: {label}", round(ratio, 3)),
                             figure(f"process peak / plan total: {label}", round(whole, 3))]
-                points.append({"run": kind, **{k: r.get(k) for k in (
-                    "context", "filled", "dtype", "drafter", "calibrated", "turns", "over_budget_turns", "generation_peak_bytes",
-                    "predicted_generation_bytes", "process_peak_bytes", "plan_total_bytes")}})
-                print(f"| {kind} | {r['context']}{' (filled ' + str(r['filled']) + ')' if 'filled' in r else ''} | {drafter} | {r.get('calibrated')} | "
-                      f"{r['generation_peak_bytes'] / 2**20:.1f} | {r['predicted_generation_bytes'] / 2**20:.1f} | "
-                      f"{ratio:.3f} | {r['process_peak_bytes'] / 2**20:.0f} | {r['plan_total_bytes'] / 2**20:.0f} |",
-                      flush=True)
+            points.append({"round": round_, "run": kind, **{k: r.get(k) for k in (
+                "context", "filled", "dtype", "drafter", "calibrated", "turns", "over_budget_turns", "generation_peak_bytes",
+                "predicted_generation_bytes", "process_peak_bytes", "plan_total_bytes")}})
+            print(f"| {round_} | {kind} | {r['context']}{' (filled ' + str(r['filled']) + ')' if 'filled' in r else ''} | {drafter} | {r.get('calibrated')} | "
+                  f"{r['generation_peak_bytes'] / 2**20:.1f} | {r['predicted_generation_bytes'] / 2**20:.1f} | "
+                  f"{ratio:.3f} | {r['process_peak_bytes'] / 2**20:.0f} | {r['plan_total_bytes'] / 2**20:.0f} |",
+                  flush=True)
     save("memory", figures, {"points": points})
     sys.exit(0 if worst_ok else 1)
 

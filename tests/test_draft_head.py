@@ -14,15 +14,15 @@ from specmemo.errors import BadInput
 from specmemo.memory.kvstore import KVShape, KVStore
 from specmemo.models.draft_head import DraftHead, RunningHead, TargetParts, load_head, save_head
 from specmemo.training.draft_head import HeadRecipe, train_head, write_corpus
-from tests.tiny import VOCAB, own_model, run, tiny_llama
+from tests.tiny import VOCAB, own_model, run, tiny
 
-TARGET = tiny_llama(3, scale=4.0)
+TARGET = tiny(3, scale=4.0)
 
 
 @functools.cache
 def trained():
     """A head trained on the tiny target's greedy replies to 24 random prompts (the last 4 held out)."""
-    own = own_model(TARGET)
+    own = own_model(TARGET())
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, VOCAB, (6 + i % 2,), generator=gen).tolist() for i in range(24)]
     corpus = write_corpus(own, prompts, stop=set(), max_new=40, batch=8)
@@ -32,7 +32,7 @@ def trained():
 
 
 def engine(drafter: str, k: int = 4, sampling=SamplingConfig(), seed=0):
-    own = own_model(TARGET)
+    own = own_model(TARGET())
     cfg = own.cfg
     store = KVStore(KVShape(cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim, 300), own.dtype, "cpu")
     gen = torch.Generator().manual_seed(seed)
@@ -44,7 +44,7 @@ def engine(drafter: str, k: int = 4, sampling=SamplingConfig(), seed=0):
 
 
 def test_the_corpus_keeps_each_reply_with_the_hidden_state_that_chose_it():
-    own = own_model(TARGET)
+    own = own_model(TARGET())
     head, _, corpus, _ = trained()
     prompt = torch.randint(0, VOCAB, (7,), generator=torch.Generator().manual_seed(0)).tolist()
     # Replies were written 8 rows at a time; each is the target's plain greedy decoding all the same.
@@ -63,7 +63,7 @@ def test_the_corpus_keeps_each_reply_with_the_hidden_state_that_chose_it():
 def test_training_learns_the_targets_next_tokens():
     head, result, _, _ = trained()
     untrained = DraftHead(head.fuse.out_features, 64, head.vocab)
-    own = own_model(TARGET)
+    own = own_model(TARGET())
     from specmemo.training.draft_head import Positions, evaluate
 
     index = torch.full((VOCAB,), -100, dtype=torch.long)
@@ -112,7 +112,7 @@ def test_the_head_drafts_tokens_the_target_accepts():
 def test_the_head_starts_from_the_state_that_chose_the_newest_token():
     """After each step the drafter holds the target's hidden state at the token before the newest
     one (whose logits chose it), wherever the verification's rejection fell."""
-    own = own_model(TARGET)
+    own = own_model(TARGET())
     e = engine("head", 4)
     for n, step in enumerate(e.generate(trained()[3][1], 30)):
         if n < 3 or not hasattr(step, "accepted"):
@@ -165,7 +165,7 @@ def test_the_plan_counts_the_heads_weights_rows_and_logits():
     from specmemo.budget.plan import PlanRequest, make_plan
     from tests.tiny import arch_of
 
-    req = PlanRequest(target=arch_of(TARGET), draft=None, drafter="head", context=64, draft_len=4, draft_window=0,
+    req = PlanRequest(target=arch_of(TARGET()), draft=None, drafter="head", context=64, draft_len=4, draft_window=0,
                       dtype="fp32", head=(64, 64, 32), sampling=False)
     plan = make_plan(req)
     assert plan.components["draft_weights"] == fp.draft_head_bytes(64, 64, 32)
@@ -187,7 +187,7 @@ def test_the_running_head_drafts_as_the_trained_one_and_weighs_what_the_plan_cou
     if packed and not packs(torch.bfloat16, "head", load_device("cpu").kernels):
         pytest.skip("this machine does not pack a bf16 head")
     head, _, corpus, _ = trained()
-    own = own_model(TARGET)
+    own = own_model(TARGET())
     running = RunningHead(head, own, dtype, packed, int8)
     parts = TargetParts(own, head.vocab)
     h = torch.cat([c["hidden"] for c in corpus[-4:]]).float()                     # [n, E]
@@ -209,7 +209,7 @@ def test_batched_rows_draft_from_their_own_hidden_states():
     another row's (or another position's) hidden state from the packed forward."""
     from specmemo.decoding.batch import BatchEngine, SequenceDone
 
-    own = own_model(TARGET)
+    own = own_model(TARGET())
     head = trained()[0]
     prompts = trained()[3][:3] + [trained()[3][5][:4]]
     alone = [run(engine("head", 4), p, max_new=30) for p in prompts]
@@ -232,7 +232,7 @@ def test_corpus_keeps_the_layers_a_head_variant_reads(tmp_path):
     it: the last layer's output is the hidden state itself, and the corpus file round-trips them."""
     from specmemo.training.draft_head import load_corpus, save_corpus
 
-    own = own_model(TARGET)
+    own = own_model(TARGET())
     last = own.cfg.num_layers - 1
     own.feature_layers = (0, last)
     prompts = [torch.randint(3, VOCAB, (6,)).tolist() for _ in range(3)]
@@ -251,7 +251,7 @@ def test_the_pool_refills_rows_and_each_reply_is_plain_greedy_decoding():
     rows than prompts: a row that finished takes the next prompt while the others decode, and
     every reply is that prompt's plain greedy decoding, with the hidden states it gets alone, in
     prompt order."""
-    own = own_model(TARGET)
+    own = own_model(TARGET())
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, VOCAB, (4 + 3 * i % 7,), generator=gen).tolist() for i in range(7)]
     plain = [run(engine("none"), p, max_new=30)[0] for p in prompts]
@@ -275,7 +275,7 @@ def test_evaluation_runs_over_more_positions_than_one_chunk():
     several chunks equals the share of depth-1 hits over all positions at once."""
     from specmemo.training.draft_head import Positions, evaluate, head_losses
 
-    own = own_model(TARGET)
+    own = own_model(TARGET())
     head, _, _, _ = trained()
     gen = torch.Generator().manual_seed(5)
     E = own.cfg.hidden_size

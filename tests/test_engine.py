@@ -5,10 +5,10 @@ import random
 
 import pytest
 
-from tests.tiny import VOCAB, make_engine, run, tiny_llama
+from tests.tiny import VOCAB, make_engine, run, tiny
 
-TARGET = tiny_llama(0, scale=8.0)
-DRAFT = tiny_llama(0, scale=8.0)
+TARGET = tiny(0, scale=8.0)
+DRAFT = tiny(0, scale=8.0)
 
 
 def repetitive(n, seed=0):
@@ -19,8 +19,8 @@ def repetitive(n, seed=0):
 
 def test_ctrl_c_during_a_long_prefill_stops_between_chunks_and_the_caches_stay_consistent():
     prompt = repetitive(120)
-    reference, _ = run(make_engine(TARGET, "ngram", chunk=16), prompt, 20)
-    engine = make_engine(TARGET, "ngram", chunk=16)
+    reference, _ = run(make_engine(TARGET(), "ngram", chunk=16), prompt, 20)
+    engine = make_engine(TARGET(), "ngram", chunk=16)
     calls = []
     events = list(engine.generate(prompt, 20, should_stop=lambda: calls.append(1) or len(calls) > 2))
     stats = events[-1].stats
@@ -31,7 +31,7 @@ def test_ctrl_c_during_a_long_prefill_stops_between_chunks_and_the_caches_stay_c
 
 
 def test_tokens_per_second_excludes_the_prefill():
-    _, stats = run(make_engine(TARGET, "none", chunk=16), repetitive(200), 5)
+    _, stats = run(make_engine(TARGET(), "none", chunk=16), repetitive(200), 5)
     assert stats.prefill_seconds > 0 and stats.prefilled_tokens == 200
     assert stats.tokens_per_s == pytest.approx(stats.new_tokens / stats.decode_seconds)
     assert stats.prefill_tokens_per_s == pytest.approx(200 / stats.prefill_seconds)
@@ -39,15 +39,15 @@ def test_tokens_per_second_excludes_the_prefill():
 
 def test_the_draft_models_prefill_is_chunked_like_the_targets():
     sizes = []
-    handle = DRAFT.register_forward_pre_hook(lambda m, args, kwargs: sizes.append(kwargs["input_ids"].shape[1]),
+    handle = DRAFT().register_forward_pre_hook(lambda m, args, kwargs: sizes.append(kwargs["input_ids"].shape[1]),
                                              with_kwargs=True)
     try:
         for window in (None, 40):
             sizes.clear()
-            engine = make_engine(TARGET, "model", DRAFT, chunk=16, window=window, k=4)
+            engine = make_engine(TARGET(), "model", DRAFT(), chunk=16, window=window, k=4)
             out, _ = run(engine, repetitive(150), 10)
             assert sizes and max(sizes) <= 16, (window, sizes[:12])
-            assert out == run(make_engine(TARGET, "none", chunk=16), repetitive(150), 10)[0]
+            assert out == run(make_engine(TARGET(), "none", chunk=16), repetitive(150), 10)[0]
     finally:
         handle.remove()
 

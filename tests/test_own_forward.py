@@ -9,7 +9,7 @@ import transformers
 
 from specmemo.memory.allocator import allocate_target
 from specmemo.budget.plan import PlanRequest, make_plan
-from tests.tiny import VOCAB, arch_of, make_engine, own_model, run, tiny_llama
+from tests.tiny import VOCAB, arch_of, make_engine, own_model, run, tiny_llama, tiny
 
 SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=512)
@@ -76,8 +76,8 @@ def test_kv_written_by_our_decoder_equals_transformers_cache():
         assert torch.allclose(store.values[layer, :, :, :30], v, atol=1e-5)
 
 
-TARGET = tiny_llama(0, scale=8.0)
-DRAFT = tiny_llama(0, scale=8.0)
+TARGET = tiny(0, scale=8.0)
+DRAFT = tiny(0, scale=8.0)
 
 
 @pytest.mark.parametrize("drafter,draft,window", [("ngram", None, None), ("model", DRAFT, None),
@@ -88,9 +88,9 @@ def test_greedy_speculation_on_our_decoder_equals_plain_decoding(drafter, draft,
     rng = random.Random(3)
     base = [rng.randrange(VOCAB) for _ in range(9)]
     prompt = (base * 5)[:40]
-    plain, _ = run(make_engine(TARGET, "none", own=True), prompt, 60)
-    assert plain == run(make_engine(TARGET, "none"), prompt, 60)[0]   # same tokens as transformers
-    out, stats = run(make_engine(TARGET, drafter, draft, window=window, own=True), prompt, 60)
+    plain, _ = run(make_engine(TARGET(), "none", own=True), prompt, 60)
+    assert plain == run(make_engine(TARGET(), "none"), prompt, 60)[0]   # same tokens as transformers
+    out, stats = run(make_engine(TARGET(), drafter, draft and draft(), window=window, own=True), prompt, 60)
     assert out == plain and stats.accepted_tokens > 0
 
 
@@ -147,9 +147,9 @@ def test_greedy_speculation_through_the_fixed_shape_step_equals_plain_decoding(d
 
     rng = random.Random(5)
     prompt = ([rng.randrange(VOCAB) for _ in range(9)] * 5)[:40]
-    plain, _ = run(make_engine(TARGET, "none", own=True), prompt, 60)
-    assert run(make_engine(TARGET, "none", graphed=True), prompt, 60)[0] == plain
-    out, stats = run(make_engine(TARGET, drafter, draft, graphed=True), prompt, 60)
+    plain, _ = run(make_engine(TARGET(), "none", own=True), prompt, 60)
+    assert run(make_engine(TARGET(), "none", graphed=True), prompt, 60)[0] == plain
+    out, stats = run(make_engine(TARGET(), drafter, draft and draft(), graphed=True), prompt, 60)
     assert out == plain and stats.accepted_tokens > 0
 
 
@@ -171,7 +171,7 @@ def test_a_llama_directory_loads_into_our_decoder(tmp_path):
     from specmemo.models.load import load_model
     from specmemo.models.resolve import resolve
 
-    TARGET.save_pretrained(tmp_path / "llama", safe_serialization=True)
+    TARGET().save_pretrained(tmp_path / "llama", safe_serialization=True)
     loaded = load_model(resolve(str(tmp_path / "llama")), "fp32", with_tokenizer=False)
     assert loaded.forward_path == "specmemo" and loaded.forward is loaded.model
     cfg = json.loads((tmp_path / "llama" / "config.json").read_text())

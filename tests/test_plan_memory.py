@@ -13,9 +13,9 @@ import torch
 from specmemo.host import nvml_index
 from specmemo.errors import BadInput
 from specmemo.pipeline import cuda_cap_fraction
-from tests.tiny import VOCAB, make_engine, run, tiny_llama
+from tests.tiny import VOCAB, make_engine, run, tiny
 
-TARGET = tiny_llama(0, scale=8.0)
+TARGET = tiny(0, scale=8.0)
 SPECMEMO = [sys.executable, "-m", "specmemo"]
 
 
@@ -92,20 +92,20 @@ def test_nvml_follows_cuda_visible_devices(monkeypatch, visible, expected):
 
 
 def test_the_target_store_holds_exactly_the_context_and_candidates_stay_inside_it():
-    engine = make_engine(TARGET, "ngram", context=60, k=8)
+    engine = make_engine(TARGET(), "ngram", context=60, k=8)
     assert engine.store.capacity == 60
     out, stats = run(engine, repetitive(30), 100)  # the ngram drafter proposes right to the end
     assert len(out) == 30 and stats.stop_reason == "context_full" and stats.drafted_tokens > 0
     with pytest.raises(BadInput, match="leaves no room"):
-        run(make_engine(TARGET, "none", context=30), repetitive(30), 5)
+        run(make_engine(TARGET(), "none", context=30), repetitive(30), 5)
 
 
 def test_a_bf16_kv_store_under_an_fp32_model_halves_kv_and_speculation_stays_exact():
-    plain = make_engine(TARGET, "none", kv_dtype=torch.bfloat16)
+    plain = make_engine(TARGET(), "none", kv_dtype=torch.bfloat16)
     assert plain.store.keys.dtype == torch.bfloat16
-    assert plain.store.nbytes * 2 == make_engine(TARGET, "none").store.nbytes
+    assert plain.store.nbytes * 2 == make_engine(TARGET(), "none").store.nbytes
     out, _ = run(plain, repetitive(40), 30)
-    assert out == run(make_engine(TARGET, "ngram", kv_dtype=torch.bfloat16), repetitive(40), 30)[0]
+    assert out == run(make_engine(TARGET(), "ngram", kv_dtype=torch.bfloat16), repetitive(40), 30)[0]
 
 
 @pytest.mark.slow

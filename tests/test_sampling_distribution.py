@@ -13,11 +13,11 @@ import torch
 from specmemo.decoding.sampling import SamplingConfig
 from specmemo.decoding.verify import verify_sampling, verify_tree_sampling
 from specmemo.memory.attention import CandidateTree
-from tests.tiny import VOCAB, make_engine, run, tiny_llama
+from tests.tiny import VOCAB, make_engine, run, tiny
 
 N = 20_000
-TARGET = tiny_llama(0, scale=4.0)
-DRAFT = tiny_llama(7, scale=4.0)
+TARGET = tiny(0, scale=4.0)
+DRAFT = tiny(7, scale=4.0)
 PROMPT = [5, 17, 3, 44, 9, 17, 3]
 
 
@@ -36,11 +36,11 @@ def histogram(tokens: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def distributions(cfg: SamplingConfig):
     ids = torch.tensor([PROMPT])
-    p0 = cfg.probs(TARGET(ids).logits[0, -1:].float())[0].double()
-    q0 = cfg.probs(DRAFT(ids).logits[0, -1:].float())[0]
+    p0 = cfg.probs(TARGET()(ids).logits[0, -1:].float())[0].double()
+    q0 = cfg.probs(DRAFT()(ids).logits[0, -1:].float())[0]
     # p1[x]: the target's next distribution after the prompt and token x, for every x.
     ext = torch.cat([ids.repeat(VOCAB, 1), torch.arange(VOCAB)[:, None]], dim=1)
-    p1 = cfg.probs(TARGET(ext).logits[:, -1].float())
+    p1 = cfg.probs(TARGET()(ext).logits[:, -1].float())
     return p0, q0, p1
 
 
@@ -129,7 +129,7 @@ def test_filters_apply_to_p_and_q_alike():
 
 def test_seeded_sampling_is_reproducible_and_seed_dependent():
     cfg = SamplingConfig(temperature=1.0, seed=42)
-    a, _ = run(make_engine(TARGET, "model", DRAFT, sampling=cfg), PROMPT, 30)
-    b, _ = run(make_engine(TARGET, "model", DRAFT, sampling=cfg), PROMPT, 30)
-    c, _ = run(make_engine(TARGET, "model", DRAFT, sampling=SamplingConfig(temperature=1.0, seed=43)), PROMPT, 30)
+    a, _ = run(make_engine(TARGET(), "model", DRAFT(), sampling=cfg), PROMPT, 30)
+    b, _ = run(make_engine(TARGET(), "model", DRAFT(), sampling=cfg), PROMPT, 30)
+    c, _ = run(make_engine(TARGET(), "model", DRAFT(), sampling=SamplingConfig(temperature=1.0, seed=43)), PROMPT, 30)
     assert a == b and a != c

@@ -89,3 +89,11 @@ def run(engine, prompt, max_new=40, stop_ids=frozenset()):
     from specmemo.decoding.events import collect
 
     return collect(engine.generate(list(prompt), max_new, stop_ids))
+
+
+def tiny(seed: int, **shape):
+    """A tiny random model built on first use, once per test module that names it: collection
+    builds nothing, and a module's tests share one model as they would a session fixture."""
+    import functools
+
+    return functools.cache(lambda: tiny_llama(seed, **shape))
