@@ -2,7 +2,7 @@
 
 Each point runs `specmemo generate --json` in its own process, so every peak is its own; with
 --chat, also a 6-turn `specmemo chat` whose --budget is `plan --context C`'s total, each message long
-enough that the turns fill the context (the worst turn is reported). Plans are the host's calibrated
+enough that two turns fill the context (the worst turn is reported). Plans are the host's calibrated
 ones where a run like it was measured before (budget.calibration; "calibrated" in each point).
 Writes bench/results/memory-<cpu class>.json (bench/result.py).
 Usage: python bench/memory.py [--contexts 1000,4000] [--rounds 3] [--drafters none,ngram] [--max-new-tokens 200]
@@ -11,6 +11,8 @@ Usage: python bench/memory.py [--contexts 1000,4000] [--rounds 3] [--drafters no
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,29 +41,44 @@ def run(context: int, drafter: str, max_new: int, target: str, dtype: str, draft
     return json.loads(out.stdout)
 
 
-def chat_turns(budget: int, messages: list[str], drafter: str, max_new: int, target: str, dtype: str) -> list[dict]:
+def chat_turns(budget: int, messages: list[str], drafter: str, max_new: int, target: str, dtype: str,
+               env: dict | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "turns.jsonl"
         subprocess.run([sys.executable, "-m", "specmemo", "chat", "--target", target, "--draft", drafter,
                         "--dtype", dtype, "--temperature", "0", "--budget", str(budget),
                         "--max-new-tokens", str(max_new), "--json-log", str(log)],
-                       input="\n".join(messages) + "\n", capture_output=True, text=True, check=True)
+                       input="\n".join(messages) + "\n", capture_output=True, text=True, check=True,
+                       env={**os.environ, **(env or {})})
         return [json.loads(line) for line in log.read_text().splitlines()]
 
 
 def chat(context: int, drafter: str, max_new: int, target: str, dtype: str) -> dict:
     """A 6-turn chat under the budget `plan --context` gives, its messages sized so that two turns
-    fill the context the chat plans in that budget (a first one-turn chat tells it): each turn
-    prefills as much as a long message does, and every other one evicts. Its worst turn against
-    the chat's plan."""
+    fill the context the chat plans in that budget: each turn prefills as much as a long message does, and every other one evicts.
+    Its worst turn against the chat's plan."""
+    from specmemo.models.load import load_tokenizer
+    from specmemo.budget import calibration
+    from specmemo.models.resolve import resolve_pair
+
     plan = json.loads(subprocess.run(
         [sys.executable, "-m", "specmemo", "plan", "--target", target, "--draft", drafter, "--context", str(context),
          "--dtype", dtype, "--json"], capture_output=True, text=True, check=True).stdout)
     budget = plan["total_bytes"]
-    limit = chat_turns(budget, ["Hello!"], drafter, 8, target, dtype)[0]["context_limit"]
-    share = limit // 2 - max_new - 24          # the turn's template tokens beside the message and reply
-    messages = [filler(share) + " Summarize this." for _ in range(6)]
-    turns = chat_turns(budget, messages, drafter, max_new, target, dtype)
+    # The context chat plans in this budget, from a one-turn chat against a copy of the calibration
+    # (its record would move the plan this chat is measured against).
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = Path(tmp) / "calibration.json"
+        if calibration.path() and calibration.path().exists():
+            shutil.copy(calibration.path(), probe)
+        limit = chat_turns(budget, ["Hello!"], drafter, 4, target, dtype, {"SPECMEMO_CALIBRATION": str(probe)}
+                           )[0]["context_limit"]
+    # Two turns of template (~24 tokens), message and reply, with ~80 tokens to spare: the chat
+    # measures its own process before loading, and plans a little more or less than this.
+    share = limit // 2 - max_new - 24 - 40
+    tokenizer = load_tokenizer(resolve_pair(target, drafter)[0])
+    message = tokenizer.decode(tokenizer.encode(filler(2 * share), add_special_tokens=False)[:share]).replace("\n", " ")
+    turns = chat_turns(budget, [message + " Summarize this."] * 6, drafter, max_new, target, dtype)
     worst = max(turns, key=lambda t: t["generation_peak_bytes"])
     return {"context": worst["context_limit"], "filled": max(t["context_tokens"] for t in turns),
             "dtype": dtype, "drafter": drafter, "turns": len(turns),
