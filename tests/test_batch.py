@@ -14,8 +14,8 @@ from tests.tiny import arch_of, make_engine, own_model, run
 
 
 def batch_engine(batch, drafter="ngram", *, context=160, k=5, chunk=16, dtype=torch.float32, model=None):
-    model = model or own_model(TARGET)
-    req = PlanRequest(target=arch_of(TARGET), draft=None, drafter=drafter, context=context,
+    model = model or own_model(TARGET())
+    req = PlanRequest(target=arch_of(TARGET()), draft=None, drafter=drafter, context=context,
                       draft_len=0 if drafter == "none" else k, draft_window=context, dtype="fp32",
                       prefill_chunk=chunk, batch=batch)
     store = allocator.allocate_target(make_plan(req), dtype, "cpu")
@@ -52,7 +52,7 @@ PROMPTS = prompts(7, seed=3)
 
 @pytest.mark.parametrize("drafter", ["ngram", "none"])
 def test_every_row_gives_its_batch1_tokens(drafter):
-    alone = [run(make_engine(TARGET, drafter, own=True, chunk=16, k=5), p, 40)[0] for p in PROMPTS]
+    alone = [run(make_engine(TARGET(), drafter, own=True, chunk=16, k=5), p, 40)[0] for p in PROMPTS]
     done, stats = run_batch(batch_engine(3, drafter), PROMPTS, 40)
     assert [done[i].tokens for i in range(len(PROMPTS))] == alone
     assert stats.new_tokens == 40 * len(PROMPTS)
@@ -64,9 +64,9 @@ def test_every_row_gives_its_batch1_tokens(drafter):
 
 
 def test_a_row_finishing_early_frees_its_slot_for_the_next_prompt():
-    plain = run(make_engine(TARGET, "none", own=True, chunk=16), PROMPTS[0], 30)[0]
+    plain = run(make_engine(TARGET(), "none", own=True, chunk=16), PROMPTS[0], 30)[0]
     stop = plain[5]   # row 0 stops at its sixth token; the others run to 30
-    alone = [run(make_engine(TARGET, "ngram", own=True, chunk=16), p, 30, {stop})[0] for p in PROMPTS[:4]]
+    alone = [run(make_engine(TARGET(), "ngram", own=True, chunk=16), p, 30, {stop})[0] for p in PROMPTS[:4]]
     done, _ = run_batch(batch_engine(2), PROMPTS[:4], 30, {stop})
     assert [done[i].tokens for i in range(4)] == alone
     assert done[0].stats.stop_reason == "stop_token" and len(done[0].tokens) == plain.index(stop) + 1
@@ -90,11 +90,11 @@ def test_half_precision_rows_are_bitwise_their_batch1_tokens():
     per row; matmuls that the model's probe found row-exact)."""
     from specmemo.models.llama import LlamaModel
 
-    own = own_model(TARGET)
+    own = own_model(TARGET())
     half = LlamaModel(own.cfg, torch.bfloat16)
     for dst, src in zip(half.tensors(), own.tensors()):
         dst.copy_(src)
-    req = PlanRequest(target=arch_of(TARGET), draft=None, drafter="ngram", context=160, draft_len=5,
+    req = PlanRequest(target=arch_of(TARGET()), draft=None, drafter="ngram", context=160, draft_len=5,
                       draft_window=160, dtype="bf16", prefill_chunk=16)
     alone = []
     for p in PROMPTS[:4]:
@@ -136,8 +136,8 @@ def test_batched_sampling_follows_the_target_distribution():
     n = 2000
     cfg = SamplingConfig(temperature=1.0)
     p0, _, p1 = sd.distributions(cfg)
-    own = own_model(sd.TARGET)
-    req = PlanRequest(target=arch_of(sd.TARGET), draft=None, drafter="ngram", context=32, draft_len=3,
+    own = own_model(sd.TARGET())
+    req = PlanRequest(target=arch_of(sd.TARGET()), draft=None, drafter="ngram", context=32, draft_len=3,
                       draft_window=32, dtype="fp32", prefill_chunk=16, batch=8)
     store = allocator.allocate_target(make_plan(req), torch.float32, "cpu")
     engine = BatchEngine(own.forward_rows, store, lambda: NgramDrafter("cpu", min_ngram=1), cfg, draft_len=3, prefill_chunk=16,
