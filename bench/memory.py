@@ -73,9 +73,9 @@ def chat(context: int, drafter: str, max_new: int, target: str, dtype: str) -> d
             shutil.copy(calibration.path(), probe)
         limit = chat_turns(budget, ["Hello!"], drafter, 4, target, dtype, {"SPECMEMO_CALIBRATION": str(probe)}
                            )[0]["context_limit"]
-    # Two turns of template (~24 tokens), message and reply, with ~80 tokens to spare: the chat
-    # measures its own process before loading, and plans a little more or less than this.
-    share = limit // 2 - max_new - 24 - 40
+    # Two turns of template (~24 tokens), message and reply, with 10% of the context to spare: the
+    # chat measures its own process before loading, and plans a little more or less than the probe.
+    share = limit // 2 - max_new - 24 - max(40, limit // 20)
     tokenizer = load_tokenizer(resolve_pair(target, drafter)[0])
     message = tokenizer.decode(tokenizer.encode(filler(2 * share), add_special_tokens=False)[:share]).replace("\n", " ")
     turns = chat_turns(budget, [message + " Summarize this."] * 6, drafter, max_new, target, dtype)

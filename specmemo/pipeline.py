@@ -20,7 +20,7 @@ from specmemo.decoding.engine import Engine
 from specmemo.decoding.sampling import SamplingConfig
 from specmemo.errors import BadInput, BudgetExceeded, UnknownDevice
 from specmemo.memory import allocator
-from specmemo.memory.malloc import tame_glibc_malloc
+from specmemo.memory.malloc import tame_glibc_malloc, trim_heap
 from specmemo.memory.measure import PeakMeter
 from specmemo.models.load import LoadedModel, check_architecture, load_model, torch_dtype
 from specmemo.models.resolve import plan_pair, resolve_pair
@@ -131,6 +131,8 @@ def assemble(report: PlanReport, target: LoadedModel, draft: LoadedModel | None,
         raise BadInput(f"this plan is not runnable yet: {'; '.join(why)}")
     device = target.device
     meter = PeakMeter(device.type, fixed_bytes=report.device.overhead_bytes if device.type == "cuda" else 0)
+    if device.type == "cpu":
+        trim_heap()   # what loading freed leaves the heap now, not at some later step: a steady baseline
     meter.start()
     generator = sampling.generator(device)
     if sampling.seed is not None:
