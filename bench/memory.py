@@ -42,20 +42,21 @@ def run(context: int, drafter: str, max_new: int, target: str, dtype: str, draft
 
 
 def chat_turns(budget: int, messages: list[str], drafter: str, max_new: int, target: str, dtype: str,
-               env: dict | None = None) -> list[dict]:
+               env: dict | None = None, context: int | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "turns.jsonl"
         subprocess.run([sys.executable, "-m", "specmemo", "chat", "--target", target, "--draft", drafter,
                         "--dtype", dtype, "--temperature", "0", "--budget", str(budget),
-                        "--max-new-tokens", str(max_new), "--json-log", str(log)],
+                        "--max-new-tokens", str(max_new), "--json-log", str(log),
+                        *(["--context", str(context)] if context else [])],
                        input="\n".join(messages) + "\n", capture_output=True, text=True, check=True,
                        env={**os.environ, **(env or {})})
         return [json.loads(line) for line in log.read_text().splitlines()]
 
 
 def chat(context: int, drafter: str, max_new: int, target: str, dtype: str) -> dict:
-    """A 6-turn chat under the budget `plan --context` gives, its messages sized so that two turns
-    fill the context the chat plans in that budget: each turn prefills as much as a long message does, and every other one evicts.
+    """A 6-turn chat under the budget `plan --context` gives, at (a little under) the context chat
+    plans in that budget, its messages sized so that two turns fill it: each turn prefills as much as a long message does, and every other one evicts.
     Its worst turn against the chat's plan."""
     from specmemo.models.load import load_tokenizer
     from specmemo.budget import calibration
@@ -73,12 +74,15 @@ def chat(context: int, drafter: str, max_new: int, target: str, dtype: str) -> d
             shutil.copy(calibration.path(), probe)
         limit = chat_turns(budget, ["Hello!"], drafter, 4, target, dtype, {"SPECMEMO_CALIBRATION": str(probe)}
                            )[0]["context_limit"]
-    # Two turns of template (~24 tokens), message and reply, with 10% of the context to spare: the
-    # chat measures its own process before loading, and plans a little more or less than the probe.
-    share = limit // 2 - max_new - 24 - max(40, limit // 20)
+    # The chat then holds a little less than the probe (it measures its own process before loading,
+    # which may hold a little more), so that it always fits the budget; two turns of template (~24
+    # tokens), message and reply fill it.
+    limit -= max(16, limit // 50)
+    share = limit // 2 - max_new - 24 - 8
     tokenizer = load_tokenizer(resolve_pair(target, drafter)[0])
     message = tokenizer.decode(tokenizer.encode(filler(2 * share), add_special_tokens=False)[:share]).replace("\n", " ")
-    turns = chat_turns(budget, [message + " Summarize this."] * 6, drafter, max_new, target, dtype)
+    turns = chat_turns(budget, [message + " Summarize this."] * 6, drafter, max_new, target, dtype,
+                       context=limit)
     worst = max(turns, key=lambda t: t["generation_peak_bytes"])
     return {"context": worst["context_limit"], "filled": max(t["context_tokens"] for t in turns),
             "dtype": dtype, "drafter": drafter, "turns": len(turns),
