@@ -41,6 +41,10 @@ def test_a_record_keeps_the_largest_of_each_figure_and_survives_damage(tmp_path,
     assert calibration.read(KEY) is None           # measured again, not a traceback
     calibration.record(KEY, Calibration(1, 2, {64: 3}))
     assert calibration.read(KEY) == Calibration(1, 2, {64: 3})
+    (tmp_path / "c.json").write_text(json.dumps({calibration.host_key(): ["not", "records"]}))
+    assert calibration.read(KEY) is None
+    calibration.record(KEY, Calibration(1, 2, {64: 3}))
+    assert calibration.read(KEY) == Calibration(1, 2, {64: 3})
     monkeypatch.setenv("SPECMEMO_CALIBRATION", "off")
     calibration.record(KEY, Calibration(9, 9, {64: 9}))
     assert calibration.read(KEY) is None

@@ -9,6 +9,7 @@ more against its few tokens than a long run's. Each figure keeps the largest val
 never shrinks below a run it has seen. The file is SPECMEMO_CALIBRATION, default
 <cache>/calibration.json; "off" turns calibration off."""
 
+import functools
 import json
 import math
 import os
@@ -85,6 +86,7 @@ def path() -> Path | None:
     return Path(where) if where else cache_root() / "calibration.json"
 
 
+@functools.cache
 def host_key() -> str:
     try:
         torch = metadata.version("torch")   # without importing torch: `plan` stays instant
@@ -115,9 +117,19 @@ def _parse(entry) -> Calibration | None:
         return None
 
 
-def read(key: str) -> Calibration | None:
-    entry = _read_all().get(host_key(), {}).get(key)
+def _host(data: dict) -> dict:
+    """This host's records in the file's data (a damaged entry reads as none)."""
+    runs = data.get(host_key())
+    return runs if isinstance(runs, dict) else {}
+
+
+def _entry(data: dict, key: str) -> Calibration | None:
+    entry = _host(data).get(key)
     return _parse(entry) if isinstance(entry, dict) else None
+
+
+def read(key: str) -> Calibration | None:
+    return _entry(_read_all(), key)
 
 
 def record(key: str, measured: Calibration) -> Calibration:
@@ -126,11 +138,11 @@ def record(key: str, measured: Calibration) -> Calibration:
     where = path()
     if where is None:
         return measured
-    old = read(key)
+    data = _read_all()
+    old = _entry(data, key)
     new = old.merged(measured) if old else measured
     if new != old:
-        data = _read_all()
-        data.setdefault(host_key(), {})[key] = new.to_json()
+        data[host_key()] = {**_host(data), key: new.to_json()}
         try:
             where.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(where, json.dumps(data, indent=1, sort_keys=True) + "\n")

@@ -90,11 +90,15 @@ class Plan:
         """The kernel scratch is what this host measured (budget.calibration), not the profile's."""
         return bool(self.request.measured_scratch)
 
+    @property
+    def counted_bytes(self) -> int:
+        """The generation memory counted tensor by tensor: all of it but the kernel scratch."""
+        return self.generation_bytes - self.components["kernel_scratch"]
+
     def counted_generation_bytes(self, tokens: int) -> int:
-        """The generation memory counted tensor by tensor (all but the kernel scratch) once `tokens`
-        of the context hold keys: a KV store's pages become resident as tokens arrive."""
-        at = make_plan(self.request.with_(context=max(1, min(tokens, self.request.context))))
-        return at.generation_bytes - at.components["kernel_scratch"]
+        """counted_bytes once `tokens` of the context hold keys: a KV store's pages become resident
+        as tokens arrive."""
+        return make_plan(self.request.with_(context=max(1, min(tokens, self.request.context)))).counted_bytes
 
     @property
     def weights_bytes(self) -> int:
@@ -158,8 +162,8 @@ def _kernel_scratch(req: PlanRequest) -> int:
         # beside this one's, so that a shorter run never plans less than that run measured.
         unmeasured = req.with_(measured_scratch=None)
         smallest = unmeasured.with_(context=min(measured.smallest_run, req.target.max_position))
-        counted = lambda r: (lambda p: p.generation_bytes - p.components["kernel_scratch"])(make_plan(r))
-        return measured.scratch_bytes(smallest.context) + counted(smallest) - counted(unmeasured)
+        return (measured.scratch_bytes(smallest.context) + make_plan(smallest).counted_bytes
+                - make_plan(unmeasured).counted_bytes)
     half = fp.is_half(req.dtype) or (req.draft is not None and fp.is_half(req.ddtype))
     return req.engine_bytes + (req.verify_bytes if req.draft_len >= 1 else 0) + (req.half_scratch_bytes if half else 0)
 
